@@ -1,0 +1,93 @@
+//! Wiring of `shoal-agent run`: open the store, bind both listeners (so a port in use is an
+//! error before anything else starts), and serve until the shutdown future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::metrics::{self, Readiness};
+use crate::origin::auth::{AuthFileError, CredentialStore};
+use crate::origin::{Origin, OriginError};
+use crate::registry::{self, Api};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    AuthFile(#[from] AuthFileError),
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+    #[error("{what} server failed: {source}")]
+    Serve { what: &'static str, source: std::io::Error },
+}
+
+/// A started agent: bound listeners and ready state, not yet serving.
+pub struct Agent {
+    api: Arc<Api>,
+    registry_listener: TcpListener,
+    metrics_listener: TcpListener,
+    readiness: Readiness,
+}
+
+impl Agent {
+    pub async fn start(config: Config) -> Result<Agent, StartError> {
+        let credentials = match &config.registry_auth_file {
+            Some(path) => CredentialStore::load(path)?,
+            None => CredentialStore::default(),
+        };
+        let store = Store::open(&config.cache_dir, config.cache_max_bytes)?;
+        let origin = Arc::new(Origin::new(config.upstreams.clone(), credentials)?);
+        let fetcher = Fetcher::new(store, origin.clone());
+        let api = Api::new(fetcher, origin, config.default_registry.clone());
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let registry_listener = bind(config.listen, "registry API").await?;
+        let metrics_listener = bind(config.metrics_listen, "metrics").await?;
+        Ok(Agent { api, registry_listener, metrics_listener, readiness: Readiness::default() })
+    }
+
+    pub fn registry_addr(&self) -> Option<SocketAddr> {
+        self.registry_listener.local_addr().ok()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes, then drains open requests.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        tracing::info!(
+            registry = ?self.registry_addr(),
+            metrics = ?self.metrics_addr(),
+            "shoal-agent serving"
+        );
+        self.readiness.set_registry_serving(true);
+        let registry = registry::serve(self.registry_listener, self.api, stopped());
+        let metrics = metrics::serve(self.metrics_listener, self.readiness.clone(), stopped());
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = tx.send(true);
+        };
+        let (registry, metrics, ()) = tokio::join!(registry, metrics, signal);
+        registry.map_err(|source| StartError::Serve { what: "registry API", source })?;
+        metrics.map_err(|source| StartError::Serve { what: "metrics", source })?;
+        Ok(())
+    }
+}

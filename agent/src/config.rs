@@ -1,0 +1,247 @@
+//! Configuration of `shoal-agent run`: command-line flags (each also read from a
+//! `SHOAL_<FLAG>` environment variable), their defaults, and validation.
+//!
+//! Every default is written once, in the `#[arg(default_value ...)]` of [`RunArgs`] or in
+//! [`default_upstreams`]. [`RunArgs::into_config`] turns the flags into a validated [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::types::Registry;
+
+/// Why the configuration was refused. Each message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--upstream {0:?}: expected REGISTRY=URL, e.g. docker.io=https://registry-1.docker.io")]
+    UpstreamSyntax(String),
+    #[error("--upstream {0:?}: the URL must start with http:// or https:// and name a host")]
+    UpstreamUrl(String),
+    #[error("--{flag}: {source}")]
+    Registry { flag: &'static str, source: crate::types::ParseError },
+    #[error("--cache-max-bytes must be at least 1 MiB, got {0} bytes")]
+    CacheTooSmall(u64),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `shoal-agent run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of the OCI registry API (the mirror containerd talks to).
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Directory of the content cache (created if missing).
+    #[arg(long, env = "SHOAL_CACHE_DIR", default_value = "/var/lib/shoal")]
+    pub cache_dir: PathBuf,
+
+    /// Byte quota of the cache, e.g. 20GiB, 500MB, 1073741824.
+    #[arg(long, env = "SHOAL_CACHE_MAX_BYTES", default_value = "20GiB", value_parser = parse_bytes)]
+    pub cache_max_bytes: u64,
+
+    /// Origin URL of a registry: REGISTRY=URL (repeatable; comma-separated in the
+    /// environment variable). Overrides the built-in defaults; registries with no mapping
+    /// use https://REGISTRY.
+    #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+
+    /// Registry for requests that name none (no ?ns= and no host path prefix).
+    #[arg(long, env = "SHOAL_DEFAULT_REGISTRY", default_value = "docker.io")]
+    pub default_registry: String,
+
+    /// Docker config.json with credentials for origin registries (the format of a
+    /// Kubernetes dockerconfigjson Secret).
+    #[arg(long, env = "SHOAL_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    pub cache_max_bytes: u64,
+    pub upstreams: Upstreams,
+    pub default_registry: Registry,
+    pub registry_auth_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        if self.cache_max_bytes < 1 << 20 {
+            return Err(ConfigError::CacheTooSmall(self.cache_max_bytes));
+        }
+        let mut upstreams = Upstreams::default();
+        for spec in &self.upstreams {
+            upstreams.insert_spec(spec)?;
+        }
+        let default_registry = self
+            .default_registry
+            .parse()
+            .map_err(|source| ConfigError::Registry { flag: "default-registry", source })?;
+        Ok(Config {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            cache_dir: self.cache_dir,
+            cache_max_bytes: self.cache_max_bytes,
+            upstreams,
+            default_registry,
+            registry_auth_file: self.registry_auth_file,
+        })
+    }
+}
+
+/// Where each registry's origin is: built-in defaults overridden by `--upstream`.
+#[derive(Debug, Clone)]
+pub struct Upstreams(BTreeMap<Registry, String>);
+
+/// Registries whose API host differs from their name, or that users expect to work with no
+/// configuration.
+pub fn default_upstreams() -> [(&'static str, &'static str); 4] {
+    [
+        ("docker.io", "https://registry-1.docker.io"),
+        ("ghcr.io", "https://ghcr.io"),
+        ("quay.io", "https://quay.io"),
+        ("registry.k8s.io", "https://registry.k8s.io"),
+    ]
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams(
+            default_upstreams()
+                .into_iter()
+                .map(|(r, u)| (r.parse().expect("built-in registry names are valid"), u.to_string()))
+                .collect(),
+        )
+    }
+}
+
+impl Upstreams {
+    fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let (registry, url) =
+            spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
+        let registry: Registry = registry
+            .trim()
+            .parse()
+            .map_err(|source| ConfigError::Registry { flag: "upstream", source })?;
+        let url = url.trim().trim_end_matches('/');
+        let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+        match host {
+            Some(h) if !h.is_empty() && !h.contains('/') => {}
+            _ => return Err(ConfigError::UpstreamUrl(spec.to_string())),
+        }
+        self.0.insert(registry, url.to_string());
+        Ok(())
+    }
+
+    /// The base URL (scheme and authority, no trailing slash) of a registry's origin.
+    pub fn url(&self, registry: &Registry) -> String {
+        self.0
+            .get(registry)
+            .cloned()
+            .unwrap_or_else(|| format!("https://{registry}"))
+    }
+}
+
+/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
+/// KiB, MiB, GiB, TiB in powers of 1024; K, M, G, T as the binary ones). Fractions are
+/// allowed (`1.5GiB`).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000u64.pow(2),
+        "gb" => 1000u64.pow(3),
+        "tb" => 1000u64.pow(4),
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        other => {
+            return Err(format!("unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"))
+        }
+    };
+    let value = f64::from_str(number).map_err(|_| format!("{s:?} is not a size like 20GiB"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_bytes("1.5KiB"), Ok(1536));
+        assert_eq!(parse_bytes("500MB"), Ok(500_000_000));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("").is_err());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cfg = Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(cfg.metrics_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(cfg.cache_max_bytes, 20 << 30);
+        assert_eq!(cfg.default_registry.as_str(), "docker.io");
+        let docker: Registry = "docker.io".parse().unwrap();
+        assert_eq!(cfg.upstreams.url(&docker), "https://registry-1.docker.io");
+        let other: Registry = "example.com:5000".parse().unwrap();
+        assert_eq!(cfg.upstreams.url(&other), "https://example.com:5000");
+
+        let cfg = Cli::try_parse_from(["x", "--upstream", "docker.io=http://127.0.0.1:1/", "--upstream", "a.b=https://c.d"])
+            .unwrap()
+            .run
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.upstreams.url(&docker), "http://127.0.0.1:1");
+        assert_eq!(cfg.upstreams.url(&"a.b".parse().unwrap()), "https://c.d");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Cli::try_parse_from(["x", "--cache-max-bytes", "lots"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--listen", "nowhere"]).is_err());
+        for bad in ["docker.io", "docker.io=ftp://x", "docker.io=http://", "a/b=http://x"] {
+            let args = Cli::try_parse_from(["x", "--upstream", bad]).unwrap().run;
+            assert!(args.into_config().is_err(), "{bad}");
+        }
+        let args = Cli::try_parse_from(["x", "--cache-max-bytes", "10"]).unwrap().run;
+        assert!(matches!(args.into_config(), Err(ConfigError::CacheTooSmall(10))));
+    }
+}

@@ -1,0 +1,29 @@
+//! # shoal-agent
+//!
+//! The node agent of Shoal: an OCI registry mirror (pull side) that containerd on the same
+//! node uses through `hosts.toml`, a pull-through cache in front of any origin registry.
+//! Peer-to-peer piece sharing between agents builds on the download tasks in [`fetch`].
+//!
+//! ## Layout
+//!
+//! - [`config`]: the `run` flags (each also `SHOAL_<FLAG>`), defaults, validation.
+//! - [`types`]: validated digests, repository names, tags and registry hosts.
+//! - [`registry`]: the `/v2/` HTTP API: routing, registry selection, tags, `Range`, OCI errors.
+//! - [`origin`]: the upstream registry client: tag HEADs, content GETs, token and Basic auth.
+//! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
+//!   committed after the sha256 matched.
+//! - [`store`]: content-addressed files, atomic commits, the LRU byte quota. The only module
+//!   that touches `std::fs` for content.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
+//! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
+//! - [`agent`]: wiring: open the store, bind the listeners, run until shutdown.
+
+pub mod agent;
+pub mod config;
+pub mod containerd_config;
+pub mod fetch;
+pub mod metrics;
+pub mod origin;
+pub mod registry;
+pub mod store;
+pub mod types;

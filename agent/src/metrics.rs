@@ -1,0 +1,194 @@
+//! Prometheus metrics of the agent, and the `/metrics`, `/healthz`, `/readyz` server.
+//!
+//! Every metric is a field of [`Metrics`], registered in [`Metrics::new`] right where it is
+//! defined, so nothing can be defined and forgotten. Names carry the `shoal_` prefix; counters
+//! get `_total` from the encoder.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `base`, `manifest`, `blob` or `other`.
+    pub route: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `cache` (complete in the local store) or `origin` (streamed from a download in flight).
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    /// `manifest_head`, `manifest`, `blob` or `token`.
+    pub kind: &'static str,
+    /// HTTP status, or 0 when no response arrived (connection refused, timeout).
+    pub status: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub registry_requests: Family<RequestLabels, Counter>,
+    pub served_bytes: Family<SourceLabels, Counter>,
+    pub origin_requests: Family<OriginLabels, Counter>,
+    pub origin_bytes: Counter,
+    pub origin_digest_mismatches: Counter,
+    pub stale_tags_served: Counter,
+    pub downloads_in_flight: Gauge,
+    pub cache_bytes: Gauge,
+    pub cache_blobs: Gauge,
+    pub cache_evictions: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("shoal");
+        let registry_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "Registry API requests by route, method and status",
+            registry_requests.clone(),
+        );
+        let served_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "served_bytes",
+            "Content bytes sent to registry clients, by where they came from",
+            served_bytes.clone(),
+        );
+        let origin_requests = Family::<OriginLabels, Counter>::default();
+        registry.register(
+            "origin_requests",
+            "Requests made to origin registries, by kind and status (0: no response)",
+            origin_requests.clone(),
+        );
+        let origin_bytes = Counter::default();
+        registry.register(
+            "origin_bytes",
+            "Content bytes received from origin registries",
+            origin_bytes.clone(),
+        );
+        let origin_digest_mismatches = Counter::default();
+        registry.register(
+            "origin_digest_mismatches",
+            "Downloads discarded because the origin's bytes did not match the digest",
+            origin_digest_mismatches.clone(),
+        );
+        let stale_tags_served = Counter::default();
+        registry.register(
+            "stale_tags_served",
+            "Tag requests answered from the last known digest while the origin was unreachable",
+            stale_tags_served.clone(),
+        );
+        let downloads_in_flight = Gauge::default();
+        registry.register(
+            "downloads_in_flight",
+            "Digests being downloaded now",
+            downloads_in_flight.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register("cache_bytes", "Bytes of complete blobs in the cache", cache_bytes.clone());
+        let cache_blobs = Gauge::default();
+        registry.register("cache_blobs", "Complete blobs in the cache", cache_blobs.clone());
+        let cache_evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Blobs evicted to keep the cache under its byte quota",
+            cache_evictions.clone(),
+        );
+        Metrics {
+            registry,
+            registry_requests,
+            served_bytes,
+            origin_requests,
+            origin_bytes,
+            origin_digest_mismatches,
+            stale_tags_served,
+            downloads_in_flight,
+            cache_bytes,
+            cache_blobs,
+            cache_evictions,
+        }
+    }
+
+    pub fn origin_request(&self, kind: &'static str, status: u16) {
+        self.origin_requests.get_or_create(&OriginLabels { kind, status }).inc();
+    }
+
+    pub fn served(&self, source: &'static str, bytes: u64) {
+        self.served_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// What `/readyz` reports: ready once the registry API listens.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    registry_serving: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn set_registry_serving(&self, serving: bool) {
+        self.registry_serving.store(serving, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.registry_serving.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    METRICS.encode(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "registry API not serving yet\n").into_response()
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

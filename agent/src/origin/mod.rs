@@ -1,0 +1,358 @@
+//! The upstream (origin) registry client: tag resolution with HEAD, content GETs by digest
+//! with `Range` for resuming, and authentication ([`auth`]).
+//!
+//! Every request is counted in `shoal_origin_requests_total{kind,status}`. Errors are split
+//! by what the caller does next: [`OriginError::NotFound`] is final (answer 404),
+//! [`OriginError::Unreachable`] allows the last known tag and a retry, the rest are reported.
+
+pub mod auth;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
+use reqwest::{RequestBuilder, Response, StatusCode};
+
+use crate::config::Upstreams;
+use crate::metrics::METRICS;
+use crate::types::{Digest, Registry, RepoName, Tag};
+use auth::{Challenge, CredentialStore, TokenCache, TokenResponse};
+
+/// Manifests larger than this are refused (the OCI spec lets registries refuse over 4 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// How long to wait for a TCP connection to an origin.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a whole small request (HEAD, manifest GET, token).
+const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on waiting for the next bytes of a body.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Manifest media types every request for a manifest accepts, so registries that negotiate
+/// strictly (distribution returns 404 for an OCI manifest when OCI is not accepted) answer.
+pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("not found at the origin ({0})")]
+    NotFound(String),
+    #[error("the origin refused access ({0})")]
+    Denied(String),
+    #[error("the origin is unreachable ({0})")]
+    Unreachable(String),
+    #[error("the origin answered unexpectedly ({0})")]
+    Protocol(String),
+}
+
+/// Which object a content request is for: the origin URL differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Manifest,
+    Blob,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifests",
+            Kind::Blob => "blobs",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+        }
+    }
+}
+
+/// What the origin says a tag points to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// An open content response: `body` starts at byte `offset` of an object of `total` bytes.
+pub struct Content {
+    pub total: u64,
+    pub offset: u64,
+    pub media_type: Option<String>,
+    pub body: Response,
+}
+
+pub struct Origin {
+    http: reqwest::Client,
+    upstreams: Upstreams,
+    credentials: CredentialStore,
+    tokens: Mutex<TokenCache>,
+    /// Registries that asked for Basic auth; we send credentials up front from then on.
+    basic: Mutex<HashSet<Registry>>,
+}
+
+impl Origin {
+    pub fn new(upstreams: Upstreams, credentials: CredentialStore) -> Result<Self, OriginError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .user_agent(concat!("shoal-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| OriginError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Origin {
+            http,
+            upstreams,
+            credentials,
+            tokens: Mutex::default(),
+            basic: Mutex::default(),
+        })
+    }
+
+    fn url(&self, registry: &Registry, repo: &RepoName, kind: Kind, reference: &str) -> String {
+        format!("{}/v2/{repo}/{}/{reference}", self.upstreams.url(registry), kind.path())
+    }
+
+    /// Resolves a tag with HEAD (which registries do not count against pull rate limits),
+    /// forwarding the client's `Accept` values. Falls back to GET when the HEAD answer has no
+    /// digest; then the digest is computed from the body, which is returned too.
+    pub async fn resolve_tag(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &str,
+    ) -> Result<(Resolved, Option<bytes::Bytes>), OriginError> {
+        let url = self.url(registry, repo, Kind::Manifest, tag.as_str());
+        let resp = self
+            .send(registry, repo, "manifest_head", |http| {
+                http.head(&url).header(ACCEPT, accept).timeout(SMALL_REQUEST_TIMEOUT)
+            })
+            .await?;
+        let resp = check_status(resp, &format!("{repo}:{tag}"))?;
+        let headers = resp.headers();
+        let media_type = header_str(headers, CONTENT_TYPE.as_str());
+        let digest = header_str(headers, "docker-content-digest").and_then(|d| d.parse::<Digest>().ok());
+        let size = header_str(headers, CONTENT_LENGTH.as_str()).and_then(|s| s.parse::<u64>().ok());
+        if let (Some(digest), Some(media_type), Some(size)) = (digest, media_type.clone(), size) {
+            return Ok((Resolved { digest, media_type, size }, None));
+        }
+        tracing::debug!(%registry, %repo, %tag, "origin HEAD lacks digest, type or size; falling back to GET");
+        let resp = self
+            .send(registry, repo, "manifest", |http| {
+                http.get(&url).header(ACCEPT, accept).timeout(SMALL_REQUEST_TIMEOUT)
+            })
+            .await?;
+        let resp = check_status(resp, &format!("{repo}:{tag}"))?;
+        let media_type = header_str(resp.headers(), CONTENT_TYPE.as_str())
+            .ok_or_else(|| OriginError::Protocol(format!("manifest {repo}:{tag} has no Content-Type")))?;
+        let body = read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        METRICS.origin_bytes.inc_by(body.len() as u64);
+        let resolved = Resolved { digest: Digest::of(&body), media_type, size: body.len() as u64 };
+        Ok((resolved, Some(body)))
+    }
+
+    /// Opens the content of `digest` from byte `offset` on (a `Range` request when
+    /// `offset > 0`; an origin that ignores it answers from 0, and `Content::offset` says so).
+    pub async fn open_content(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        kind: Kind,
+        digest: &Digest,
+        offset: u64,
+        accept: &str,
+    ) -> Result<Content, OriginError> {
+        let url = self.url(registry, repo, kind, &digest.to_string());
+        let resp = self
+            .send(registry, repo, kind.metric(), |http| {
+                let mut req = http.get(&url);
+                if kind == Kind::Manifest {
+                    req = req.header(ACCEPT, accept).timeout(SMALL_REQUEST_TIMEOUT);
+                }
+                if offset > 0 {
+                    req = req.header(RANGE, format!("bytes={offset}-"));
+                }
+                req
+            })
+            .await?;
+        let what = format!("{repo}@{digest}");
+        let resp = check_status(resp, &what)?;
+        let headers = resp.headers();
+        let media_type = header_str(headers, CONTENT_TYPE.as_str());
+        let (start, total) = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            header_str(headers, CONTENT_RANGE.as_str())
+                .and_then(|v| parse_content_range(&v))
+                .ok_or_else(|| OriginError::Protocol(format!("{what}: 206 without a usable Content-Range")))?
+        } else {
+            let len = resp
+                .content_length()
+                .ok_or_else(|| OriginError::Protocol(format!("{what}: no Content-Length")))?;
+            (0, len)
+        };
+        if kind == Kind::Manifest && total > MAX_MANIFEST_BYTES {
+            return Err(OriginError::Protocol(format!("{what}: manifest of {total} bytes exceeds the 4 MiB limit")));
+        }
+        Ok(Content { total, offset: start, media_type, body: resp })
+    }
+
+    /// Sends a request built by `build`, authenticating once on a 401 challenge.
+    async fn send(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        kind: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response, OriginError> {
+        let scope = format!("repository:{repo}:pull");
+        let mut authorization = self.cached_authorization(registry, &scope);
+        for attempt in 0..2 {
+            let mut req = build(&self.http);
+            if let Some(value) = &authorization {
+                req = req.header(AUTHORIZATION, value);
+            }
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    METRICS.origin_request(kind, 0);
+                    return Err(OriginError::Unreachable(format!("{registry}: {}", error_chain(&e))));
+                }
+            };
+            METRICS.origin_request(kind, resp.status().as_u16());
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                return Ok(resp);
+            }
+            let challenge = header_str(resp.headers(), WWW_AUTHENTICATE.as_str())
+                .and_then(|h| auth::parse_challenge(&h))
+                .ok_or_else(|| OriginError::Denied(format!("{registry}: 401 without a usable WWW-Authenticate")))?;
+            authorization = Some(self.authorize(registry, challenge, &scope).await?);
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn cached_authorization(&self, registry: &Registry, scope: &str) -> Option<String> {
+        if let Some(token) = self.tokens.lock().expect("token lock").get(registry.as_str(), scope, Instant::now()) {
+            return Some(format!("Bearer {token}"));
+        }
+        if self.basic.lock().expect("basic lock").contains(registry) {
+            return self.credentials.get(registry.as_str()).map(|c| c.basic_header());
+        }
+        None
+    }
+
+    async fn authorize(&self, registry: &Registry, challenge: Challenge, scope: &str) -> Result<String, OriginError> {
+        let credentials = self.credentials.get(registry.as_str());
+        match challenge {
+            Challenge::Basic => {
+                let creds = credentials.ok_or_else(|| {
+                    OriginError::Denied(format!("{registry} asks for Basic auth and --registry-auth-file has no entry for it"))
+                })?;
+                self.basic.lock().expect("basic lock").insert(registry.clone());
+                Ok(creds.basic_header())
+            }
+            Challenge::Bearer { realm, service, scope: challenge_scope } => {
+                let token_scope = challenge_scope.unwrap_or_else(|| scope.to_string());
+                let mut query: Vec<(&str, &str)> = vec![("scope", &token_scope)];
+                if let Some(service) = &service {
+                    query.push(("service", service));
+                }
+                let mut req = self.http.get(&realm).query(&query).timeout(SMALL_REQUEST_TIMEOUT);
+                if let Some(creds) = credentials {
+                    req = req.header(AUTHORIZATION, creds.basic_header());
+                }
+                let resp = req.send().await.map_err(|e| {
+                    METRICS.origin_request("token", 0);
+                    OriginError::Unreachable(format!("token endpoint {realm}: {}", error_chain(&e)))
+                })?;
+                METRICS.origin_request("token", resp.status().as_u16());
+                if !resp.status().is_success() {
+                    return Err(OriginError::Denied(format!("token endpoint {realm} answered {}", resp.status())));
+                }
+                let body = read_limited(resp, 1 << 20).await?;
+                let parsed: TokenResponse = serde_json::from_slice(&body)
+                    .map_err(|e| OriginError::Protocol(format!("token endpoint {realm}: {e}")))?;
+                let token = parsed
+                    .token
+                    .or(parsed.access_token)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| OriginError::Protocol(format!("token endpoint {realm} returned no token")))?;
+                let lifetime = parsed.expires_in.map(Duration::from_secs).unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
+                self.tokens
+                    .lock()
+                    .expect("token lock")
+                    .put(registry.as_str(), scope, token.clone(), lifetime, Instant::now());
+                Ok(format!("Bearer {token}"))
+            }
+        }
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name)?.to_str().ok().map(|s| s.trim().to_string())
+}
+
+/// Maps an origin status to the caller's next step.
+fn check_status(resp: Response, what: &str) -> Result<Response, OriginError> {
+    let status = resp.status();
+    match status {
+        s if s.is_success() => Ok(resp),
+        StatusCode::NOT_FOUND => Err(OriginError::NotFound(what.to_string())),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(OriginError::Denied(format!("{what}: {status}"))),
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT => {
+            Err(OriginError::Unreachable(format!("{what}: {status}")))
+        }
+        _ => Err(OriginError::Protocol(format!("{what}: {status}"))),
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes.
+async fn read_limited(mut resp: Response, limit: u64) -> Result<bytes::Bytes, OriginError> {
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(OriginError::Protocol(format!("body over the {limit}-byte limit")));
+    }
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| OriginError::Unreachable(error_chain(&e)))? {
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(OriginError::Protocol(format!("body over the {limit}-byte limit")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// `bytes 100-199/1000` → (100, 1000).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
+/// An error with its sources, for logs and error details (reqwest hides the cause otherwise).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, 1000)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+}

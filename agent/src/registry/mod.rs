@@ -1,0 +1,441 @@
+//! The OCI distribution API, pull side: `/v2/`, manifests by tag or digest, blobs by digest,
+//! with `Range`. Everything else answers 405 `UNSUPPORTED`.
+//!
+//! Repository names contain slashes, so routing is done by hand in [`parse_route`] rather
+//! than with path patterns. Which registry a request is for comes from containerd's
+//! `?ns=<registry>`, else a host as the first path component (`/v2/ghcr.io/org/app/...`, how
+//! CRI-O and podman address a mirror with a path), else `--default-registry`.
+//!
+//! Tags are resolved at the origin on every request ([`Origin::resolve_tag`]); the last known
+//! answer is used only while the origin is unreachable, marked by the [`STALE_HEADER`].
+//! Digests are served by [`Fetcher`]: the store, or the one download in flight.
+
+pub mod error;
+mod range;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::StreamExt;
+use lru::LruCache;
+use tokio::net::TcpListener;
+
+use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
+use crate::metrics::{RequestLabels, METRICS};
+use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
+use crate::types::{Digest, Reference, Registry, RepoName, Tag};
+use error::{ApiError, Code};
+
+/// Response header on a tag answered from the last known digest (origin unreachable).
+pub const STALE_HEADER: &str = "x-shoal-stale";
+/// How many tag→digest answers are remembered for when the origin is unreachable.
+const TAG_MEMORY: usize = 16_384;
+
+/// Shared state of the registry API.
+pub struct Api {
+    fetcher: Arc<Fetcher>,
+    origin: Arc<Origin>,
+    default_registry: Registry,
+    last_known_tags: Mutex<LruCache<(Registry, RepoName, Tag), Resolved>>,
+}
+
+impl Api {
+    pub fn new(fetcher: Arc<Fetcher>, origin: Arc<Origin>, default_registry: Registry) -> Arc<Self> {
+        Arc::new(Api {
+            fetcher,
+            origin,
+            default_registry,
+            last_known_tags: Mutex::new(LruCache::new(NonZeroUsize::new(TAG_MEMORY).expect("non-zero"))),
+        })
+    }
+}
+
+/// Serves the registry API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(api)).with_graceful_shutdown(shutdown).await
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new().fallback(handle).with_state(api)
+}
+
+/// What a path addresses.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Base,
+    Manifest { name: &'a str, reference: &'a str },
+    Blob { name: &'a str, digest: &'a str },
+    /// Uploads, tags list, catalog, referrers, anything else.
+    Other,
+}
+
+fn parse_route(path: &str) -> Route<'_> {
+    let Some(rest) = path.strip_prefix("/v2") else { return Route::Other };
+    if rest.is_empty() || rest == "/" {
+        return Route::Base;
+    }
+    let Some(rest) = rest.strip_prefix('/') else { return Route::Other };
+    if rest.contains("/blobs/uploads") {
+        return Route::Other;
+    }
+    if let Some(i) = rest.rfind("/manifests/") {
+        return Route::Manifest { name: &rest[..i], reference: &rest[i + "/manifests/".len()..] };
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        return Route::Blob { name: &rest[..i], digest: &rest[i + "/blobs/".len()..] };
+    }
+    Route::Other
+}
+
+fn route_label(route: &Route<'_>) -> &'static str {
+    match route {
+        Route::Base => "base",
+        Route::Manifest { .. } => "manifest",
+        Route::Blob { .. } => "blob",
+        Route::Other => "other",
+    }
+}
+
+async fn handle(State(api): State<Arc<Api>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let path = percent_decode(uri.path());
+    let route = parse_route(&path);
+    let label = route_label(&route);
+    let mut resp = match dispatch(&api, &method, &uri, &headers, route).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut()
+        .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let status = resp.status().as_u16();
+    METRICS
+        .registry_requests
+        .get_or_create(&RequestLabels { route: label, method: method.as_str().to_string(), status })
+        .inc();
+    tracing::debug!(%method, path = %uri.path(), status, "registry request");
+    resp
+}
+
+async fn dispatch(
+    api: &Arc<Api>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    route: Route<'_>,
+) -> Result<Response, ApiError> {
+    let readonly = method == Method::GET || method == Method::HEAD;
+    match route {
+        Route::Base if readonly => Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
+        Route::Manifest { name, reference } if readonly => {
+            let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
+            let reference: Reference = reference.parse()?;
+            api.manifest(method, headers, registry, repo, reference).await
+        }
+        Route::Blob { name, digest } if readonly => {
+            let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
+            let digest: Digest = digest.parse()?;
+            let source = Source { registry, repo, kind: Kind::Blob, accept: String::new() };
+            api.content(method, headers, digest, source, None).await
+        }
+        Route::Base | Route::Manifest { .. } | Route::Blob { .. } => {
+            Err(ApiError::unsupported(&format!("{method} {}", uri.path())))
+        }
+        Route::Other => Err(ApiError::unsupported(&format!("{method} {}", uri.path()))),
+    }
+}
+
+impl Api {
+    /// Which registry and repository a request is for.
+    fn select(&self, name: &str, ns: Option<&str>) -> Result<(Registry, RepoName), ApiError> {
+        let (registry, repo) = match ns {
+            Some(ns) => (ns.parse::<Registry>()?, name),
+            None => match name.split_once('/') {
+                Some((first, rest)) if Registry::looks_like_host(first) => (first.parse::<Registry>()?, rest),
+                _ => (self.default_registry.clone(), name),
+            },
+        };
+        // Docker Hub's official images live under library/.
+        let repo = if registry.as_str() == "docker.io" && !repo.contains('/') {
+            format!("library/{repo}").parse()?
+        } else {
+            repo.parse()?
+        };
+        Ok((registry, repo))
+    }
+
+    async fn manifest(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        registry: Registry,
+        repo: RepoName,
+        reference: Reference,
+    ) -> Result<Response, ApiError> {
+        let accept = accept_union(headers);
+        let tag = match reference {
+            Reference::Digest(digest) => {
+                let source = Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+                return self.content(method, headers, digest, source, None).await;
+            }
+            Reference::Tag(tag) => tag,
+        };
+        let forward_accept = if accept.is_empty() { MANIFEST_MEDIA_TYPES.join(", ") } else { accept.clone() };
+        let key = (registry.clone(), repo.clone(), tag.clone());
+        let (resolved, stale) = match self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await {
+            Ok((resolved, body)) => {
+                if let Some(body) = body {
+                    if let Err(e) = self.fetcher.store_verified(&resolved.digest, &body, &resolved.media_type).await {
+                        tracing::warn!(digest = %resolved.digest, error = %e, "could not store manifest");
+                    }
+                }
+                self.last_known_tags.lock().expect("tag lock").put(key, resolved.clone());
+                (resolved, false)
+            }
+            Err(OriginError::Unreachable(why)) => {
+                let known = self.last_known_tags.lock().expect("tag lock").get(&key).cloned();
+                match known {
+                    Some(resolved) => {
+                        tracing::warn!(%registry, %repo, %tag, digest = %resolved.digest, %why,
+                            "origin unreachable: answering the tag with its last known digest");
+                        METRICS.stale_tags_served.inc();
+                        (resolved, true)
+                    }
+                    None => return Err(origin_error(Code::ManifestUnknown, &OriginError::Unreachable(why))),
+                }
+            }
+            Err(e) => return Err(origin_error(Code::ManifestUnknown, &e)),
+        };
+        let mut resp = if method == Method::HEAD {
+            content_headers(StatusCode::OK, &resolved.digest, &resolved.media_type, resolved.size, None, Body::empty())
+        } else {
+            let source = Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+            self.content(method, headers, resolved.digest, source, Some(&resolved.media_type)).await?
+        };
+        if stale {
+            resp.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("origin unreachable"));
+        }
+        Ok(resp)
+    }
+
+    /// Serves content by digest: from the store, or by joining (or starting) its download.
+    async fn content(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        digest: Digest,
+        source: Source,
+        media_type_hint: Option<&str>,
+    ) -> Result<Response, ApiError> {
+        let unknown = if source.kind == Kind::Manifest { Code::ManifestUnknown } else { Code::BlobUnknown };
+        let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        // At most twice: a download that completes between the lookup and opening its
+        // partial file is then read from the store.
+        for _ in 0..2 {
+            match self.fetcher.lookup(&digest, &source) {
+                Lookup::Cached(entry, guard) => {
+                    let media_type = media_type_for(source.kind, entry.media_type.as_deref(), media_type_hint);
+                    let (status, start, end, content_range) = range::resolve(range_header, entry.size)?;
+                    if method == Method::HEAD {
+                        return Ok(content_headers(status, &digest, &media_type, end - start, content_range, Body::empty()));
+                    }
+                    let stream = BlobStream::cached(self.fetcher.store(), guard, start, end)
+                        .await
+                        .map_err(|e| internal(format!("opening {digest}: {e}")))?;
+                    return Ok(content_headers(status, &digest, &media_type, end - start, content_range, body(stream, digest)));
+                }
+                Lookup::Downloading(dl) => {
+                    let (total, stored_type) =
+                        dl.started().await.map_err(|e| fetch_error(unknown, &e))?;
+                    let media_type = media_type_for(source.kind, stored_type.as_deref(), media_type_hint);
+                    let (status, start, end, content_range) = range::resolve(range_header, total)?;
+                    if method == Method::HEAD {
+                        return Ok(content_headers(status, &digest, &media_type, end - start, content_range, Body::empty()));
+                    }
+                    match dl.stream(start, end).await.map_err(|e| fetch_error(unknown, &e))? {
+                        Some(stream) => {
+                            return Ok(content_headers(status, &digest, &media_type, end - start, content_range, body(stream, digest)))
+                        }
+                        None => continue,
+                    }
+                }
+            }
+        }
+        Err(internal(format!("{digest} vanished while being opened")))
+    }
+}
+
+fn media_type_for(kind: Kind, stored: Option<&str>, hint: Option<&str>) -> String {
+    match kind {
+        Kind::Blob => "application/octet-stream".to_string(),
+        Kind::Manifest => stored.or(hint).unwrap_or("application/vnd.oci.image.manifest.v1+json").to_string(),
+    }
+}
+
+fn content_headers(
+    status: StatusCode,
+    digest: &Digest,
+    media_type: &str,
+    length: u64,
+    content_range: Option<String>,
+    body: Body,
+) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("digest is ASCII"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("digest is ASCII"));
+    if let Some(cr) = content_range {
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).expect("content range is ASCII"));
+    }
+    resp
+}
+
+/// A response body from a blob stream, counted by source; an error cuts the response.
+fn body(stream: BlobStream, digest: Digest) -> Body {
+    let source = if stream.is_live() { "origin" } else { "cache" };
+    Body::from_stream(stream.into_stream().inspect(move |item| match item {
+        Ok(bytes) => METRICS.served(source, bytes.len() as u64),
+        Err(e) => tracing::warn!(%digest, error = %e, "cutting the response off"),
+    }))
+}
+
+fn origin_error(code: Code, e: &OriginError) -> ApiError {
+    // 404 (not 5xx) so that containerd falls back to the next host, which is right for
+    // every origin-side failure: the origin itself, with containerd's own credentials, may work.
+    let message = match e {
+        OriginError::NotFound(what) => format!("{what} not found at the origin"),
+        other => other.to_string(),
+    };
+    ApiError::new(StatusCode::NOT_FOUND, code, message)
+}
+
+fn fetch_error(code: Code, e: &FetchError) -> ApiError {
+    match e {
+        FetchError::Origin(o) => origin_error(code, o),
+        FetchError::DigestMismatch { .. } => ApiError::new(StatusCode::NOT_FOUND, code, e.to_string()),
+        FetchError::Store(_) | FetchError::Read(_) => internal(e.to_string()),
+    }
+}
+
+fn internal(message: String) -> ApiError {
+    tracing::error!(%message, "internal error");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Unknown, message)
+}
+
+/// Every media type in every `Accept` header the client sent (clients send several lines),
+/// deduplicated, in order.
+fn accept_union(headers: &HeaderMap) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !seen.contains(&item) {
+                seen.push(item);
+            }
+        }
+    }
+    seen.join(", ")
+}
+
+/// `accept` plus every manifest type: a GET by digest must return whatever the digest is.
+fn with_manifest_types(accept: &str) -> String {
+    let mut out = accept.to_string();
+    for t in MANIFEST_MEDIA_TYPES {
+        if !accept.contains(t) {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(t);
+        }
+    }
+    out
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(&v.replace('+', " ")))
+}
+
+/// Decodes `%XX` escapes; invalid escapes are kept as they are (and then fail validation).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse_route("/v2/"), Route::Base);
+        assert_eq!(parse_route("/v2"), Route::Base);
+        assert_eq!(
+            parse_route("/v2/library/nginx/manifests/latest"),
+            Route::Manifest { name: "library/nginx", reference: "latest" }
+        );
+        assert_eq!(
+            parse_route("/v2/ghcr.io/a/b/blobs/sha256:00"),
+            Route::Blob { name: "ghcr.io/a/b", digest: "sha256:00" }
+        );
+        // A repository may itself be called "manifests": the last one wins.
+        assert_eq!(
+            parse_route("/v2/x/manifests/manifests/v1"),
+            Route::Manifest { name: "x/manifests", reference: "v1" }
+        );
+        assert_eq!(parse_route("/v2/x/blobs/uploads/"), Route::Other);
+        assert_eq!(parse_route("/v2/_catalog"), Route::Other);
+        assert_eq!(parse_route("/v2/x/tags/list"), Route::Other);
+        assert_eq!(parse_route("/other"), Route::Other);
+    }
+
+    #[test]
+    fn accept_headers_are_merged() {
+        let mut h = HeaderMap::new();
+        h.append(header::ACCEPT, HeaderValue::from_static("a/b, c/d"));
+        h.append(header::ACCEPT, HeaderValue::from_static("c/d"));
+        h.append(header::ACCEPT, HeaderValue::from_static("e/f"));
+        assert_eq!(accept_union(&h), "a/b, c/d, e/f");
+        let all = with_manifest_types("a/b");
+        assert!(all.starts_with("a/b, ") && MANIFEST_MEDIA_TYPES.iter().all(|t| all.contains(t)));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("a%2"), "a%2");
+    }
+}
