@@ -137,10 +137,8 @@ impl Upstreams {
     fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
         let (registry, url) =
             spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
-        let registry: Registry = registry
-            .trim()
-            .parse()
-            .map_err(|source| ConfigError::Registry { flag: "upstream", source })?;
+        let registry: Registry =
+            registry.trim().parse().map_err(|source| ConfigError::Registry { flag: "upstream", source })?;
         let url = url.trim().trim_end_matches('/');
         let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
         match host {
@@ -153,10 +151,7 @@ impl Upstreams {
 
     /// The base URL (scheme and authority, no trailing slash) of a registry's origin.
     pub fn url(&self, registry: &Registry) -> String {
-        self.0
-            .get(registry)
-            .cloned()
-            .unwrap_or_else(|| format!("https://{registry}"))
+        self.0.get(registry).cloned().unwrap_or_else(|| format!("https://{registry}"))
     }
 }
 
@@ -178,7 +173,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "g" | "gib" => 1 << 30,
         "t" | "tib" => 1 << 40,
         other => {
-            return Err(format!("unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"))
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
         }
     };
     let value = f64::from_str(number).map_err(|_| format!("{s:?} is not a size like 20GiB"))?;
@@ -224,11 +221,17 @@ mod tests {
         let other: Registry = "example.com:5000".parse().unwrap();
         assert_eq!(cfg.upstreams.url(&other), "https://example.com:5000");
 
-        let cfg = Cli::try_parse_from(["x", "--upstream", "docker.io=http://127.0.0.1:1/", "--upstream", "a.b=https://c.d"])
-            .unwrap()
-            .run
-            .into_config()
-            .unwrap();
+        let cfg = Cli::try_parse_from([
+            "x",
+            "--upstream",
+            "docker.io=http://127.0.0.1:1/",
+            "--upstream",
+            "a.b=https://c.d",
+        ])
+        .unwrap()
+        .run
+        .into_config()
+        .unwrap();
         assert_eq!(cfg.upstreams.url(&docker), "http://127.0.0.1:1");
         assert_eq!(cfg.upstreams.url(&"a.b".parse().unwrap()), "https://c.d");
     }

@@ -69,11 +69,7 @@ const DEFAULT_NAMESPACE: &str = "_default";
 #[derive(clap::Args, Debug, Clone)]
 pub struct ContainerdConfigArgs {
     /// containerd's registry `config_path`: one `<registry>/hosts.toml` is written under it.
-    #[arg(
-        long,
-        env = "SHOAL_HOSTS_DIR",
-        default_value = "/etc/containerd/certs.d"
-    )]
+    #[arg(long, env = "SHOAL_HOSTS_DIR", default_value = "/etc/containerd/certs.d")]
     pub hosts_dir: PathBuf,
 
     /// Registries (host[:port], or `_default`) to send through the mirror, comma-separated.
@@ -187,12 +183,9 @@ pub struct Summary {
 impl Summary {
     /// Whether any file was written, moved or removed.
     pub fn changed(&self) -> bool {
-        self.entries.iter().any(|e| {
-            !matches!(
-                e.outcome,
-                Outcome::Unchanged | Outcome::NotOurs | Outcome::NothingToRestore
-            )
-        })
+        self.entries
+            .iter()
+            .any(|e| !matches!(e.outcome, Outcome::Unchanged | Outcome::NotOurs | Outcome::NothingToRestore))
     }
 }
 
@@ -211,13 +204,9 @@ impl fmt::Display for Summary {
                 Outcome::BackedUpAndWritten { backup } => {
                     write!(f, "backed up {path} to {} and written", backup.display())?
                 }
-                Outcome::Restored { backup } => {
-                    write!(f, "restored {path} from {}", backup.display())?
-                }
+                Outcome::Restored { backup } => write!(f, "restored {path} from {}", backup.display())?,
                 Outcome::Removed { dir_removed: false } => write!(f, "removed {path}")?,
-                Outcome::Removed { dir_removed: true } => {
-                    write!(f, "removed {path} and its directory")?
-                }
+                Outcome::Removed { dir_removed: true } => write!(f, "removed {path} and its directory")?,
                 Outcome::NotOurs => write!(f, "left {path} alone (not written by shoal-agent)")?,
                 Outcome::NothingToRestore => write!(f, "nothing to restore at {path}")?,
             }
@@ -260,9 +249,7 @@ fn render(registry: &str, mirror: &str, created_dir: bool) -> String {
     s.push_str(MARKER);
     s.push('\n');
     s.push_str("# Pulls go to the node-local Shoal agent first, and to the origin if it fails.\n");
-    s.push_str(
-        "# Undo with `shoal-agent containerd-config --restore`; edits here may be overwritten.\n",
-    );
+    s.push_str("# Undo with `shoal-agent containerd-config --restore`; edits here may be overwritten.\n");
     if created_dir {
         s.push_str(CREATED_DIR_LINE);
         s.push('\n');
@@ -270,9 +257,7 @@ fn render(registry: &str, mirror: &str, created_dir: bool) -> String {
     if let Some(origin) = origin_url(registry) {
         s.push_str(&format!("server = \"{origin}\"\n"));
     }
-    s.push_str(&format!(
-        "\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    ));
+    s.push_str(&format!("\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"));
     s
 }
 
@@ -304,12 +289,7 @@ fn registries(given: &[String]) -> Result<Vec<String>> {
 /// A registry becomes a directory name, so it must be a plain `host[:port]`: no separators, no
 /// `..`, nothing containerd would not look up.
 fn validate_registry(name: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(ContainerdConfigError::InvalidRegistry {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(ContainerdConfigError::InvalidRegistry { name: name.to_owned(), reason });
     if name == DEFAULT_NAMESPACE {
         return Ok(());
     }
@@ -331,9 +311,7 @@ fn validate_registry(name: &str) -> Result<()> {
     };
     if let Some(port) = port {
         if !valid_port(port) {
-            return invalid(
-                "port must be a number from 1 to 65535 (IPv6 addresses are not supported)",
-            );
+            return invalid("port must be a number from 1 to 65535 (IPv6 addresses are not supported)");
         }
     }
     if !valid_hostname(host) {
@@ -348,9 +326,7 @@ fn valid_hostname(host: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -365,24 +341,13 @@ fn valid_port(port: &str) -> bool {
 
 /// Checks the mirror URL and returns it without a trailing `/`, as it goes into the TOML key.
 fn validate_mirror(url: &str) -> Result<String> {
-    let invalid = |reason| {
-        Err(ContainerdConfigError::InvalidMirror {
-            url: url.to_owned(),
-            reason,
-        })
-    };
-    let rest = match url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-    {
+    let invalid = |reason| Err(ContainerdConfigError::InvalidMirror { url: url.to_owned(), reason });
+    let rest = match url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
         Some(rest) => rest,
         None => return invalid("must start with http:// or https://"),
     };
     // It is written into a TOML string: allow nothing that would need escaping.
-    if url
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\')
-    {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\') {
         return invalid("must not contain whitespace, quotes or backslashes");
     }
     if url.contains('?') || url.contains('#') {
@@ -398,11 +363,7 @@ fn validate_mirror(url: &str) -> Result<String> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         match v6.split_once(']') {
             Some((addr, after)) => {
-                if addr.is_empty()
-                    || !addr
-                        .bytes()
-                        .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-                {
+                if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
                     return invalid("bad IPv6 address");
                 }
                 match after {
@@ -454,11 +415,7 @@ struct Paths {
 impl Paths {
     fn new(hosts_dir: &Path, registry: &str) -> Self {
         let dir = hosts_dir.join(registry);
-        Paths {
-            file: dir.join(HOSTS_FILE),
-            backup: dir.join(BACKUP_FILE),
-            dir,
-        }
+        Paths { file: dir.join(HOSTS_FILE), backup: dir.join(BACKUP_FILE), dir }
     }
 }
 
@@ -502,16 +459,10 @@ fn write(hosts_dir: &Path, registries: &[String], mirror: &str, force: bool) -> 
         let current = current(&paths)?;
         if let Current::Foreign = current {
             if exists(&paths.backup)? {
-                return Err(ContainerdConfigError::BackupExists {
-                    path: paths.file,
-                    backup: paths.backup,
-                });
+                return Err(ContainerdConfigError::BackupExists { path: paths.file, backup: paths.backup });
             }
             if !force {
-                return Err(ContainerdConfigError::ForeignFile {
-                    path: paths.file,
-                    backup: paths.backup,
-                });
+                return Err(ContainerdConfigError::ForeignFile { path: paths.file, backup: paths.backup });
             }
         }
         plan.push((registry, paths, current));
@@ -548,22 +499,15 @@ fn write(hosts_dir: &Path, registries: &[String], mirror: &str, force: bool) -> 
             Current::Foreign => {
                 // A hard link keeps the very same file (bytes, mode, mtime) under the backup
                 // name, and fails if a backup appeared meanwhile; hosts.toml never goes missing.
-                fs::hard_link(&paths.file, &paths.backup)
-                    .map_err(io_err("back up to", &paths.backup))?;
+                fs::hard_link(&paths.file, &paths.backup).map_err(io_err("back up to", &paths.backup))?;
                 sync_dir(&paths.dir)?;
                 let wanted = render(registry, mirror, false);
                 write_atomic(&paths.dir, &paths.file, wanted.as_bytes())?;
-                Outcome::BackedUpAndWritten {
-                    backup: paths.backup.clone(),
-                }
+                Outcome::BackedUpAndWritten { backup: paths.backup.clone() }
             }
         };
         log(registry, &paths.file, &outcome);
-        summary.entries.push(Entry {
-            registry: registry.clone(),
-            path: paths.file,
-            outcome,
-        });
+        summary.entries.push(Entry { registry: registry.clone(), path: paths.file, outcome });
     }
     Ok(summary)
 }
@@ -576,10 +520,7 @@ fn restore(hosts_dir: &Path, registries: &[String], force: bool) -> Result<Summa
         let has_backup = exists(&paths.backup)?;
         // Someone replaced our file after we took a backup: restoring would lose their file.
         if has_backup && matches!(current, Current::Foreign) && !force {
-            return Err(ContainerdConfigError::BackupExists {
-                path: paths.file,
-                backup: paths.backup,
-            });
+            return Err(ContainerdConfigError::BackupExists { path: paths.file, backup: paths.backup });
         }
         plan.push((registry, paths, current, has_backup));
     }
@@ -589,16 +530,13 @@ fn restore(hosts_dir: &Path, registries: &[String], force: bool) -> Result<Summa
         let outcome = if has_backup {
             fs::rename(&paths.backup, &paths.file).map_err(io_err("restore", &paths.file))?;
             sync_dir(&paths.dir)?;
-            Outcome::Restored {
-                backup: paths.backup.clone(),
-            }
+            Outcome::Restored { backup: paths.backup.clone() }
         } else {
             match current {
                 Current::Ours(bytes) => {
                     fs::remove_file(&paths.file).map_err(io_err("remove", &paths.file))?;
                     sync_dir(&paths.dir)?;
-                    let dir_removed =
-                        records_created_dir(&bytes) && remove_dir_if_empty(&paths.dir)?;
+                    let dir_removed = records_created_dir(&bytes) && remove_dir_if_empty(&paths.dir)?;
                     if dir_removed {
                         sync_dir(hosts_dir)?;
                     }
@@ -609,11 +547,7 @@ fn restore(hosts_dir: &Path, registries: &[String], force: bool) -> Result<Summa
             }
         };
         log(registry, &paths.file, &outcome);
-        summary.entries.push(Entry {
-            registry: registry.clone(),
-            path: paths.file,
-            outcome,
-        });
+        summary.entries.push(Entry { registry: registry.clone(), path: paths.file, outcome });
     }
     Ok(summary)
 }
@@ -640,13 +574,7 @@ fn remove_dir_if_empty(dir: &Path) -> Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         // Not empty (ENOTEMPTY, or EEXIST on some systems): someone else's files live there.
-        Err(_)
-            if fs::read_dir(dir)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(false) =>
-        {
-            Ok(false)
-        }
+        Err(_) if fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) => Ok(false),
         Err(e) => Err(io_err("remove directory", dir)(e)),
     }
 }
@@ -657,18 +585,11 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let mut name = OsString::from(".");
     name.push(path.file_name().unwrap_or_default());
-    name.push(format!(
-        ".shoal-tmp-{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    name.push(format!(".shoal-tmp-{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
     let tmp = dir.join(name);
     let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let mut file =
+            fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err("create", &tmp))?;
         set_readable(&file, &tmp)?;
         file.write_all(bytes).map_err(io_err("write", &tmp))?;
         file.sync_all().map_err(io_err("fsync", &tmp))?;
@@ -686,8 +607,7 @@ fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(unix)]
 fn set_readable(file: &fs::File, path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(fs::Permissions::from_mode(0o644))
-        .map_err(io_err("set permissions of", path))
+    file.set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err("set permissions of", path))
 }
 
 #[cfg(not(unix))]
@@ -699,9 +619,7 @@ fn set_readable(_file: &fs::File, _path: &Path) -> Result<()> {
 fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync directory", dir))?;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
     }
     #[cfg(not(unix))]
     let _ = dir;
@@ -727,10 +645,7 @@ mod tests {
     }
 
     fn restore_args(dir: &Path, registries: &[&str]) -> ContainerdConfigArgs {
-        ContainerdConfigArgs {
-            restore: true,
-            ..args(dir, registries)
-        }
+        ContainerdConfigArgs { restore: true, ..args(dir, registries) }
     }
 
     /// Every file and directory under `root` with its content (None for directories) and mtime.
@@ -792,12 +707,7 @@ mod tests {
             .collect();
         assert_eq!(
             files,
-            [
-                "docker.io/hosts.toml",
-                "ghcr.io/hosts.toml",
-                "localhost:5443/hosts.toml"
-            ]
-            .map(PathBuf::from)
+            ["docker.io/hosts.toml", "ghcr.io/hosts.toml", "localhost:5443/hosts.toml"].map(PathBuf::from)
         );
 
         let text = summary.to_string();
@@ -831,10 +741,7 @@ mod tests {
         .unwrap();
         assert_eq!(outcomes(&summary), vec![Outcome::Updated]);
         let content = fs::read_to_string(tmp.path().join("docker.io/hosts.toml")).unwrap();
-        assert!(
-            content.contains("[host.\"https://mirror.example:8443\"]\n"),
-            "{content}"
-        );
+        assert!(content.contains("[host.\"https://mirror.example:8443\"]\n"), "{content}");
         assert!(content.contains(CREATED_DIR_LINE));
 
         run(&restore_args(tmp.path(), &["docker.io"])).unwrap();
@@ -860,10 +767,7 @@ mod tests {
             other => panic!("unexpected error: {other}"),
         }
         let message = err.to_string();
-        assert!(
-            message.contains("quay.io/hosts.toml") && message.contains("--force"),
-            "{message}"
-        );
+        assert!(message.contains("quay.io/hosts.toml") && message.contains("--force"), "{message}");
         assert_eq!(snapshot(tmp.path()), before);
     }
 
@@ -876,22 +780,11 @@ mod tests {
         let foreign: &[u8] =
             b"server = \"https://registry-1.docker.io\"\r\n# \xff\xfe\r\n[host.\"https://x\"]";
         fs::write(dir.join(HOSTS_FILE), foreign).unwrap();
-        let foreign_mtime = fs::metadata(dir.join(HOSTS_FILE))
-            .unwrap()
-            .modified()
-            .unwrap();
+        let foreign_mtime = fs::metadata(dir.join(HOSTS_FILE)).unwrap().modified().unwrap();
 
-        let forced = ContainerdConfigArgs {
-            force: true,
-            ..args(tmp.path(), &["docker.io"])
-        };
+        let forced = ContainerdConfigArgs { force: true, ..args(tmp.path(), &["docker.io"]) };
         let summary = run(&forced).unwrap();
-        assert_eq!(
-            outcomes(&summary),
-            vec![Outcome::BackedUpAndWritten {
-                backup: dir.join(BACKUP_FILE)
-            }]
-        );
+        assert_eq!(outcomes(&summary), vec![Outcome::BackedUpAndWritten { backup: dir.join(BACKUP_FILE) }]);
         assert_eq!(fs::read(dir.join(BACKUP_FILE)).unwrap(), foreign);
         let ours = fs::read_to_string(dir.join(HOSTS_FILE)).unwrap();
         assert!(ours.starts_with(MARKER));
@@ -901,27 +794,13 @@ mod tests {
         // Running again (with or without --force) neither rewrites nor takes another backup.
         let before = snapshot(tmp.path());
         assert_eq!(outcomes(&run(&forced).unwrap()), vec![Outcome::Unchanged]);
-        assert_eq!(
-            outcomes(&run(&args(tmp.path(), &["docker.io"])).unwrap()),
-            vec![Outcome::Unchanged]
-        );
+        assert_eq!(outcomes(&run(&args(tmp.path(), &["docker.io"])).unwrap()), vec![Outcome::Unchanged]);
         assert_eq!(snapshot(tmp.path()), before);
 
         let summary = run(&restore_args(tmp.path(), &["docker.io"])).unwrap();
-        assert_eq!(
-            outcomes(&summary),
-            vec![Outcome::Restored {
-                backup: dir.join(BACKUP_FILE)
-            }]
-        );
+        assert_eq!(outcomes(&summary), vec![Outcome::Restored { backup: dir.join(BACKUP_FILE) }]);
         assert_eq!(fs::read(dir.join(HOSTS_FILE)).unwrap(), foreign);
-        assert_eq!(
-            fs::metadata(dir.join(HOSTS_FILE))
-                .unwrap()
-                .modified()
-                .unwrap(),
-            foreign_mtime
-        );
+        assert_eq!(fs::metadata(dir.join(HOSTS_FILE)).unwrap().modified().unwrap(), foreign_mtime);
         assert!(!dir.join(BACKUP_FILE).exists());
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
 
@@ -937,24 +816,15 @@ mod tests {
         let dir = tmp.path().join("ghcr.io");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join(HOSTS_FILE), b"# first\n").unwrap();
-        let forced = ContainerdConfigArgs {
-            force: true,
-            ..args(tmp.path(), &["ghcr.io"])
-        };
+        let forced = ContainerdConfigArgs { force: true, ..args(tmp.path(), &["ghcr.io"]) };
         run(&forced).unwrap();
         // Node configuration management writes its own file over ours.
         fs::write(dir.join(HOSTS_FILE), b"# second\n").unwrap();
 
         let err = run(&forced).unwrap_err();
-        assert!(
-            matches!(err, ContainerdConfigError::BackupExists { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ContainerdConfigError::BackupExists { .. }), "{err}");
         let err = run(&restore_args(tmp.path(), &["ghcr.io"])).unwrap_err();
-        assert!(
-            matches!(err, ContainerdConfigError::BackupExists { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ContainerdConfigError::BackupExists { .. }), "{err}");
         assert_eq!(fs::read(dir.join(HOSTS_FILE)).unwrap(), b"# second\n");
         assert_eq!(fs::read(dir.join(BACKUP_FILE)).unwrap(), b"# first\n");
     }
@@ -993,9 +863,7 @@ mod tests {
         let summary = run(&restore_args(tmp.path(), &registries)).unwrap();
         assert_eq!(outcomes(&summary), vec![Outcome::NothingToRestore; 4]);
         assert!(!summary.changed());
-        assert!(summary
-            .to_string()
-            .contains("docker.io: nothing to restore at"));
+        assert!(summary.to_string().contains("docker.io: nothing to restore at"));
     }
 
     #[test]
@@ -1030,10 +898,7 @@ mod tests {
             "_other",
         ] {
             for restore in [false, true] {
-                let a = ContainerdConfigArgs {
-                    restore,
-                    ..args(tmp.path(), &["docker.io", bad])
-                };
+                let a = ContainerdConfigArgs { restore, ..args(tmp.path(), &["docker.io", bad]) };
                 match run(&a) {
                     Err(ContainerdConfigError::InvalidRegistry { name, .. }) => {
                         assert_eq!(name, bad)
@@ -1047,13 +912,7 @@ mod tests {
         let err = run(&args(tmp.path(), &[" ", ""])).unwrap_err();
         assert!(matches!(err, ContainerdConfigError::NoRegistries), "{err}");
 
-        for good in [
-            "docker.io",
-            "localhost",
-            "127.0.0.1:5000",
-            "my-registry.example.com:443",
-            "_default",
-        ] {
+        for good in ["docker.io", "localhost", "127.0.0.1:5000", "my-registry.example.com:443", "_default"] {
             validate_registry(good).unwrap();
         }
     }
@@ -1078,10 +937,7 @@ mod tests {
             "http://host/../x",
             "",
         ] {
-            match run(&ContainerdConfigArgs {
-                mirror: bad.into(),
-                ..args(tmp.path(), &["docker.io"])
-            }) {
+            match run(&ContainerdConfigArgs { mirror: bad.into(), ..args(tmp.path(), &["docker.io"]) }) {
                 Err(ContainerdConfigError::InvalidMirror { url, .. }) => assert_eq!(url, bad),
                 other => panic!("{bad:?}: {other:?}"),
             }
@@ -1093,19 +949,13 @@ mod tests {
             ("http://127.0.0.1:5000/", "http://127.0.0.1:5000"),
             ("https://mirror.example", "https://mirror.example"),
             ("http://[::1]:5000", "http://[::1]:5000"),
-            (
-                "http://node-cache:5000/shoal",
-                "http://node-cache:5000/shoal",
-            ),
+            ("http://node-cache:5000/shoal", "http://node-cache:5000/shoal"),
         ] {
             assert_eq!(validate_mirror(good).unwrap(), key);
         }
         // Undoing never depends on the mirror.
-        run(&ContainerdConfigArgs {
-            mirror: "not a url".into(),
-            ..restore_args(tmp.path(), &["docker.io"])
-        })
-        .unwrap();
+        run(&ContainerdConfigArgs { mirror: "not a url".into(), ..restore_args(tmp.path(), &["docker.io"]) })
+            .unwrap();
     }
 
     #[test]
@@ -1136,10 +986,7 @@ mod tests {
         // Not reading the process environment here: the variables are unset in tests.
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(cli.args.hosts_dir, PathBuf::from("/etc/containerd/certs.d"));
-        assert_eq!(
-            cli.args.registries,
-            ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]
-        );
+        assert_eq!(cli.args.registries, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
         assert_eq!(cli.args.mirror, "http://127.0.0.1:5000");
         assert!(!cli.args.restore && !cli.args.force);
 

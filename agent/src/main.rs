@@ -9,7 +9,11 @@ use shoal_agent::containerd_config::{self, ContainerdConfigArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "shoal-agent", version, about = "Shoal node agent: a peer-to-peer registry mirror for containerd")]
+#[command(
+    name = "shoal-agent",
+    version,
+    about = "Shoal node agent: a peer-to-peer registry mirror for containerd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

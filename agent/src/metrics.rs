@@ -94,11 +94,7 @@ impl Metrics {
             stale_tags_served.clone(),
         );
         let downloads_in_flight = Gauge::default();
-        registry.register(
-            "downloads_in_flight",
-            "Digests being downloaded now",
-            downloads_in_flight.clone(),
-        );
+        registry.register("downloads_in_flight", "Digests being downloaded now", downloads_in_flight.clone());
         let cache_bytes = Gauge::default();
         registry.register("cache_bytes", "Bytes of complete blobs in the cache", cache_bytes.clone());
         let cache_blobs = Gauge::default();
@@ -170,10 +166,7 @@ pub async fn serve(
         .route(
             "/metrics",
             get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    METRICS.encode(),
-                )
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], METRICS.encode())
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))

@@ -177,9 +177,7 @@ impl FromStr for Tag {
         let ok = !b.is_empty()
             && b.len() <= 128
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b[1..]
-                .iter()
-                .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-');
+            && b[1..].iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-');
         if ok {
             Ok(Tag(s.to_string()))
         } else {

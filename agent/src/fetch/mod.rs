@@ -66,9 +66,16 @@ pub enum Progress {
     /// Waiting for the origin's first answer.
     Starting,
     /// `available` contiguous bytes from 0 are written and readable.
-    Running { total: u64, media_type: Option<String>, available: u64 },
+    Running {
+        total: u64,
+        media_type: Option<String>,
+        available: u64,
+    },
     /// Verified and in the store.
-    Complete { total: u64, media_type: Option<String> },
+    Complete {
+        total: u64,
+        media_type: Option<String>,
+    },
     Failed(Arc<FetchError>),
 }
 
@@ -128,7 +135,12 @@ impl Fetcher {
 
     /// Stores content whose digest was computed from the bytes themselves (a manifest read
     /// whole while resolving a tag).
-    pub async fn store_verified(&self, digest: &Digest, data: &[u8], media_type: &str) -> Result<(), StoreError> {
+    pub async fn store_verified(
+        &self,
+        digest: &Digest,
+        data: &[u8],
+        media_type: &str,
+    ) -> Result<(), StoreError> {
         if self.store.contains(digest) {
             return Ok(());
         }
@@ -201,7 +213,14 @@ impl Fetcher {
             attempt += 1;
             let opened = self
                 .origin
-                .open_content(&source.registry, &source.repo, source.kind, &dl.digest, written, &source.accept)
+                .open_content(
+                    &source.registry,
+                    &source.repo,
+                    source.kind,
+                    &dl.digest,
+                    written,
+                    &source.accept,
+                )
                 .await;
             let content = match opened {
                 Ok(c) => c,
@@ -215,9 +234,14 @@ impl Fetcher {
             let total = match &known {
                 None => {
                     if source.kind == Kind::Manifest && content.media_type.is_none() {
-                        return Err(OriginError::Protocol(format!("manifest {} has no Content-Type", dl.digest)).into());
+                        return Err(OriginError::Protocol(format!(
+                            "manifest {} has no Content-Type",
+                            dl.digest
+                        ))
+                        .into());
                     }
-                    let media_type = (source.kind == Kind::Manifest).then(|| content.media_type.clone()).flatten();
+                    let media_type =
+                        (source.kind == Kind::Manifest).then(|| content.media_type.clone()).flatten();
                     dl.progress.send_replace(Progress::Running {
                         total: content.total,
                         media_type: media_type.clone(),
@@ -236,7 +260,11 @@ impl Fetcher {
                 Some((total, _)) => *total,
             };
             if content.offset > written {
-                return Err(OriginError::Protocol(format!("{}: asked for bytes from {written}, got from {}", dl.digest, content.offset)).into());
+                return Err(OriginError::Protocol(format!(
+                    "{}: asked for bytes from {written}, got from {}",
+                    dl.digest, content.offset
+                ))
+                .into());
             }
             // An origin that ignored our Range resends bytes we already have: skip them.
             let mut skip = written - content.offset;
@@ -260,7 +288,11 @@ impl Fetcher {
                             skip -= n as u64;
                         }
                         if partial.written() + (batch.len() + chunk.len()) as u64 > total {
-                            return Err(OriginError::Protocol(format!("{}: origin sent more than {total} bytes", dl.digest)).into());
+                            return Err(OriginError::Protocol(format!(
+                                "{}: origin sent more than {total} bytes",
+                                dl.digest
+                            ))
+                            .into());
                         }
                         batch.extend_from_slice(&chunk);
                         if batch.len() >= WRITE_BATCH {
@@ -278,7 +310,9 @@ impl Fetcher {
                     None => {
                         publish(dl, partial, &mut hasher, &mut batch).await?;
                         if partial.written() < total && attempt >= MAX_ATTEMPTS {
-                            return Err(OriginError::Unreachable(format!("{}: body ended early", dl.digest)).into());
+                            return Err(
+                                OriginError::Unreachable(format!("{}: body ended early", dl.digest)).into()
+                            );
                         }
                         break;
                     }
@@ -361,7 +395,12 @@ pub enum StreamError {
 
 impl BlobStream {
     /// A range of a complete blob in the store.
-    pub async fn cached(store: &Store, guard: ReadGuard, start: u64, end: u64) -> std::io::Result<BlobStream> {
+    pub async fn cached(
+        store: &Store,
+        guard: ReadGuard,
+        start: u64,
+        end: u64,
+    ) -> std::io::Result<BlobStream> {
         let mut file = store.open_blob(&guard).await?;
         file.seek(SeekFrom::Start(start)).await?;
         Ok(BlobStream { file, pos: start, end, follow: None, _guard: Some(guard) })

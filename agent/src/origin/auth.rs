@@ -208,7 +208,9 @@ mod tests {
     #[test]
     fn challenges() {
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull,push""#),
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull,push""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.docker.io/token".into(),
                 service: Some("registry.docker.io".into()),

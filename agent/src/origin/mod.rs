@@ -11,7 +11,9 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
+};
 use reqwest::{RequestBuilder, Response, StatusCode};
 
 use crate::config::Upstreams;
@@ -105,13 +107,7 @@ impl Origin {
             .user_agent(concat!("shoal-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| OriginError::Protocol(format!("building the HTTP client: {e}")))?;
-        Ok(Origin {
-            http,
-            upstreams,
-            credentials,
-            tokens: Mutex::default(),
-            basic: Mutex::default(),
-        })
+        Ok(Origin { http, upstreams, credentials, tokens: Mutex::default(), basic: Mutex::default() })
     }
 
     fn url(&self, registry: &Registry, repo: &RepoName, kind: Kind, reference: &str) -> String {
@@ -196,7 +192,9 @@ impl Origin {
             (0, len)
         };
         if kind == Kind::Manifest && total > MAX_MANIFEST_BYTES {
-            return Err(OriginError::Protocol(format!("{what}: manifest of {total} bytes exceeds the 4 MiB limit")));
+            return Err(OriginError::Protocol(format!(
+                "{what}: manifest of {total} bytes exceeds the 4 MiB limit"
+            )));
         }
         Ok(Content { total, offset: start, media_type, body: resp })
     }
@@ -229,14 +227,18 @@ impl Origin {
             }
             let challenge = header_str(resp.headers(), WWW_AUTHENTICATE.as_str())
                 .and_then(|h| auth::parse_challenge(&h))
-                .ok_or_else(|| OriginError::Denied(format!("{registry}: 401 without a usable WWW-Authenticate")))?;
+                .ok_or_else(|| {
+                    OriginError::Denied(format!("{registry}: 401 without a usable WWW-Authenticate"))
+                })?;
             authorization = Some(self.authorize(registry, challenge, &scope).await?);
         }
         unreachable!("the loop returns on its second attempt")
     }
 
     fn cached_authorization(&self, registry: &Registry, scope: &str) -> Option<String> {
-        if let Some(token) = self.tokens.lock().expect("token lock").get(registry.as_str(), scope, Instant::now()) {
+        if let Some(token) =
+            self.tokens.lock().expect("token lock").get(registry.as_str(), scope, Instant::now())
+        {
             return Some(format!("Bearer {token}"));
         }
         if self.basic.lock().expect("basic lock").contains(registry) {
@@ -245,12 +247,19 @@ impl Origin {
         None
     }
 
-    async fn authorize(&self, registry: &Registry, challenge: Challenge, scope: &str) -> Result<String, OriginError> {
+    async fn authorize(
+        &self,
+        registry: &Registry,
+        challenge: Challenge,
+        scope: &str,
+    ) -> Result<String, OriginError> {
         let credentials = self.credentials.get(registry.as_str());
         match challenge {
             Challenge::Basic => {
                 let creds = credentials.ok_or_else(|| {
-                    OriginError::Denied(format!("{registry} asks for Basic auth and --registry-auth-file has no entry for it"))
+                    OriginError::Denied(format!(
+                        "{registry} asks for Basic auth and --registry-auth-file has no entry for it"
+                    ))
                 })?;
                 self.basic.lock().expect("basic lock").insert(registry.clone());
                 Ok(creds.basic_header())
@@ -271,21 +280,27 @@ impl Origin {
                 })?;
                 METRICS.origin_request("token", resp.status().as_u16());
                 if !resp.status().is_success() {
-                    return Err(OriginError::Denied(format!("token endpoint {realm} answered {}", resp.status())));
+                    return Err(OriginError::Denied(format!(
+                        "token endpoint {realm} answered {}",
+                        resp.status()
+                    )));
                 }
                 let body = read_limited(resp, 1 << 20).await?;
                 let parsed: TokenResponse = serde_json::from_slice(&body)
                     .map_err(|e| OriginError::Protocol(format!("token endpoint {realm}: {e}")))?;
-                let token = parsed
-                    .token
-                    .or(parsed.access_token)
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| OriginError::Protocol(format!("token endpoint {realm} returned no token")))?;
-                let lifetime = parsed.expires_in.map(Duration::from_secs).unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
-                self.tokens
-                    .lock()
-                    .expect("token lock")
-                    .put(registry.as_str(), scope, token.clone(), lifetime, Instant::now());
+                let token =
+                    parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
+                        OriginError::Protocol(format!("token endpoint {realm} returned no token"))
+                    })?;
+                let lifetime =
+                    parsed.expires_in.map(Duration::from_secs).unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
+                self.tokens.lock().expect("token lock").put(
+                    registry.as_str(),
+                    scope,
+                    token.clone(),
+                    lifetime,
+                    Instant::now(),
+                );
                 Ok(format!("Bearer {token}"))
             }
         }
@@ -302,8 +317,13 @@ fn check_status(resp: Response, what: &str) -> Result<Response, OriginError> {
     match status {
         s if s.is_success() => Ok(resp),
         StatusCode::NOT_FOUND => Err(OriginError::NotFound(what.to_string())),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(OriginError::Denied(format!("{what}: {status}"))),
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT => {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Err(OriginError::Denied(format!("{what}: {status}")))
+        }
+        s if s.is_server_error()
+            || s == StatusCode::TOO_MANY_REQUESTS
+            || s == StatusCode::REQUEST_TIMEOUT =>
+        {
             Err(OriginError::Unreachable(format!("{what}: {status}")))
         }
         _ => Err(OriginError::Protocol(format!("{what}: {status}"))),

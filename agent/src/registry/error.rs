@@ -44,7 +44,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), detail: serde_json::Value::Null, headers: Vec::new() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            detail: serde_json::Value::Null,
+            headers: Vec::new(),
+        }
     }
 
     pub fn with_detail(mut self, detail: impl Into<serde_json::Value>) -> Self {

@@ -72,8 +72,14 @@ pub fn router(api: Arc<Api>) -> Router {
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
     Base,
-    Manifest { name: &'a str, reference: &'a str },
-    Blob { name: &'a str, digest: &'a str },
+    Manifest {
+        name: &'a str,
+        reference: &'a str,
+    },
+    Blob {
+        name: &'a str,
+        digest: &'a str,
+    },
     /// Uploads, tags list, catalog, referrers, anything else.
     Other,
 }
@@ -113,8 +119,7 @@ async fn handle(State(api): State<Arc<Api>>, method: Method, uri: Uri, headers: 
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
-    resp.headers_mut()
-        .insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     let status = resp.status().as_u16();
     METRICS
         .registry_requests
@@ -133,7 +138,9 @@ async fn dispatch(
 ) -> Result<Response, ApiError> {
     let readonly = method == Method::GET || method == Method::HEAD;
     match route {
-        Route::Base if readonly => Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
+        Route::Base if readonly => {
+            Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+        }
         Route::Manifest { name, reference } if readonly => {
             let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
             let reference: Reference = reference.parse()?;
@@ -162,12 +169,11 @@ impl Api {
                 _ => (self.default_registry.clone(), name),
             },
         };
+        let mut repo: RepoName = repo.parse()?;
         // Docker Hub's official images live under library/.
-        let repo = if registry.as_str() == "docker.io" && !repo.contains('/') {
-            format!("library/{repo}").parse()?
-        } else {
-            repo.parse()?
-        };
+        if registry.as_str() == "docker.io" && !repo.as_str().contains('/') {
+            repo = format!("library/{repo}").parse()?;
+        }
         Ok((registry, repo))
     }
 
@@ -182,7 +188,8 @@ impl Api {
         let accept = accept_union(headers);
         let tag = match reference {
             Reference::Digest(digest) => {
-                let source = Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+                let source =
+                    Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
                 return self.content(method, headers, digest, source, None).await;
             }
             Reference::Tag(tag) => tag,
@@ -192,7 +199,9 @@ impl Api {
         let (resolved, stale) = match self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await {
             Ok((resolved, body)) => {
                 if let Some(body) = body {
-                    if let Err(e) = self.fetcher.store_verified(&resolved.digest, &body, &resolved.media_type).await {
+                    if let Err(e) =
+                        self.fetcher.store_verified(&resolved.digest, &body, &resolved.media_type).await
+                    {
                         tracing::warn!(digest = %resolved.digest, error = %e, "could not store manifest");
                     }
                 }
@@ -214,9 +223,17 @@ impl Api {
             Err(e) => return Err(origin_error(Code::ManifestUnknown, &e)),
         };
         let mut resp = if method == Method::HEAD {
-            content_headers(StatusCode::OK, &resolved.digest, &resolved.media_type, resolved.size, None, Body::empty())
+            content_headers(
+                StatusCode::OK,
+                &resolved.digest,
+                &resolved.media_type,
+                resolved.size,
+                None,
+                Body::empty(),
+            )
         } else {
-            let source = Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+            let source =
+                Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
             self.content(method, headers, resolved.digest, source, Some(&resolved.media_type)).await?
         };
         if stale {
@@ -241,27 +258,55 @@ impl Api {
         for _ in 0..2 {
             match self.fetcher.lookup(&digest, &source) {
                 Lookup::Cached(entry, guard) => {
-                    let media_type = media_type_for(source.kind, entry.media_type.as_deref(), media_type_hint);
+                    let media_type =
+                        media_type_for(source.kind, entry.media_type.as_deref(), media_type_hint);
                     let (status, start, end, content_range) = range::resolve(range_header, entry.size)?;
                     if method == Method::HEAD {
-                        return Ok(content_headers(status, &digest, &media_type, end - start, content_range, Body::empty()));
+                        return Ok(content_headers(
+                            status,
+                            &digest,
+                            &media_type,
+                            end - start,
+                            content_range,
+                            Body::empty(),
+                        ));
                     }
                     let stream = BlobStream::cached(self.fetcher.store(), guard, start, end)
                         .await
                         .map_err(|e| internal(format!("opening {digest}: {e}")))?;
-                    return Ok(content_headers(status, &digest, &media_type, end - start, content_range, body(stream, digest)));
+                    return Ok(content_headers(
+                        status,
+                        &digest,
+                        &media_type,
+                        end - start,
+                        content_range,
+                        body(stream, digest),
+                    ));
                 }
                 Lookup::Downloading(dl) => {
-                    let (total, stored_type) =
-                        dl.started().await.map_err(|e| fetch_error(unknown, &e))?;
+                    let (total, stored_type) = dl.started().await.map_err(|e| fetch_error(unknown, &e))?;
                     let media_type = media_type_for(source.kind, stored_type.as_deref(), media_type_hint);
                     let (status, start, end, content_range) = range::resolve(range_header, total)?;
                     if method == Method::HEAD {
-                        return Ok(content_headers(status, &digest, &media_type, end - start, content_range, Body::empty()));
+                        return Ok(content_headers(
+                            status,
+                            &digest,
+                            &media_type,
+                            end - start,
+                            content_range,
+                            Body::empty(),
+                        ));
                     }
                     match dl.stream(start, end).await.map_err(|e| fetch_error(unknown, &e))? {
                         Some(stream) => {
-                            return Ok(content_headers(status, &digest, &media_type, end - start, content_range, body(stream, digest)))
+                            return Ok(content_headers(
+                                status,
+                                &digest,
+                                &media_type,
+                                end - start,
+                                content_range,
+                                body(stream, digest),
+                            ))
                         }
                         None => continue,
                     }

@@ -11,7 +11,10 @@ use super::error::{ApiError, Code};
 pub enum RangeSpec {
     Full,
     /// Bytes `start..end` (end exclusive).
-    Partial { start: u64, end: u64 },
+    Partial {
+        start: u64,
+        end: u64,
+    },
     Unsatisfiable,
     Invalid,
 }
@@ -55,12 +58,9 @@ pub fn parse(header: Option<&str>, size: u64) -> RangeSpec {
 pub fn resolve(header: Option<&str>, size: u64) -> Result<(StatusCode, u64, u64, Option<String>), ApiError> {
     match parse(header, size) {
         RangeSpec::Full => Ok((StatusCode::OK, 0, size, None)),
-        RangeSpec::Partial { start, end } => Ok((
-            StatusCode::PARTIAL_CONTENT,
-            start,
-            end,
-            Some(format!("bytes {start}-{}/{size}", end - 1)),
-        )),
+        RangeSpec::Partial { start, end } => {
+            Ok((StatusCode::PARTIAL_CONTENT, start, end, Some(format!("bytes {start}-{}/{size}", end - 1))))
+        }
         RangeSpec::Unsatisfiable => {
             let mut e = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
@@ -76,7 +76,10 @@ pub fn resolve(header: Option<&str>, size: u64) -> Result<(StatusCode, u64, u64,
         RangeSpec::Invalid => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             Code::RangeInvalid,
-            format!("malformed Range header {:?}: expected bytes=START-END, bytes=START- or bytes=-SUFFIX", header.unwrap_or_default()),
+            format!(
+                "malformed Range header {:?}: expected bytes=START-END, bytes=START- or bytes=-SUFFIX",
+                header.unwrap_or_default()
+            ),
         )),
     }
 }
@@ -110,7 +113,10 @@ mod tests {
 
     #[test]
     fn responses() {
-        assert_eq!(resolve(Some("bytes=2-4"), 10).unwrap(), (StatusCode::PARTIAL_CONTENT, 2, 5, Some("bytes 2-4/10".into())));
+        assert_eq!(
+            resolve(Some("bytes=2-4"), 10).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 2, 5, Some("bytes 2-4/10".into()))
+        );
         let e = resolve(Some("bytes=20-"), 10).unwrap_err();
         assert_eq!(e.status, StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(e.headers[0].1, "bytes */10");

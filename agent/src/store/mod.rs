@@ -237,7 +237,11 @@ impl Store {
 
     /// Makes a verified download a complete blob: fsync, rename into `blobs/`, index it, and
     /// evict older blobs if the quota is exceeded. The caller has checked the whole digest.
-    pub async fn commit(self: &Arc<Self>, partial: Partial, media_type: Option<&str>) -> Result<(), StoreError> {
+    pub async fn commit(
+        self: &Arc<Self>,
+        partial: Partial,
+        media_type: Option<&str>,
+    ) -> Result<(), StoreError> {
         let Partial { digest, path, file, written } = partial;
         let write_err = |path: &Path, source| StoreError::Write { path: path.to_path_buf(), source };
         file.sync_all().await.map_err(|e| write_err(&path, e))?;
