@@ -134,7 +134,7 @@ impl Default for Upstreams {
 }
 
 impl Upstreams {
-    fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
+    pub(crate) fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
         let (registry, url) =
             spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
         let registry: Registry =

@@ -368,6 +368,97 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::extract::State;
+    use axum::http::HeaderMap as AxumHeaders;
+    use axum::response::IntoResponse;
+
+    struct Fake {
+        addr: std::net::SocketAddr,
+        token_requests: AtomicUsize,
+        /// The Basic credentials the token endpoint demands, if any.
+        token_basic: Option<String>,
+    }
+
+    const DIGEST: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    async fn token(State(fake): State<Arc<Fake>>, headers: AxumHeaders) -> axum::response::Response {
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        if fake.token_basic.is_some() && auth != fake.token_basic {
+            return axum::http::StatusCode::UNAUTHORIZED.into_response();
+        }
+        let n = fake.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        format!(r#"{{"token":"tok-{n}","expires_in":300}}"#).into_response()
+    }
+
+    async fn manifest(State(fake): State<Arc<Fake>>, headers: AxumHeaders) -> axum::response::Response {
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !auth.starts_with("Bearer tok-") {
+            let challenge = format!(
+                r#"Bearer realm="http://{}/token",service="fake",scope="repository:lib/app:pull""#,
+                fake.addr
+            );
+            return (axum::http::StatusCode::UNAUTHORIZED, [("www-authenticate", challenge)]).into_response();
+        }
+        (
+            [
+                ("docker-content-digest", DIGEST),
+                ("content-type", "application/vnd.oci.image.manifest.v1+json"),
+                ("content-length", "0"),
+            ],
+            "",
+        )
+            .into_response()
+    }
+
+    async fn start_fake(token_basic: Option<String>) -> Arc<Fake> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake =
+            Arc::new(Fake { addr: listener.local_addr().unwrap(), token_requests: 0.into(), token_basic });
+        let app = axum::Router::new()
+            .route("/token", axum::routing::get(token))
+            .route("/v2/lib/app/manifests/v1", axum::routing::get(manifest).head(manifest))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        fake
+    }
+
+    fn origin_for(fake: &Fake, credentials: CredentialStore) -> (Origin, Registry) {
+        let mut upstreams = Upstreams::default();
+        upstreams.insert_spec(&format!("reg.test=http://{}", fake.addr)).unwrap();
+        (Origin::new(upstreams, credentials).unwrap(), "reg.test".parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn anonymous_bearer_token_is_fetched_once_and_reused() {
+        let fake = start_fake(None).await;
+        let (origin, registry) = origin_for(&fake, CredentialStore::default());
+        let (repo, tag) = ("lib/app".parse().unwrap(), "v1".parse().unwrap());
+        for _ in 0..3 {
+            let (resolved, body) = origin.resolve_tag(&registry, &repo, &tag, "*/*").await.unwrap();
+            assert_eq!(resolved.digest.to_string(), DIGEST);
+            assert!(body.is_none());
+        }
+        assert_eq!(fake.token_requests.load(Ordering::SeqCst), 1, "token cached across requests");
+    }
+
+    #[tokio::test]
+    async fn token_endpoint_gets_the_configured_credentials() {
+        let creds =
+            CredentialStore::parse(r#"{"auths":{"reg.test":{"username":"u","password":"p"}}}"#).unwrap();
+        let fake = start_fake(Some(creds.get("reg.test").unwrap().basic_header())).await;
+        let (origin, registry) = origin_for(&fake, creds);
+        let (repo, tag) = ("lib/app".parse().unwrap(), "v1".parse().unwrap());
+        origin.resolve_tag(&registry, &repo, &tag, "*/*").await.unwrap();
+        assert_eq!(fake.token_requests.load(Ordering::SeqCst), 1);
+
+        // Without credentials the token endpoint refuses: a clear Denied, not a hang or panic.
+        let (origin, registry) = origin_for(&fake, CredentialStore::default());
+        let err = origin.resolve_tag(&registry, &repo, &tag, "*/*").await.unwrap_err();
+        assert!(matches!(err, OriginError::Denied(_)), "{err}");
+    }
 
     #[test]
     fn content_range() {

@@ -194,7 +194,12 @@ impl Api {
             }
             Reference::Tag(tag) => tag,
         };
-        let forward_accept = if accept.is_empty() { MANIFEST_MEDIA_TYPES.join(", ") } else { accept.clone() };
+        // A client that names no type, or accepts anything, gets whatever the tag is.
+        let forward_accept = if accept.is_empty() || accept.split(", ").any(|t| t == "*/*") {
+            with_manifest_types(&accept)
+        } else {
+            accept.clone()
+        };
         let key = (registry.clone(), repo.clone(), tag.clone());
         let (resolved, stale) = match self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await {
             Ok((resolved, body)) => {
