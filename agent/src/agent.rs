@@ -39,6 +39,12 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: Config) -> Result<Agent, StartError> {
+        // Bind first: a port in use is reported before anything touches the disk.
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let registry_listener = bind(config.listen, "registry API").await?;
+        let metrics_listener = bind(config.metrics_listen, "metrics").await?;
         let credentials = match &config.registry_auth_file {
             Some(path) => CredentialStore::load(path)?,
             None => CredentialStore::default(),
@@ -47,11 +53,6 @@ impl Agent {
         let origin = Arc::new(Origin::new(config.upstreams.clone(), credentials)?);
         let fetcher = Fetcher::new(store, origin.clone());
         let api = Api::new(fetcher, origin, config.default_registry.clone());
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, what, source })
-        };
-        let registry_listener = bind(config.listen, "registry API").await?;
-        let metrics_listener = bind(config.metrics_listen, "metrics").await?;
         Ok(Agent { api, registry_listener, metrics_listener, readiness: Readiness::default() })
     }
 
