@@ -12,6 +12,7 @@
 //! - [`origin`]: the upstream registry client: tag HEADs, content GETs, token and Basic auth.
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.
+//! - [`pieces`]: piece size policy, bitfields, rendezvous origin owners.
 //! - [`store`]: content-addressed files, atomic commits, the LRU byte quota. The only module
 //!   that touches `std::fs` for content.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
@@ -24,6 +25,7 @@ pub mod containerd_config;
 pub mod fetch;
 pub mod metrics;
 pub mod origin;
+pub mod pieces;
 pub mod registry;
 pub mod store;
 pub mod types;
