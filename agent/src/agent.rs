@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::fetch::Fetcher;
+use crate::fetch::net::Solo;
+use crate::fetch::{FetchConfig, Fetcher};
 use crate::metrics::{self, Readiness};
 use crate::origin::auth::{AuthFileError, CredentialStore};
 use crate::origin::{Origin, OriginError};
@@ -51,7 +52,7 @@ impl Agent {
         };
         let store = Store::open(&config.cache_dir, config.cache_max_bytes)?;
         let origin = Arc::new(Origin::new(config.upstreams.clone(), credentials)?);
-        let fetcher = Fetcher::new(store, origin.clone());
+        let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), FetchConfig::default());
         let api = Api::new(fetcher, origin, config.default_registry.clone());
         Ok(Agent { api, registry_listener, metrics_listener, readiness: Readiness::default() })
     }

@@ -174,7 +174,8 @@ pub struct Entry {
     pub outcome: Outcome,
 }
 
-/// What [`run`] did, one entry per registry in the order given.
+/// What [`run`] did, one entry per registry in the order given. Displayed as one line per
+/// registry, each ending in a newline (`print!("{summary}")`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub entries: Vec<Entry>,
@@ -191,10 +192,7 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.entries.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
+        for e in &self.entries {
             let path = e.path.display();
             write!(f, "{}: ", e.registry)?;
             match &e.outcome {
@@ -210,6 +208,7 @@ impl fmt::Display for Summary {
                 Outcome::NotOurs => write!(f, "left {path} alone (not written by shoal-agent)")?,
                 Outcome::NothingToRestore => write!(f, "nothing to restore at {path}")?,
             }
+            writeln!(f)?;
         }
         Ok(())
     }

@@ -28,7 +28,8 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    /// `cache` (complete in the local store) or `origin` (streamed from a download in flight).
+    /// Served: `cache` (complete in the local store) or `origin` (streamed from a download in
+    /// flight). Received: `origin` or `peer`.
     pub source: &'static str,
 }
 
@@ -52,6 +53,12 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
     pub cache_evictions: Counter,
+    pub received_bytes: Family<SourceLabels, Counter>,
+    pub origin_pieces: Counter,
+    pub pieces_verified: Counter,
+    pub pieces_rejected: Counter,
+    pub pieces_resumed: Counter,
+    pub peer_bans: Counter,
 }
 
 impl Metrics {
@@ -105,8 +112,42 @@ impl Metrics {
             "Blobs evicted to keep the cache under its byte quota",
             cache_evictions.clone(),
         );
+        let received_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "received_bytes",
+            "Verified content bytes received by downloads, by source (origin, peer)",
+            received_bytes.clone(),
+        );
+        let origin_pieces = Counter::default();
+        registry.register("origin_pieces", "Pieces this node fetched from the origin", origin_pieces.clone());
+        let pieces_verified = Counter::default();
+        registry.register(
+            "pieces_verified",
+            "Pieces verified against their digest and stored",
+            pieces_verified.clone(),
+        );
+        let pieces_rejected = Counter::default();
+        registry.register(
+            "pieces_rejected",
+            "Pieces from peers that did not match their attested digest",
+            pieces_rejected.clone(),
+        );
+        let pieces_resumed = Counter::default();
+        registry.register(
+            "pieces_resumed",
+            "Verified pieces of partial downloads taken over from an earlier run",
+            pieces_resumed.clone(),
+        );
+        let peer_bans = Counter::default();
+        registry.register("peer_bans", "Peers banned for sending bad data", peer_bans.clone());
         Metrics {
             registry,
+            received_bytes,
+            origin_pieces,
+            pieces_verified,
+            pieces_rejected,
+            pieces_resumed,
+            peer_bans,
             registry_requests,
             served_bytes,
             origin_requests,
@@ -122,6 +163,13 @@ impl Metrics {
 
     pub fn origin_request(&self, kind: &'static str, status: u16) {
         self.origin_requests.get_or_create(&OriginLabels { kind, status }).inc();
+    }
+
+    pub fn received(&self, bytes: u64, source: &'static str) {
+        self.received_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
+        if source == "origin" {
+            self.origin_bytes.inc_by(bytes);
+        }
     }
 
     pub fn served(&self, source: &'static str, bytes: u64) {

@@ -116,6 +116,12 @@ impl Bitfield {
         }
     }
 
+    pub fn unset(&mut self, i: u32) {
+        if i < self.len {
+            self.bits[(i / 8) as usize] &= !(1 << (i % 8));
+        }
+    }
+
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()
     }

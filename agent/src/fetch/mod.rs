@@ -1,42 +1,43 @@
 //! Download tasks: one per digest per node, joined by every local request for that digest
-//! (single flight), streamed to every client as bytes arrive, committed to the store only
-//! after the whole sha256 matched.
+//! (single flight), fed by verified pieces from peers and from the origin, streamed to every
+//! client as bytes become contiguous, committed to the store only after the whole sha256
+//! matched.
 //!
-//! A download writes to a partial file in the store and publishes a contiguous watermark
-//! (`available`) on a `watch` channel. Readers ([`BlobStream`]) open the partial file and read
-//! up to the watermark, waiting for more; they never hold the blob in memory. When the
-//! download ends, the partial file is renamed into the store (readers keep their open file)
-//! or, on a digest mismatch, deleted, and every reader's stream ends with an error, so a
-//! client never sees a complete response with wrong bytes.
+//! A download writes pieces into a partial file at their offsets and publishes a contiguous
+//! watermark (`available`) on a `watch` channel. Readers ([`BlobStream`]) read the partial
+//! file up to the watermark, waiting for more; they never hold the blob in memory, and the
+//! last byte of a blob is released only once the whole digest matched, so a client never sees
+//! a complete response with wrong bytes. When the download ends, the partial file is renamed
+//! into the store (readers keep their open file) or deleted, and every reader's stream ends
+//! with an error.
 //!
-//! Today the only source is the origin (sequential, resumed with `Range` after a broken
-//! connection). The swarm will add pieces from peers: the watermark stays the contract with
-//! readers, pieces fill the partial file at their offsets.
+//! The piece scheduling (who to ask for which piece, origin ownership, verification and
+//! bans) is in [`task`]; the network it asks is behind [`net::Network`].
+
+mod meta;
+pub mod net;
+mod task;
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, Stream, StreamExt};
-use sha2::{Digest as _, Sha256};
+use bytes::Bytes;
+use futures_util::Stream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
-use crate::metrics::METRICS;
-use crate::origin::{self, Kind, Origin, OriginError};
-use crate::store::{Entry, ReadGuard, Store, StoreError};
+use crate::origin::{Kind, Origin, OriginError};
+use crate::store::{Entry, Partial, ReadGuard, Store, StoreError};
 use crate::types::{Digest, Registry, RepoName};
+pub use meta::PieceMap;
+use net::{Network, NodeId, PeerHave};
 
-/// How often a download retries after the origin connection broke mid-body.
-const MAX_ATTEMPTS: u32 = 5;
-/// Bytes gathered from the origin before they are written and published to readers (a
-/// smaller write happens whenever no more bytes are ready right away).
-const WRITE_BATCH: usize = 256 << 10;
 /// Largest chunk a reader sends to its client at once.
 const READ_CHUNK: usize = 256 << 10;
+/// How long a peer that sent bad data is not asked again.
+const BAN_DURATION: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -48,30 +49,32 @@ pub enum FetchError {
     Store(#[from] StoreError),
     #[error("reading the partial download: {0}")]
     Read(std::io::Error),
+    #[error("no peer holds {0} and the origin cannot be asked for it ({1})")]
+    NoSource(Digest, String),
 }
 
-/// Where a download gets its bytes, from the first request that started it.
+/// Where a download gets its bytes from the origin, from the first request that started it.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub registry: Registry,
     pub repo: RepoName,
     pub kind: Kind,
-    /// `Accept` for manifest GETs.
+    /// `Accept` for manifest requests.
     pub accept: String,
 }
 
 /// The state of one download, as readers see it.
 #[derive(Clone, Debug)]
 pub enum Progress {
-    /// Waiting for the origin's first answer.
+    /// Looking for peers and the size.
     Starting,
-    /// `available` contiguous bytes from 0 are written and readable.
+    /// `available` contiguous bytes from 0 are verified piece by piece and readable.
     Running {
         total: u64,
         media_type: Option<String>,
         available: u64,
     },
-    /// Verified and in the store.
+    /// The whole digest matched; the blob is in the store.
     Complete {
         total: u64,
         media_type: Option<String>,
@@ -79,12 +82,45 @@ pub enum Progress {
     Failed(Arc<FetchError>),
 }
 
+/// Tuning of downloads; defaults suit a node on a 1–10 Gbit/s cluster network.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Piece requests to peers in flight at once, per download.
+    pub peer_concurrency: usize,
+    /// Piece requests to one peer in flight at once, per download.
+    pub per_peer_concurrency: usize,
+    /// Origin range requests in flight at once, per download.
+    pub origin_concurrency: usize,
+    /// How long a piece owned by another node may stay unavailable before we take it from the
+    /// origin ourselves.
+    pub owner_stall: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            peer_concurrency: 16,
+            per_peer_concurrency: 4,
+            origin_concurrency: 4,
+            owner_stall: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the task shares with readers and with peers asking for pieces.
+struct Shared {
+    partial: Partial,
+    map: PieceMap,
+    media_type: Option<String>,
+}
+
 pub struct Download {
     digest: Digest,
     progress: watch::Sender<Progress>,
-    /// The partial file while the download runs; `None` once it was committed or discarded.
-    /// Opening it and renaming it both hold this lock, so a reader never races the rename.
-    partial_path: tokio::sync::Mutex<Option<PathBuf>>,
+    /// The partial file and piece map while the download runs; `None` before the size is
+    /// known and once it was committed or discarded. Opening the file and renaming it both
+    /// hold this lock, so a reader never races the rename.
+    shared: tokio::sync::Mutex<Option<Shared>>,
 }
 
 /// How a request for a digest is served.
@@ -96,12 +132,21 @@ pub enum Lookup {
 pub struct Fetcher {
     store: Arc<Store>,
     origin: Arc<Origin>,
+    net: Arc<dyn Network>,
+    config: FetchConfig,
     in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Peers that sent bad data, until when.
+    bans: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl Fetcher {
-    pub fn new(store: Arc<Store>, origin: Arc<Origin>) -> Arc<Self> {
-        Arc::new(Fetcher { store, origin, in_flight: Mutex::default() })
+    pub fn new(
+        store: Arc<Store>,
+        origin: Arc<Origin>,
+        net: Arc<dyn Network>,
+        config: FetchConfig,
+    ) -> Arc<Self> {
+        Arc::new(Fetcher { store, origin, net, config, in_flight: Mutex::default(), bans: Mutex::default() })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -124,11 +169,11 @@ impl Fetcher {
         let dl = Arc::new(Download {
             digest: *digest,
             progress: watch::channel(Progress::Starting).0,
-            partial_path: tokio::sync::Mutex::new(None),
+            shared: tokio::sync::Mutex::new(None),
         });
         in_flight.insert(*digest, dl.clone());
         drop(in_flight);
-        tracing::info!(%digest, registry = %source.registry, repo = %source.repo, "downloading from origin");
+        tracing::info!(%digest, registry = %source.registry, repo = %source.repo, "download started");
         tokio::spawn(self.clone().run(dl.clone(), source.clone()));
         Lookup::Downloading(dl)
     }
@@ -141,212 +186,99 @@ impl Fetcher {
         data: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.store.contains(digest) {
+        if self.store.contains(digest) || self.in_flight.lock().expect("in-flight lock").contains_key(digest)
+        {
             return Ok(());
         }
-        let mut partial = self.store.create_partial(digest).await?;
-        if let Err(e) = partial.append(data).await {
+        let (partial, _) = self.store.open_partial(digest).await?;
+        let mut map = PieceMap::new(crate::pieces::Layout::for_size(data.len() as u64));
+        for i in 0..map.layout.pieces() {
+            let (s, e) = map.layout.range(i);
+            map.set(i, *Digest::of(&data[s as usize..e as usize]).as_bytes());
+        }
+        if let Err(e) = partial.write_at(0, Bytes::copy_from_slice(data)).await {
             partial.discard().await;
             return Err(e);
         }
-        self.store.commit(partial, Some(media_type)).await
+        self.store.commit(partial, Some(media_type), Some(map.encode_meta())).await?;
+        self.net.announce(*digest);
+        Ok(())
     }
 
-    async fn run(self: Arc<Self>, dl: Arc<Download>, source: Source) {
-        METRICS.downloads_in_flight.inc();
-        let digest = dl.digest;
-        match self.download(&dl, &source).await {
-            Ok(()) => tracing::info!(%digest, "download verified and stored"),
-            Err(e) => {
-                if matches!(e, FetchError::DigestMismatch { .. }) {
-                    METRICS.origin_digest_mismatches.inc();
-                }
-                tracing::warn!(%digest, error = %origin::error_chain(&e), "download failed; nothing kept");
-                dl.progress.send_replace(Progress::Failed(Arc::new(e)));
+    fn is_banned(&self, peer: &NodeId) -> bool {
+        let mut bans = self.bans.lock().expect("ban lock");
+        match bans.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                bans.remove(peer);
+                false
             }
-        }
-        self.in_flight.lock().expect("in-flight lock poisoned").remove(&digest);
-        METRICS.downloads_in_flight.dec();
-    }
-
-    async fn download(&self, dl: &Download, source: &Source) -> Result<(), FetchError> {
-        let mut partial = self.store.create_partial(&dl.digest).await?;
-        *dl.partial_path.lock().await = Some(partial.path().to_path_buf());
-        let filled = self.fill(dl, source, &mut partial).await;
-        let mut path = dl.partial_path.lock().await;
-        *path = None;
-        match filled {
-            Ok((total, media_type)) => {
-                self.store.commit(partial, media_type.as_deref()).await?;
-                dl.progress.send_replace(Progress::Complete { total, media_type });
-                Ok(())
-            }
-            Err(e) => {
-                partial.discard().await;
-                Err(e)
-            }
+            None => false,
         }
     }
 
-    /// Writes the whole object into `partial`, resuming with `Range` after broken
-    /// connections, and checks its sha256. Returns its size and media type.
-    async fn fill(
-        &self,
-        dl: &Download,
-        source: &Source,
-        partial: &mut crate::store::Partial,
-    ) -> Result<(u64, Option<String>), FetchError> {
-        let mut hasher = Sha256::new();
-        let mut known: Option<(u64, Option<String>)> = None;
-        let mut attempt = 0;
-        loop {
-            let written = partial.written();
-            if let Some((total, media_type)) = &known {
-                if written == *total {
-                    let actual = Digest::from_sha256(hasher.finalize().into());
-                    if actual != dl.digest {
-                        return Err(FetchError::DigestMismatch { expected: dl.digest, actual });
-                    }
-                    return Ok((*total, media_type.clone()));
-                }
-            }
-            attempt += 1;
-            let opened = self
-                .origin
-                .open_content(
-                    &source.registry,
-                    &source.repo,
-                    source.kind,
-                    &dl.digest,
-                    written,
-                    &source.accept,
-                )
-                .await;
-            let content = match opened {
-                Ok(c) => c,
-                Err(OriginError::Unreachable(why)) if attempt < MAX_ATTEMPTS && known.is_some() => {
-                    tracing::warn!(digest = %dl.digest, attempt, %why, "origin unreachable mid-download; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let total = match &known {
-                None => {
-                    if source.kind == Kind::Manifest && content.media_type.is_none() {
-                        return Err(OriginError::Protocol(format!(
-                            "manifest {} has no Content-Type",
-                            dl.digest
-                        ))
-                        .into());
-                    }
-                    let media_type =
-                        (source.kind == Kind::Manifest).then(|| content.media_type.clone()).flatten();
-                    dl.progress.send_replace(Progress::Running {
-                        total: content.total,
-                        media_type: media_type.clone(),
-                        available: 0,
-                    });
-                    known = Some((content.total, media_type));
-                    content.total
-                }
-                Some((total, _)) if *total != content.total => {
-                    return Err(OriginError::Protocol(format!(
-                        "{}: size changed from {total} to {} between requests",
-                        dl.digest, content.total
-                    ))
-                    .into());
-                }
-                Some((total, _)) => *total,
-            };
-            if content.offset > written {
-                return Err(OriginError::Protocol(format!(
-                    "{}: asked for bytes from {written}, got from {}",
-                    dl.digest, content.offset
-                ))
-                .into());
-            }
-            // An origin that ignored our Range resends bytes we already have: skip them.
-            let mut skip = written - content.offset;
-            let mut body = content.body.bytes_stream();
-            let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-            loop {
-                // Write what we have whenever the origin has nothing more ready right now, so
-                // slow origins still stream with low latency.
-                let next = match body.next().now_or_never() {
-                    Some(next) => next,
-                    None => {
-                        publish(dl, partial, &mut hasher, &mut batch).await?;
-                        body.next().await
-                    }
-                };
-                match next {
-                    Some(Ok(mut chunk)) => {
-                        if skip > 0 {
-                            let n = skip.min(chunk.len() as u64) as usize;
-                            let _ = chunk.split_to(n);
-                            skip -= n as u64;
-                        }
-                        if partial.written() + (batch.len() + chunk.len()) as u64 > total {
-                            return Err(OriginError::Protocol(format!(
-                                "{}: origin sent more than {total} bytes",
-                                dl.digest
-                            ))
-                            .into());
-                        }
-                        batch.extend_from_slice(&chunk);
-                        if batch.len() >= WRITE_BATCH {
-                            publish(dl, partial, &mut hasher, &mut batch).await?;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        publish(dl, partial, &mut hasher, &mut batch).await?;
-                        if attempt >= MAX_ATTEMPTS {
-                            return Err(OriginError::Unreachable(origin::error_chain(&e)).into());
-                        }
-                        tracing::warn!(digest = %dl.digest, attempt, error = %origin::error_chain(&e), "origin body broke off; resuming");
-                        break;
-                    }
-                    None => {
-                        publish(dl, partial, &mut hasher, &mut batch).await?;
-                        if partial.written() < total && attempt >= MAX_ATTEMPTS {
-                            return Err(
-                                OriginError::Unreachable(format!("{}: body ended early", dl.digest)).into()
-                            );
-                        }
-                        break;
-                    }
-                }
-            }
-        }
+    fn ban(&self, peer: &NodeId, why: &str) {
+        tracing::warn!(%peer, why, "banning peer for sending bad data");
+        crate::metrics::METRICS.peer_bans.inc();
+        self.bans.lock().expect("ban lock").insert(peer.clone(), Instant::now() + BAN_DURATION);
     }
-}
 
-/// Writes a batch to the partial file, hashes it and tells readers.
-async fn publish(
-    dl: &Download,
-    partial: &mut crate::store::Partial,
-    hasher: &mut Sha256,
-    batch: &mut BytesMut,
-) -> Result<(), FetchError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    partial.append(batch).await?;
-    hasher.update(&batch[..]);
-    METRICS.origin_bytes.inc_by(batch.len() as u64);
-    batch.clear();
-    let available = partial.written();
-    dl.progress.send_modify(|p| {
-        if let Progress::Running { available: a, .. } = p {
-            *a = available;
+    /// What this node holds of `digest`, for a peer's `Have` request.
+    pub async fn have(&self, digest: &Digest) -> Option<PeerHave> {
+        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        if let Some(dl) = dl {
+            let shared = dl.shared.lock().await;
+            if let Some(s) = shared.as_ref() {
+                return Some(PeerHave {
+                    size: s.map.layout.size,
+                    piece_size: s.map.layout.piece_size,
+                    have: s.map.verified.clone(),
+                    piece_digests: s.map.attested(),
+                    complete: false,
+                    media_type: s.media_type.clone(),
+                });
+            }
         }
-    });
-    Ok(())
+        let (entry, guard) = self.store.get(digest)?;
+        let map = PieceMap::decode_meta(&self.store.piece_meta(&guard).await?, entry.size)?;
+        Some(PeerHave {
+            size: entry.size,
+            piece_size: map.layout.piece_size,
+            have: map.verified.clone(),
+            piece_digests: map.attested(),
+            complete: true,
+            media_type: entry.media_type,
+        })
+    }
+
+    /// A verified piece of `digest`, for a peer's `Piece` request. Only local pieces are
+    /// served: nothing is ever forwarded, so request loops cannot form.
+    pub async fn piece(&self, digest: &Digest, index: u32) -> Option<Bytes> {
+        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        if let Some(dl) = dl {
+            let shared = dl.shared.lock().await;
+            if let Some(s) = shared.as_ref() {
+                if !s.map.verified.get(index) {
+                    return None;
+                }
+                let (start, end) = s.map.layout.range(index);
+                let partial = s.partial.clone();
+                drop(shared);
+                return partial.read_at(start, (end - start) as usize).await.ok().map(Bytes::from);
+            }
+        }
+        let (entry, guard) = self.store.get(digest)?;
+        let layout = crate::pieces::Layout::for_size(entry.size);
+        if index >= layout.pieces() {
+            return None;
+        }
+        let (start, end) = layout.range(index);
+        self.store.read_blob_at(&guard, start, (end - start) as usize).await.ok().map(Bytes::from)
+    }
 }
 
 impl Download {
-    /// Waits for the size and media type (the origin's first answer), or the failure.
+    /// Waits for the size and media type, or the failure.
     pub async fn started(&self) -> Result<(u64, Option<String>), Arc<FetchError>> {
         let mut rx = self.progress.subscribe();
         let p = rx
@@ -363,14 +295,39 @@ impl Download {
         }
     }
 
+    /// Waits until the download is committed or failed.
+    pub async fn finished(&self) -> Result<(), Arc<FetchError>> {
+        let mut rx = self.progress.subscribe();
+        let p = rx
+            .wait_for(|p| matches!(p, Progress::Complete { .. } | Progress::Failed(_)))
+            .await
+            .expect("the sender lives in self")
+            .clone();
+        match p {
+            Progress::Failed(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Opens a reader of bytes `start..end` that follows the download. `None` when the
     /// download already finished (committed: read the store instead).
     pub async fn stream(&self, start: u64, end: u64) -> Result<Option<BlobStream>, FetchError> {
-        let path = self.partial_path.lock().await;
-        let Some(path) = path.as_ref() else { return Ok(None) };
-        let mut file = tokio::fs::File::open(path).await.map_err(FetchError::Read)?;
+        self.follow(start, end, true).await
+    }
+
+    async fn follow(&self, start: u64, end: u64, hold_last: bool) -> Result<Option<BlobStream>, FetchError> {
+        let shared = self.shared.lock().await;
+        let Some(shared) = shared.as_ref() else { return Ok(None) };
+        let mut file = tokio::fs::File::open(shared.partial.path()).await.map_err(FetchError::Read)?;
         file.seek(SeekFrom::Start(start)).await.map_err(FetchError::Read)?;
-        Ok(Some(BlobStream { file, pos: start, end, follow: Some(self.progress.subscribe()), _guard: None }))
+        Ok(Some(BlobStream {
+            file,
+            pos: start,
+            end,
+            follow: Some(self.progress.subscribe()),
+            hold_last,
+            _guard: None,
+        }))
     }
 }
 
@@ -381,6 +338,8 @@ pub struct BlobStream {
     pos: u64,
     end: u64,
     follow: Option<watch::Receiver<Progress>>,
+    /// Release the blob's last byte only once the whole digest matched.
+    hold_last: bool,
     _guard: Option<ReadGuard>,
 }
 
@@ -403,7 +362,7 @@ impl BlobStream {
     ) -> std::io::Result<BlobStream> {
         let mut file = store.open_blob(&guard).await?;
         file.seek(SeekFrom::Start(start)).await?;
-        Ok(BlobStream { file, pos: start, end, follow: None, _guard: Some(guard) })
+        Ok(BlobStream { file, pos: start, end, follow: None, hold_last: false, _guard: Some(guard) })
     }
 
     /// Whether the bytes come from a download in flight (metrics: `origin`) or the cache.
@@ -417,15 +376,23 @@ impl BlobStream {
         }
         let mut readable = self.end;
         if let Some(rx) = &mut self.follow {
-            let pos = self.pos;
+            let (pos, hold_last) = (self.pos, self.hold_last);
             let state = rx
                 .wait_for(|p| match p {
-                    Progress::Running { available, .. } => *available > pos,
+                    Progress::Running { available, total, .. } => {
+                        let limit =
+                            if hold_last { (*available).min(total.saturating_sub(1)) } else { *available };
+                        limit > pos
+                    }
                     _ => true,
                 })
                 .await;
             match state.as_deref() {
-                Ok(Progress::Running { available, .. }) => readable = readable.min(*available),
+                Ok(Progress::Running { available, total, .. }) => {
+                    let limit =
+                        if hold_last { (*available).min(total.saturating_sub(1)) } else { *available };
+                    readable = readable.min(limit);
+                }
                 Ok(Progress::Complete { .. }) => {}
                 Ok(Progress::Failed(e)) => return Some(Err(StreamError::Download(e.clone()))),
                 Ok(Progress::Starting) | Err(_) => {

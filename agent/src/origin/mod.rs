@@ -153,15 +153,48 @@ impl Origin {
         Ok((resolved, Some(body)))
     }
 
-    /// Opens the content of `digest` from byte `offset` on (a `Range` request when
-    /// `offset > 0`; an origin that ignores it answers from 0, and `Content::offset` says so).
+    /// The size and media type of `digest` at the origin (a HEAD: no content moves).
+    pub async fn content_info(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        kind: Kind,
+        digest: &Digest,
+        accept: &str,
+    ) -> Result<(u64, Option<String>), OriginError> {
+        let url = self.url(registry, repo, kind, &digest.to_string());
+        let metric = match kind {
+            Kind::Manifest => "manifest_head",
+            Kind::Blob => "blob_head",
+        };
+        let resp = self
+            .send(registry, repo, metric, |http| {
+                http.head(&url).header(ACCEPT, accept).timeout(SMALL_REQUEST_TIMEOUT)
+            })
+            .await?;
+        let what = format!("{repo}@{digest}");
+        let resp = check_status(resp, &what)?;
+        let size = header_str(resp.headers(), CONTENT_LENGTH.as_str())
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| OriginError::Protocol(format!("{what}: HEAD without Content-Length")))?;
+        if kind == Kind::Manifest && size > MAX_MANIFEST_BYTES {
+            return Err(OriginError::Protocol(format!(
+                "{what}: manifest of {size} bytes exceeds the 4 MiB limit"
+            )));
+        }
+        Ok((size, header_str(resp.headers(), CONTENT_TYPE.as_str())))
+    }
+
+    /// Opens bytes `start..end` of `digest` (`end: None` for the rest); a `Range` request
+    /// unless that is the whole object. An origin that ignores `Range` answers from 0, and
+    /// `Content::offset` says so.
     pub async fn open_content(
         &self,
         registry: &Registry,
         repo: &RepoName,
         kind: Kind,
         digest: &Digest,
-        offset: u64,
+        (start, end): (u64, Option<u64>),
         accept: &str,
     ) -> Result<Content, OriginError> {
         let url = self.url(registry, repo, kind, &digest.to_string());
@@ -171,8 +204,10 @@ impl Origin {
                 if kind == Kind::Manifest {
                     req = req.header(ACCEPT, accept).timeout(SMALL_REQUEST_TIMEOUT);
                 }
-                if offset > 0 {
-                    req = req.header(RANGE, format!("bytes={offset}-"));
+                match end {
+                    Some(end) => req = req.header(RANGE, format!("bytes={start}-{}", end.saturating_sub(1))),
+                    None if start > 0 => req = req.header(RANGE, format!("bytes={start}-")),
+                    None => {}
                 }
                 req
             })

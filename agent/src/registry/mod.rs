@@ -290,6 +290,11 @@ impl Api {
                 }
                 Lookup::Downloading(dl) => {
                     let (total, stored_type) = dl.started().await.map_err(|e| fetch_error(unknown, &e))?;
+                    if source.kind == Kind::Manifest && stored_type.is_none() && media_type_hint.is_none() {
+                        // Only the finished manifest tells its type: wait (manifests are small).
+                        dl.finished().await.map_err(|e| fetch_error(unknown, &e))?;
+                        continue;
+                    }
                     let media_type = media_type_for(source.kind, stored_type.as_deref(), media_type_hint);
                     let (status, start, end, content_range) = range::resolve(range_header, total)?;
                     if method == Method::HEAD {
@@ -376,7 +381,9 @@ fn origin_error(code: Code, e: &OriginError) -> ApiError {
 fn fetch_error(code: Code, e: &FetchError) -> ApiError {
     match e {
         FetchError::Origin(o) => origin_error(code, o),
-        FetchError::DigestMismatch { .. } => ApiError::new(StatusCode::NOT_FOUND, code, e.to_string()),
+        FetchError::DigestMismatch { .. } | FetchError::NoSource(..) => {
+            ApiError::new(StatusCode::NOT_FOUND, code, e.to_string())
+        }
         FetchError::Store(_) | FetchError::Read(_) => internal(e.to_string()),
     }
 }

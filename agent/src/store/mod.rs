@@ -4,16 +4,18 @@
 //! Layout under `--cache-dir`:
 //!
 //! ```text
-//! blobs/sha256/<hex>        complete, verified content (renamed into place only after the
-//!                           whole sha256 matched)
-//! blobs/sha256/<hex>.type   media type of a manifest (absent for layers and configs)
-//! tmp/<hex>.<n>.partial     a download in progress; never served from the store
+//! blobs/sha256/<hex>          complete, verified content (renamed into place only after the
+//!                             whole sha256 matched)
+//! blobs/sha256/<hex>.type     media type of a manifest (absent for layers and configs)
+//! blobs/sha256/<hex>.pieces   piece metainfo (piece size + each piece's sha256), for peers
+//! tmp/<hex>.partial           a download in progress, written at piece offsets
+//! tmp/<hex>.state             its piece map: which pieces are verified, and their digests
 //! ```
 //!
 //! Writes are atomic: data goes to `tmp/`, is fsynced, and is renamed into `blobs/`. At start
-//! the index is rebuilt from `blobs/` and everything in `tmp/` is discarded, so a crash can
-//! leave nothing half-written that looks complete. (Resuming verified pieces of a partial
-//! download comes with the piece map of the swarm.)
+//! the index is rebuilt from `blobs/`; a partial download with a piece map is kept so its
+//! verified pieces can be resumed (the download re-hashes them before trusting them), and
+//! anything else in `tmp/` is discarded. Nothing in `tmp/` is ever served as complete.
 //!
 //! The quota is enforced by evicting the least recently used complete blobs that no request is
 //! reading ([`ReadGuard`] pins a blob while a response streams it). All `std::fs` use of the
@@ -21,12 +23,12 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use lru::LruCache;
-use tokio::io::AsyncWriteExt;
 
 use crate::metrics::METRICS;
 use crate::types::Digest;
@@ -50,7 +52,6 @@ pub struct Entry {
 pub struct Store {
     root: PathBuf,
     max_bytes: u64,
-    next_partial: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -87,13 +88,14 @@ impl Drop for ReadGuard {
     }
 }
 
-/// A download being written to `tmp/`. Dropping it without [`Store::commit`] leaves the
-/// file for [`Partial::discard`] or the next start to remove.
+/// A download being written to `tmp/<hex>.partial` at piece offsets, with its piece map
+/// saved beside it. Clones share the open file.
+#[derive(Clone)]
 pub struct Partial {
     digest: Digest,
     path: PathBuf,
-    file: tokio::fs::File,
-    written: u64,
+    state_path: PathBuf,
+    file: Arc<std::fs::File>,
 }
 
 impl Partial {
@@ -101,29 +103,55 @@ impl Partial {
         &self.path
     }
 
-    pub fn written(&self) -> u64 {
-        self.written
+    /// Writes `data` at `offset`; readers of [`Partial::path`] see it when this returns.
+    pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let res = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await;
+        flatten(res).map_err(|source| StoreError::Write { path: self.path.clone(), source })
     }
 
-    /// Appends `data`, and makes it visible to readers of [`Partial::path`] before returning.
-    pub async fn append(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        let res = async {
-            self.file.write_all(data).await?;
-            self.file.flush().await
-        }
-        .await;
-        res.map_err(|source| StoreError::Write { path: self.path.clone(), source })?;
-        self.written += data.len() as u64;
-        Ok(())
+    /// Reads `len` bytes at `offset`.
+    pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let file = self.file.clone();
+        flatten(
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|_| buf)
+            })
+            .await,
+        )
     }
 
-    /// Removes the partial file.
+    /// Atomically replaces the saved piece map.
+    pub async fn save_state(&self, state: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.state_path.clone();
+        let res = tokio::task::spawn_blocking(move || write_atomic(&path, &state)).await;
+        flatten(res).map_err(|source| StoreError::Write { path: self.state_path.clone(), source })
+    }
+
+    /// Removes the partial file and its piece map.
     pub async fn discard(self) {
-        drop(self.file);
-        if let Err(e) = tokio::fs::remove_file(&self.path).await {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not remove partial download");
+        for path in [&self.path, &self.state_path] {
+            if let Err(e) = tokio::fs::remove_file(path).await {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove partial download");
+                }
+            }
         }
     }
+}
+
+fn flatten<T>(res: Result<io::Result<T>, tokio::task::JoinError>) -> io::Result<T> {
+    res.map_err(io::Error::other).and_then(|r| r)
+}
+
+/// Writes `data` to `path` through a temporary file, fsync and rename.
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Store {
@@ -136,9 +164,19 @@ impl Store {
         std::fs::create_dir_all(&blobs).map_err(|e| unusable(&blobs, e))?;
         std::fs::create_dir_all(&tmp).map_err(|e| unusable(&tmp, e))?;
 
-        // Discard what a previous process left half-written, and prove we can write.
+        // Keep partial downloads that have a piece map (their verified pieces resume); discard
+        // everything else a previous process left half-written. Then prove we can write.
         for entry in std::fs::read_dir(&tmp).map_err(|e| unusable(&tmp, e))? {
             let path = entry.map_err(|e| unusable(&tmp, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let resumable = match name.split_once('.') {
+                Some((hex, "partial")) => tmp.join(format!("{hex}.state")).exists(),
+                Some((hex, "state")) => tmp.join(format!("{hex}.partial")).exists(),
+                _ => false,
+            };
+            if resumable {
+                continue;
+            }
             tracing::info!(path = %path.display(), "discarding partial download left by an earlier run");
             std::fs::remove_file(&path).map_err(|e| unusable(&path, e))?;
         }
@@ -154,7 +192,7 @@ impl Store {
             let entry = entry.map_err(|e| unusable(&blobs, e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(hex) = name.strip_suffix(".type") {
+            if let Some(hex) = name.strip_suffix(".type").or_else(|| name.strip_suffix(".pieces")) {
                 if Digest::from_hex(hex).is_none() || !blobs.join(hex).exists() {
                     let _ = std::fs::remove_file(entry.path());
                 }
@@ -184,12 +222,7 @@ impl Store {
             root = %root.display(),
             "content store opened"
         );
-        let store = Arc::new(Store {
-            root: root.to_path_buf(),
-            max_bytes,
-            next_partial: AtomicU64::new(0),
-            inner: Mutex::new(inner),
-        });
+        let store = Arc::new(Store { root: root.to_path_buf(), max_bytes, inner: Mutex::new(inner) });
         let victims = store.pick_victims(None);
         store.remove_files(&victims);
         store.inner.lock().expect("store lock poisoned").publish_gauges();
@@ -222,17 +255,49 @@ impl Store {
         tokio::fs::File::open(self.blob_path(&_guard.digest)).await
     }
 
-    /// Starts writing a download of `digest` into `tmp/`.
-    pub async fn create_partial(&self, digest: &Digest) -> Result<Partial, StoreError> {
-        let n = self.next_partial.fetch_add(1, Ordering::Relaxed);
-        let path = self.root.join("tmp").join(format!("{}.{n}.partial", digest.hex()));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await
-            .map_err(|source| StoreError::Write { path: path.clone(), source })?;
-        Ok(Partial { digest: *digest, path, file, written: 0 })
+    fn pieces_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join("sha256").join(format!("{}.pieces", digest.hex()))
+    }
+
+    /// Opens the partial download of `digest` (creating it if needed), with the piece map an
+    /// earlier run saved, if any. One download per digest runs at a time (see `fetch`).
+    pub async fn open_partial(&self, digest: &Digest) -> Result<(Partial, Option<Vec<u8>>), StoreError> {
+        let tmp = self.root.join("tmp");
+        let path = tmp.join(format!("{}.partial", digest.hex()));
+        let state_path = tmp.join(format!("{}.state", digest.hex()));
+        let (p, sp) = (path.clone(), state_path.clone());
+        let res = tokio::task::spawn_blocking(move || {
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p)?;
+            let state = match std::fs::read(&sp) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            Ok((file, state))
+        })
+        .await;
+        let (file, state) =
+            flatten(res).map_err(|source| StoreError::Write { path: path.clone(), source })?;
+        Ok((Partial { digest: *digest, path, state_path, file: Arc::new(file) }, state))
+    }
+
+    /// The saved piece metainfo of a complete blob.
+    pub async fn piece_meta(&self, guard: &ReadGuard) -> Option<Vec<u8>> {
+        tokio::fs::read(self.pieces_path(&guard.digest)).await.ok()
+    }
+
+    /// Reads `len` bytes at `offset` of a complete blob.
+    pub async fn read_blob_at(&self, guard: &ReadGuard, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let path = self.blob_path(&guard.digest);
+        flatten(
+            tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(path)?;
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|_| buf)
+            })
+            .await,
+        )
     }
 
     /// Makes a verified download a complete blob: fsync, rename into `blobs/`, index it, and
@@ -241,25 +306,32 @@ impl Store {
         self: &Arc<Self>,
         partial: Partial,
         media_type: Option<&str>,
+        piece_meta: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let Partial { digest, path, file, written } = partial;
+        let Partial { digest, path, state_path, file } = partial;
         let write_err = |path: &Path, source| StoreError::Write { path: path.to_path_buf(), source };
-        file.sync_all().await.map_err(|e| write_err(&path, e))?;
+        let written = {
+            let file = file.clone();
+            flatten(tokio::task::spawn_blocking(move || file.sync_all().and_then(|_| file.metadata())).await)
+                .map_err(|e| write_err(&path, e))?
+                .len()
+        };
         drop(file);
+        let mut sidecars: Vec<(PathBuf, Vec<u8>)> = Vec::new();
         if let Some(media_type) = media_type {
-            let type_tmp = path.with_extension("type");
-            let type_path = self.type_path(&digest);
-            let res = async {
-                let mut f = tokio::fs::File::create(&type_tmp).await?;
-                f.write_all(media_type.as_bytes()).await?;
-                f.sync_all().await?;
-                tokio::fs::rename(&type_tmp, &type_path).await
-            }
-            .await;
-            res.map_err(|e| write_err(&type_path, e))?;
+            sidecars.push((self.type_path(&digest), media_type.as_bytes().to_vec()));
+        }
+        if let Some(meta) = piece_meta {
+            sidecars.push((self.pieces_path(&digest), meta));
+        }
+        for (sidecar, data) in sidecars {
+            let target = sidecar.clone();
+            flatten(tokio::task::spawn_blocking(move || write_atomic(&target, &data)).await)
+                .map_err(|e| write_err(&sidecar, e))?;
         }
         let final_path = self.blob_path(&digest);
         tokio::fs::rename(&path, &final_path).await.map_err(|e| write_err(&final_path, e))?;
+        let _ = tokio::fs::remove_file(&state_path).await;
         // Make the rename itself durable.
         if let Ok(dir) = tokio::fs::File::open(final_path.parent().expect("blob path has a parent")).await {
             let _ = dir.sync_all().await;
@@ -317,7 +389,7 @@ impl Store {
         for digest in victims {
             tracing::info!(%digest, "evicting blob from the cache");
             METRICS.cache_evictions.inc();
-            for path in [self.blob_path(digest), self.type_path(digest)] {
+            for path in [self.blob_path(digest), self.type_path(digest), self.pieces_path(digest)] {
                 if let Err(e) = std::fs::remove_file(&path) {
                     if e.kind() != io::ErrorKind::NotFound {
                         tracing::warn!(path = %path.display(), error = %e, "could not remove evicted blob");
@@ -334,9 +406,9 @@ mod tests {
 
     async fn put(store: &Arc<Store>, data: &[u8], media_type: Option<&str>) -> Digest {
         let digest = Digest::of(data);
-        let mut p = store.create_partial(&digest).await.unwrap();
-        p.append(data).await.unwrap();
-        store.commit(p, media_type).await.unwrap();
+        let (p, _) = store.open_partial(&digest).await.unwrap();
+        p.write_at(0, Bytes::copy_from_slice(data)).await.unwrap();
+        store.commit(p, media_type, None).await.unwrap();
         digest
     }
 
@@ -345,10 +417,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 30).unwrap();
         let d = put(&store, b"hello", Some("application/vnd.oci.image.manifest.v1+json")).await;
-        // A partial left behind, as by a crash.
-        let mut p = store.create_partial(&Digest::of(b"other")).await.unwrap();
-        p.append(b"oth").await.unwrap();
-        drop(p);
+        // Partials left behind, as by a crash: one with a piece map (kept), one without.
+        let (p, _) = store.open_partial(&Digest::of(b"other")).await.unwrap();
+        p.write_at(0, Bytes::from_static(b"oth")).await.unwrap();
+        p.save_state(b"map".to_vec()).await.unwrap();
+        let (p2, _) = store.open_partial(&Digest::of(b"third")).await.unwrap();
+        p2.write_at(0, Bytes::from_static(b"thi")).await.unwrap();
+        drop((p, p2));
         drop(store);
 
         let store = Store::open(dir.path(), 1 << 30).unwrap();
@@ -360,7 +435,10 @@ mod tests {
         tokio::io::AsyncReadExt::read_to_string(&mut f, &mut s).await.unwrap();
         assert_eq!(s, "hello");
         assert!(!store.contains(&Digest::of(b"other")));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let (p, state) = store.open_partial(&Digest::of(b"other")).await.unwrap();
+        assert_eq!(state.as_deref(), Some(&b"map"[..]));
+        assert_eq!(p.read_at(0, 3).await.unwrap(), b"oth");
+        assert!(!dir.path().join("tmp").join(format!("{}.partial", Digest::of(b"third").hex())).exists());
     }
 
     #[tokio::test]

@@ -1,0 +1,727 @@
+//! The download task of one digest: find who has it, fetch verified pieces from peers and
+//! the origin, repair what a lying peer attested, commit.
+//!
+//! ## Schedule
+//!
+//! 1. Announce the digest at once, so nodes that start at the same moment see each other,
+//!    then ask the network who provides it and what each provider holds.
+//! 2. Size: from a provider, else a HEAD at the origin (no bytes move).
+//! 3. Until every piece is verified, each round walks the missing pieces from the watermark
+//!    (the first window rotated per node, so peers do not all ask the same source for the same
+//!    piece at once):
+//!    - a piece some peer holds (with an attested digest) is requested from the least loaded
+//!      such peer, bounded per peer and per download;
+//!    - a piece nobody holds is fetched from the origin by its owner: the node chosen by
+//!      rendezvous hashing over the nodes downloading the digest. Consecutive owned pieces go
+//!      in one `Range` request. A piece whose owner made no progress for `owner_stall` (or
+//!      that waited four times that) is taken over, so a blob always completes, at worst
+//!      entirely from the origin.
+//! 4. Peers' piece maps are polled every [`HAVE_POLL`], providers every [`PROVIDER_POLL`].
+//!
+//! ## Trust
+//!
+//! A peer's piece is checked against the digest that peer attested before it is written; a
+//! mismatch bans the peer. A piece from the origin is attested by us (first hand). The whole
+//! sha256 is computed while the watermark advances; if it fails, every piece that came from a
+//! peer is refetched from the origin, peers whose pieces differ are banned, and the digest is
+//! checked again. Only then is the blob committed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::net::{NodeId, PeerError, PeerHave};
+use super::{Download, FetchError, Fetcher, PieceMap, Progress, Shared, Source};
+use crate::metrics::METRICS;
+use crate::origin::{self, Kind, OriginError};
+use crate::pieces::{origin_owner, Bitfield, Layout};
+use crate::store::Partial;
+use crate::types::Digest;
+
+/// How often peers' piece maps are polled during a download.
+const HAVE_POLL: Duration = Duration::from_millis(250);
+/// How often the provider set is looked up again during a download.
+const PROVIDER_POLL: Duration = Duration::from_secs(2);
+/// Pieces near the watermark whose order is rotated per node.
+const WINDOW: u32 = 32;
+/// Most pieces in one origin `Range` request.
+const MAX_SPAN: u32 = 16;
+/// Origin failures in a row (without a verified piece in between) before giving up.
+const MAX_ORIGIN_FAILURES: u32 = 6;
+/// Save the piece map after this many newly verified pieces (and when the download ends).
+const SAVE_EVERY: u32 = 8;
+/// How long a busy peer is left alone.
+const BUSY_BACKOFF: Duration = Duration::from_millis(200);
+
+/// What the jobs of a download report to its loop.
+enum Event {
+    Verified { index: u32, digest: [u8; 32], from: Option<NodeId> },
+    BadPiece { index: u32, peer: NodeId },
+    PeerFailed { index: u32, peer: NodeId, error: PeerError },
+    OriginDone { unfinished: Vec<u32>, error: Option<OriginError> },
+    WriteFailed(crate::store::StoreError),
+    Have { peer: NodeId, result: Result<PeerHave, PeerError> },
+    Providers(Vec<NodeId>),
+}
+
+/// What we know of one peer during a download.
+struct PeerState {
+    have: Bitfield,
+    attested: HashMap<u32, [u8; 32]>,
+    in_flight: usize,
+    /// When it last gained a piece (or was first seen).
+    last_gain: Instant,
+    busy_until: Option<Instant>,
+    polling: bool,
+}
+
+impl PeerState {
+    fn new(pieces: u32) -> Self {
+        PeerState {
+            have: Bitfield::new(pieces),
+            attested: HashMap::new(),
+            in_flight: 0,
+            last_gain: Instant::now(),
+            busy_until: None,
+            polling: false,
+        }
+    }
+
+    /// Takes in a `Have` answer; false if it does not fit the blob (the peer is then dropped).
+    fn update(&mut self, have: PeerHave, layout: Layout) -> bool {
+        if have.size != layout.size
+            || have.piece_size != layout.piece_size
+            || have.have.len() != layout.pieces()
+        {
+            return false;
+        }
+        if have.have.count() > self.have.count() {
+            self.last_gain = Instant::now();
+        }
+        self.have = have.have;
+        for (i, d) in have.piece_digests {
+            if i < layout.pieces() {
+                self.attested.insert(i, d);
+            }
+        }
+        true
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+impl Fetcher {
+    pub(super) async fn run(self: Arc<Self>, dl: Arc<Download>, source: Source) {
+        METRICS.downloads_in_flight.inc();
+        let digest = dl.digest;
+        match self.download(&dl, &source).await {
+            Ok(()) => tracing::info!(%digest, "download verified and stored"),
+            Err(e) => {
+                if matches!(e, FetchError::DigestMismatch { .. }) {
+                    METRICS.origin_digest_mismatches.inc();
+                }
+                tracing::warn!(%digest, error = %origin::error_chain(&e), "download failed; nothing kept as complete");
+                self.net.withdraw(digest);
+                dl.progress.send_replace(Progress::Failed(Arc::new(e)));
+            }
+        }
+        self.in_flight.lock().expect("in-flight lock poisoned").remove(&digest);
+        METRICS.downloads_in_flight.dec();
+    }
+
+    async fn download(self: &Arc<Self>, dl: &Arc<Download>, source: &Source) -> Result<(), FetchError> {
+        let digest = dl.digest;
+        self.net.announce(digest);
+
+        // Who has it, and how big is it?
+        let providers = self.live_providers(digest).await;
+        let mut answers = futures_util::stream::iter(providers.clone())
+            .map(|p| {
+                let net = self.net.clone();
+                async move { (p.clone(), net.have(p, digest).await) }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let known = answers.iter().find_map(|(_, r)| {
+            r.as_ref().ok().filter(|h| Layout::for_size(h.size).piece_size == h.piece_size).cloned()
+        });
+        let (total, mut media_type) = match known {
+            Some(h) => (h.size, h.media_type),
+            None => {
+                self.origin
+                    .content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept)
+                    .await?
+            }
+        };
+        if source.kind == Kind::Blob {
+            media_type = None;
+        }
+        let layout = Layout::for_size(total);
+
+        let mut peers: HashMap<NodeId, PeerState> = HashMap::new();
+        let mut downloaders: BTreeSet<NodeId> = BTreeSet::new();
+        for (peer, result) in answers.drain(..) {
+            match result {
+                Ok(have) => {
+                    let mut state = PeerState::new(layout.pieces());
+                    if state.update(have, layout) {
+                        downloaders.insert(peer.clone());
+                        peers.insert(peer, state);
+                    }
+                }
+                // Announced but no size yet: downloading too.
+                Err(PeerError::Lacks) | Err(PeerError::Busy) => {
+                    downloaders.insert(peer.clone());
+                    peers.insert(peer, PeerState::new(layout.pieces()));
+                }
+                Err(_) => {}
+            }
+        }
+
+        // Resume what an earlier run verified, after checking it again.
+        let (partial, saved) = self.store.open_partial(&digest).await?;
+        let mut map = PieceMap::new(layout);
+        if let Some(saved) = saved.and_then(|b| PieceMap::decode_state(&b, layout)) {
+            for i in (0..layout.pieces()).filter(|&i| saved.verified.get(i)) {
+                let (s, e) = layout.range(i);
+                if let Ok(data) = partial.read_at(s, (e - s) as usize).await {
+                    if sha256(&data) == saved.digests[i as usize] {
+                        map.set(i, saved.digests[i as usize]);
+                    }
+                }
+            }
+            tracing::info!(%digest, pieces = map.verified.count(), of = layout.pieces(), "resuming verified pieces");
+            METRICS.pieces_resumed.inc_by(u64::from(map.verified.count()));
+        }
+        if total == 0 {
+            map.set(0, sha256(b""));
+        }
+        *dl.shared.lock().await =
+            Some(Shared { partial: partial.clone(), map: map.clone(), media_type: media_type.clone() });
+        dl.progress.send_replace(Progress::Running {
+            total,
+            media_type: media_type.clone(),
+            available: map.watermark(),
+        });
+
+        let mut suppliers: Vec<Option<NodeId>> = vec![None; layout.pieces() as usize];
+        let outcome = async {
+            let hasher = tokio::spawn(whole_sha256(dl.clone(), total));
+            self.fill(dl, source, &partial, &mut map, &mut suppliers, peers, downloaders).await?;
+            let mut actual = hasher.await.map_err(|e| FetchError::Read(std::io::Error::other(e)))??;
+            if actual != digest && suppliers.iter().any(Option::is_some) {
+                tracing::warn!(%digest, %actual, "whole digest failed: checking peer pieces against the origin");
+                self.repair(dl, source, &partial, &mut map, &suppliers).await?;
+                actual = whole_sha256(dl.clone(), total).await?;
+            }
+            if actual != digest {
+                return Err(FetchError::DigestMismatch { expected: digest, actual });
+            }
+            Ok(())
+        }
+        .await;
+
+        let mut shared = dl.shared.lock().await;
+        *shared = None;
+        match outcome {
+            Ok(()) => {
+                if source.kind == Kind::Manifest && media_type.is_none() {
+                    media_type = sniff_media_type(&partial, total).await;
+                }
+                self.store.commit(partial, media_type.as_deref(), Some(map.encode_meta())).await?;
+                dl.progress.send_replace(Progress::Complete { total, media_type });
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, FetchError::DigestMismatch { .. }) {
+                    partial.discard().await;
+                } else {
+                    // Keep verified pieces for the next attempt.
+                    let _ = partial.save_state(map.encode_state()).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Providers of `digest` we may ask: not us, not banned.
+    async fn live_providers(&self, digest: Digest) -> Vec<NodeId> {
+        let me = self.net.local_id();
+        let found = self.net.find_providers(digest).await;
+        found.into_iter().filter(|p| *p != me && !self.is_banned(p)).collect()
+    }
+
+    /// Fetches every missing piece (see the module docs for the schedule).
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        self: &Arc<Self>,
+        dl: &Arc<Download>,
+        source: &Source,
+        partial: &Partial,
+        map: &mut PieceMap,
+        suppliers: &mut [Option<NodeId>],
+        mut peers: HashMap<NodeId, PeerState>,
+        mut downloaders: BTreeSet<NodeId>,
+    ) -> Result<(), FetchError> {
+        let digest = dl.digest;
+        let layout = map.layout;
+        let n = layout.pieces();
+        let me = self.net.local_id();
+        let cfg = self.config.clone();
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        let mut jobs = JoinSet::new();
+        let mut in_flight = vec![false; n as usize];
+        let mut waiting_since: Vec<Option<Instant>> = vec![None; n as usize];
+        let (mut peer_jobs, mut origin_jobs) = (0usize, 0usize);
+        let mut origin_failures = 0u32;
+        let mut origin_retry_at = Instant::now();
+        let mut unsaved = 0u32;
+        let mut next_have_poll = Instant::now() + HAVE_POLL;
+        let mut next_provider_poll = Instant::now() + Duration::from_millis(300);
+        let mut providers_polling = false;
+        let rotate = u32::from_le_bytes(sha256(me.as_bytes())[..4].try_into().expect("4 bytes")) % WINDOW;
+
+        while !map.verified.is_full() {
+            let now = Instant::now();
+            // --- schedule pieces ---
+            let mut owners: Vec<NodeId> = downloaders.iter().cloned().collect();
+            owners.push(me.clone());
+            let first = map.verified.first_missing();
+            let window_end = (first + WINDOW).min(n);
+            // Pieces some peer holds, near the watermark first (rotated per node).
+            let order = (0..window_end - first)
+                .map(|k| first + (k + rotate) % (window_end - first))
+                .chain(window_end..n);
+            let mut nobody_holds = Vec::new();
+            for i in order {
+                if map.verified.get(i) || in_flight[i as usize] {
+                    continue;
+                }
+                let mut holders: Vec<(&NodeId, &PeerState)> =
+                    peers.iter().filter(|(_, s)| s.have.get(i) && s.attested.contains_key(&i)).collect();
+                if holders.is_empty() {
+                    nobody_holds.push(i);
+                    continue;
+                }
+                if peer_jobs >= cfg.peer_concurrency {
+                    continue;
+                }
+                holders.retain(|(_, s)| {
+                    s.in_flight < cfg.per_peer_concurrency && s.busy_until.is_none_or(|t| t <= now)
+                });
+                let Some((peer, state)) = holders.into_iter().min_by_key(|(p, s)| {
+                    (s.in_flight, sha256(&[p.as_bytes(), &i.to_le_bytes(), me.as_bytes()].concat()))
+                }) else {
+                    continue;
+                };
+                let (peer, expected) = (peer.clone(), state.attested[&i]);
+                peers.get_mut(&peer).expect("holder is a peer").in_flight += 1;
+                peer_jobs += 1;
+                in_flight[i as usize] = true;
+                jobs.spawn(peer_piece(
+                    self.clone(),
+                    peer,
+                    digest,
+                    i,
+                    expected,
+                    layout,
+                    partial.clone(),
+                    tx.clone(),
+                ));
+            }
+            // Pieces nobody holds, in order so that consecutive ones share a Range request:
+            // the origin owner fetches them.
+            nobody_holds.sort_unstable();
+            for i in nobody_holds {
+                if origin_jobs >= cfg.origin_concurrency || now < origin_retry_at {
+                    break;
+                }
+                if in_flight[i as usize] {
+                    continue;
+                }
+                let waited = now - *waiting_since[i as usize].get_or_insert(now);
+                let owner = origin_owner(&digest, i, &owners).expect("owners include us").clone();
+                let owner_stalled =
+                    owner != me && peers.get(&owner).is_none_or(|s| now - s.last_gain > cfg.owner_stall);
+                let take = owner == me
+                    || (waited > cfg.owner_stall && owner_stalled)
+                    || waited > cfg.owner_stall * 4;
+                if !take {
+                    continue;
+                }
+                if owner != me {
+                    tracing::debug!(%digest, piece = i, %owner, "taking over a stalled piece from the origin");
+                }
+                let mut end = i + 1;
+                while end < n
+                    && end - i < MAX_SPAN
+                    && !map.verified.get(end)
+                    && !in_flight[end as usize]
+                    && origin_owner(&digest, end, &owners) == Some(&me)
+                    && !peers.values().any(|s| s.have.get(end))
+                {
+                    end += 1;
+                }
+                (i..end).for_each(|k| in_flight[k as usize] = true);
+                origin_jobs += 1;
+                jobs.spawn(origin_span(
+                    self.clone(),
+                    source.clone(),
+                    digest,
+                    layout,
+                    (i, end),
+                    partial.clone(),
+                    tx.clone(),
+                ));
+            }
+
+            // --- polls ---
+            if now >= next_have_poll {
+                next_have_poll = now + HAVE_POLL;
+                for (peer, state) in peers.iter_mut().filter(|(_, s)| !s.polling && !s.have.is_full()) {
+                    state.polling = true;
+                    let (net, peer, tx) = (self.net.clone(), peer.clone(), tx.clone());
+                    jobs.spawn(async move {
+                        let result = net.have(peer.clone(), digest).await;
+                        let _ = tx.send(Event::Have { peer, result }).await;
+                    });
+                }
+            }
+            if now >= next_provider_poll && !providers_polling {
+                next_provider_poll = now + PROVIDER_POLL;
+                providers_polling = true;
+                let (this, tx) = (self.clone(), tx.clone());
+                jobs.spawn(async move {
+                    let found = this.live_providers(digest).await;
+                    let _ = tx.send(Event::Providers(found)).await;
+                });
+            }
+
+            // --- wait for something to happen ---
+            let wake = next_have_poll.min(next_provider_poll).min(now + Duration::from_millis(100));
+            let event = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tokio::time::sleep_until(wake.into()) => None,
+            };
+            let Some(event) = event else { continue };
+            match event {
+                Event::Verified { index, digest: piece_digest, from } => {
+                    in_flight[index as usize] = false;
+                    let bytes = layout.len(index);
+                    match &from {
+                        Some(peer) => {
+                            if let Some(s) = peers.get_mut(peer) {
+                                s.in_flight = s.in_flight.saturating_sub(1);
+                            }
+                            peer_jobs -= 1;
+                            METRICS.received(bytes, "peer");
+                        }
+                        None => {
+                            origin_failures = 0;
+                            METRICS.received(bytes, "origin");
+                            METRICS.origin_pieces.inc();
+                        }
+                    }
+                    METRICS.pieces_verified.inc();
+                    map.set(index, piece_digest);
+                    suppliers[index as usize] = from;
+                    if let Some(s) = dl.shared.lock().await.as_mut() {
+                        s.map.set(index, piece_digest);
+                    }
+                    let available = map.watermark();
+                    dl.progress.send_modify(|p| {
+                        if let Progress::Running { available: a, .. } = p {
+                            *a = available;
+                        }
+                    });
+                    unsaved += 1;
+                    if unsaved >= SAVE_EVERY {
+                        unsaved = 0;
+                        partial.save_state(map.encode_state()).await?;
+                    }
+                }
+                Event::BadPiece { index, peer } => {
+                    in_flight[index as usize] = false;
+                    peer_jobs -= 1;
+                    METRICS.pieces_rejected.inc();
+                    self.ban(&peer, "piece did not match its attested digest");
+                    peers.remove(&peer);
+                    downloaders.remove(&peer);
+                }
+                Event::PeerFailed { index, peer, error } => {
+                    in_flight[index as usize] = false;
+                    peer_jobs -= 1;
+                    tracing::debug!(%digest, piece = index, %peer, %error, "piece request failed");
+                    match error {
+                        PeerError::Lacks => {
+                            if let Some(s) = peers.get_mut(&peer) {
+                                s.in_flight = s.in_flight.saturating_sub(1);
+                                s.have.unset(index);
+                            }
+                        }
+                        PeerError::Busy => {
+                            if let Some(s) = peers.get_mut(&peer) {
+                                s.in_flight = s.in_flight.saturating_sub(1);
+                                s.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                            }
+                        }
+                        PeerError::Unreachable(_) | PeerError::Protocol(_) => {
+                            peers.remove(&peer);
+                            downloaders.remove(&peer);
+                        }
+                    }
+                }
+                Event::OriginDone { unfinished, error } => {
+                    origin_jobs -= 1;
+                    unfinished.iter().for_each(|&i| in_flight[i as usize] = false);
+                    if let Some(error) = error {
+                        tracing::warn!(%digest, error = %error, pieces = unfinished.len(), "origin range request failed");
+                        if matches!(error, OriginError::NotFound(_)) {
+                            return Err(error.into());
+                        }
+                        origin_failures += 1;
+                        origin_retry_at =
+                            Instant::now() + Duration::from_millis(250 * u64::from(origin_failures));
+                        if origin_failures >= MAX_ORIGIN_FAILURES {
+                            return Err(FetchError::NoSource(digest, error.to_string()));
+                        }
+                    }
+                }
+                Event::WriteFailed(e) => return Err(e.into()),
+                Event::Have { peer, result } => {
+                    let keep = match (peers.get_mut(&peer), result) {
+                        (Some(state), Ok(have)) => {
+                            state.polling = false;
+                            state.update(have, layout)
+                        }
+                        (Some(state), Err(PeerError::Lacks | PeerError::Busy)) => {
+                            state.polling = false;
+                            true
+                        }
+                        (Some(_), Err(_)) => false,
+                        (None, _) => true,
+                    };
+                    if !keep {
+                        peers.remove(&peer);
+                        downloaders.remove(&peer);
+                    }
+                }
+                Event::Providers(found) => {
+                    providers_polling = false;
+                    for p in found {
+                        if !peers.contains_key(&p) {
+                            downloaders.insert(p.clone());
+                            peers.insert(p, PeerState::new(n));
+                        }
+                    }
+                }
+            }
+        }
+        partial.save_state(map.encode_state()).await?;
+        Ok(())
+    }
+
+    /// After a whole-digest failure: refetches every piece a peer supplied from the origin,
+    /// bans the peers whose pieces differ, and writes the origin's bytes.
+    async fn repair(
+        &self,
+        dl: &Download,
+        source: &Source,
+        partial: &Partial,
+        map: &mut PieceMap,
+        suppliers: &[Option<NodeId>],
+    ) -> Result<(), FetchError> {
+        let layout = map.layout;
+        for (i, supplier) in suppliers.iter().enumerate() {
+            let Some(peer) = supplier else { continue };
+            let i = i as u32;
+            let (start, end) = layout.range(i);
+            let content = self
+                .origin
+                .open_content(
+                    &source.registry,
+                    &source.repo,
+                    source.kind,
+                    &dl.digest,
+                    (start, Some(end)),
+                    &source.accept,
+                )
+                .await?;
+            let data = read_span(content, start, end).await?;
+            METRICS.received(data.len() as u64, "origin");
+            let good = sha256(&data);
+            if good != map.digests[i as usize] {
+                METRICS.pieces_rejected.inc();
+                self.ban(peer, "attested a piece that the origin contradicts");
+                partial.write_at(start, data).await?;
+                map.set(i, good);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads bytes `start..end` from an origin response, skipping what an origin that ignored
+/// `Range` sends before `start`.
+async fn read_span(content: origin::Content, start: u64, end: u64) -> Result<Bytes, FetchError> {
+    if content.offset > start {
+        return Err(OriginError::Protocol(format!(
+            "asked for bytes from {start}, got from {}",
+            content.offset
+        ))
+        .into());
+    }
+    let mut skip = start - content.offset;
+    let mut out = BytesMut::with_capacity((end - start) as usize);
+    let mut body = content.body.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| OriginError::Unreachable(origin::error_chain(&e)))?;
+        if skip > 0 {
+            let k = skip.min(chunk.len() as u64) as usize;
+            let _ = chunk.split_to(k);
+            skip -= k as u64;
+        }
+        let room = (end - start) as usize - out.len();
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() as u64 == end - start {
+            return Ok(out.freeze());
+        }
+    }
+    Err(OriginError::Unreachable("body ended early".into()).into())
+}
+
+/// One piece from a peer, checked against the digest the peer attested, then written.
+#[allow(clippy::too_many_arguments)]
+async fn peer_piece(
+    fetcher: Arc<Fetcher>,
+    peer: NodeId,
+    digest: Digest,
+    index: u32,
+    expected: [u8; 32],
+    layout: Layout,
+    partial: Partial,
+    tx: mpsc::Sender<Event>,
+) {
+    let event = match fetcher.net.piece(peer.clone(), digest, index).await {
+        Ok(data) if data.len() as u64 == layout.len(index) && sha256(&data) == expected => {
+            match partial.write_at(layout.range(index).0, data).await {
+                Ok(()) => Event::Verified { index, digest: expected, from: Some(peer) },
+                Err(e) => Event::WriteFailed(e),
+            }
+        }
+        Ok(_) => Event::BadPiece { index, peer },
+        Err(error) => Event::PeerFailed { index, peer, error },
+    };
+    let _ = tx.send(event).await;
+}
+
+/// Pieces `first..end` from the origin in one `Range` request, each hashed (we attest it)
+/// and written as soon as it is whole.
+async fn origin_span(
+    fetcher: Arc<Fetcher>,
+    source: Source,
+    digest: Digest,
+    layout: Layout,
+    (first, end): (u32, u32),
+    partial: Partial,
+    tx: mpsc::Sender<Event>,
+) {
+    let (start, stop) = (layout.range(first).0, layout.range(end - 1).1);
+    let mut next = first;
+    let result: Result<(), FetchError> = async {
+        let content = fetcher
+            .origin
+            .open_content(
+                &source.registry,
+                &source.repo,
+                source.kind,
+                &digest,
+                (start, Some(stop)),
+                &source.accept,
+            )
+            .await?;
+        if content.offset > start {
+            return Err(OriginError::Protocol(format!(
+                "asked for bytes from {start}, got from {}",
+                content.offset
+            ))
+            .into());
+        }
+        let mut skip = start - content.offset;
+        let mut body = content.body.bytes_stream();
+        let mut piece = BytesMut::with_capacity(layout.len(next) as usize);
+        while next < end {
+            let Some(chunk) = body.next().await else {
+                return Err(OriginError::Unreachable("body ended early".into()).into());
+            };
+            let mut chunk = chunk.map_err(|e| OriginError::Unreachable(origin::error_chain(&e)))?;
+            if skip > 0 {
+                let k = skip.min(chunk.len() as u64) as usize;
+                let _ = chunk.split_to(k);
+                skip -= k as u64;
+            }
+            while !chunk.is_empty() && next < end {
+                let want = layout.len(next) as usize - piece.len();
+                let take = want.min(chunk.len());
+                piece.extend_from_slice(&chunk.split_to(take));
+                if piece.len() as u64 == layout.len(next) {
+                    let data = piece.split().freeze();
+                    let piece_digest = sha256(&data);
+                    partial.write_at(layout.range(next).0, data).await?;
+                    let _ = tx.send(Event::Verified { index: next, digest: piece_digest, from: None }).await;
+                    next += 1;
+                    if next < end {
+                        piece.reserve(layout.len(next) as usize);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let error = match result {
+        Ok(()) => None,
+        Err(FetchError::Origin(e)) => Some(e),
+        Err(FetchError::Store(e)) => {
+            let _ = tx.send(Event::WriteFailed(e)).await;
+            Some(OriginError::Unreachable("local write failed".into()))
+        }
+        Err(other) => Some(OriginError::Protocol(other.to_string())),
+    };
+    let _ = tx.send(Event::OriginDone { unfinished: (next..end).collect(), error }).await;
+}
+
+/// The sha256 of the whole blob, computed by following the watermark.
+async fn whole_sha256(dl: Arc<Download>, total: u64) -> Result<Digest, FetchError> {
+    let Some(stream) = dl.follow(0, total, false).await? else {
+        return Err(FetchError::Read(std::io::Error::other("download finished before hashing")));
+    };
+    let mut hasher = Sha256::new();
+    let mut chunks = std::pin::pin!(stream.into_stream());
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(bytes) => hasher.update(&bytes),
+            Err(e) => return Err(FetchError::Read(std::io::Error::other(e.to_string()))),
+        }
+    }
+    Ok(Digest::from_sha256(hasher.finalize().into()))
+}
+
+/// The `mediaType` field of a manifest, when no source told us its type.
+async fn sniff_media_type(partial: &Partial, total: u64) -> Option<String> {
+    if total > crate::origin::MAX_MANIFEST_BYTES {
+        return None;
+    }
+    let bytes = partial.read_at(0, total as usize).await.ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("mediaType")?.as_str().map(str::to_string)
+}
