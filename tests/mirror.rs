@@ -399,6 +399,8 @@ async fn range_requests_on_cached_blob() {
     assert_eq!(header(&resp, "accept-ranges").as_deref(), Some("bytes"));
     assert!(resp.bytes().await.unwrap().as_ref() == data.as_slice());
 
+    let mark = env.origin.access_log().len();
+
     // HEAD: same headers, no body.
     let resp = env.client.head(&url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -409,24 +411,23 @@ async fn range_requests_on_cached_blob() {
     for (range, expect) in range_cases(layer.size) {
         check_range(env.client.clone(), url.clone(), range, expect, &data).await;
     }
-    assert_eq!(
-        env.origin.access_log().blob_gets_for(&layer.digest),
-        1,
-        "ranges on a cached blob must not reach the origin"
-    );
+    let log = env.origin.access_log_since(mark);
+    assert_eq!(log.blob_gets(), 0, "ranges on a cached blob must not reach the origin: {log:#?}");
+    assert_eq!(env.origin.access_log().blob_get_bytes_for(&layer.digest), layer.size);
 }
 
-/// The origin sits behind a proxy that paces blob bodies at 2 MiB/s, so a 6 MiB blob takes
-/// ~3 s. While the agent's single origin download is in flight, a full GET, a second full
-/// GET and every range case run concurrently; all get the right bytes, and the origin
-/// sees one GET.
+/// The origin sits behind a proxy that paces all blob bodies together at 2 MiB/s, so a
+/// 6 MiB blob takes ~3 s however the agent splits it into Range requests. While that one
+/// download is in flight, a second full GET and every range case run concurrently; all get
+/// the right bytes, every request is sent before the download ends, and the origin sends
+/// each byte of the blob once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_requests_while_downloading() {
     let origin = Origin::start().await.unwrap();
     let proxy = FaultyProxy::start(
         format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
         ProxyConfig {
-            bytes_per_sec: Some(2 << 20),
+            total_bytes_per_sec: Some(2 << 20),
             path_contains: Some("/blobs/".into()),
             ..Default::default()
         },
@@ -443,6 +444,9 @@ async fn range_requests_while_downloading() {
     let url = agent_url(&agent, &origin.host(), &format!("/v2/mirror/inflight/blobs/{}", layer.digest));
     let client = http_client();
     let blob_path = format!("/blobs/{}", layer.digest);
+    let blob_gets = || -> Vec<shoal_tests::proxy::ProxiedRequest> {
+        proxy.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains(&blob_path)).collect()
+    };
 
     // First client: full GET, which starts the download.
     let full = {
@@ -450,23 +454,18 @@ async fn range_requests_while_downloading() {
         tokio::spawn(async move { get_blob_ok(&client, &url, &data, &digest).await })
     };
 
-    // Wait until the agent's origin GET for the blob has started.
+    // Wait until the agent's origin download for the blob has started.
     poll_until(
         "the agent's origin GET for the blob",
         Duration::from_secs(10),
         Duration::from_millis(10),
         || {
-            let seen = proxy.requests().iter().any(|r| r.method == "GET" && r.path.contains(&blob_path));
+            let seen = !blob_gets().is_empty();
             async move { Ok(seen.then_some(())) }
         },
     )
     .await
     .unwrap();
-    assert_eq!(
-        origin.access_log().blob_gets_for(&layer.digest),
-        0,
-        "the origin download finished too early to test in-flight requests"
-    );
 
     // Everyone else, concurrently, while the download is in flight. Each task returns
     // the instant it sent its request.
@@ -499,27 +498,33 @@ async fn range_requests_while_downloading() {
     }
     full.await.unwrap();
 
-    let proxied_gets =
-        proxy.requests().iter().filter(|r| r.method == "GET" && r.path.contains(&blob_path)).count();
-    assert_eq!(proxied_gets, 1, "origin GETs for the blob (via proxy)");
-    // Every request was sent while the single origin download was still running.
-    let download =
-        proxy.requests().into_iter().find(|r| r.method == "GET" && r.path.contains(&blob_path)).unwrap();
-    let finished = download.finished.expect("origin download finished");
+    // Every request was sent while the origin download was still running.
+    let gets = blob_gets();
+    let download_end = gets
+        .iter()
+        .map(|r| r.finished.expect("all origin requests finished once the clients have their bytes"))
+        .max()
+        .unwrap();
     for sent in &sent_times {
         assert!(
-            *sent < finished,
+            *sent < download_end,
             "a request was sent {:?} after the origin download ended; not an in-flight test",
-            sent.duration_since(finished)
+            sent.duration_since(download_end)
         );
     }
-    poll_until("origin access log entry", Duration::from_secs(5), Duration::from_millis(50), || {
-        let n = origin.access_log().blob_gets_for(&layer.digest);
-        async move { Ok((n >= 1).then_some(())) }
+    // One download: each byte left the origin once.
+    poll_until("origin access log entries", Duration::from_secs(5), Duration::from_millis(50), || {
+        let done = origin.access_log().blob_gets_for(&layer.digest) >= gets.len();
+        async move { Ok(done.then_some(())) }
     })
     .await
     .unwrap();
-    assert_eq!(origin.access_log().blob_gets_for(&layer.digest), 1);
+    assert_eq!(
+        origin.access_log().blob_get_bytes_for(&layer.digest),
+        layer.size,
+        "bytes the origin sent for the blob ({} GETs): concurrent requests must share one download",
+        gets.len()
+    );
 }
 
 /// Many concurrent requests for one cold digest make one origin GET.
@@ -851,13 +856,13 @@ async fn cache_evicts_least_recently_used() {
 
     // The first (least recently used) layer was evicted: fetched again, correctly.
     let first = &layers[0];
-    assert_eq!(env.origin.access_log().blob_gets_for(&first.digest), 1);
+    assert_eq!(env.origin.access_log().blob_get_bytes_for(&first.digest), first.size);
     let url = env.url(&format!("/v2/mirror/evict/blobs/{}", first.digest));
     get_blob_ok(&env.client, &url, &first.read().unwrap(), &first.digest).await;
     assert_eq!(
-        env.origin.access_log().blob_gets_for(&first.digest),
-        2,
-        "the least recently used blob should have been evicted and fetched again"
+        env.origin.access_log().blob_get_bytes_for(&first.digest),
+        2 * first.size,
+        "the least recently used blob should have been evicted and fetched again (once)"
     );
     let bytes = env.metric("shoal_cache_bytes", &[]).await;
     assert!(bytes <= MAX as f64, "shoal_cache_bytes {bytes} > {MAX}");
