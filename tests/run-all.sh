@@ -10,6 +10,8 @@ missing=()
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
 command -v skopeo >/dev/null || missing+=(skopeo)
+# deploy/validate.sh installs kubernetes-validate into a virtualenv.
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root=()
@@ -24,3 +26,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The integration tests run the real binaries as processes.
 cargo build --workspace --bins
 cargo test --workspace
+# Kubernetes manifests against the Kubernetes schemas, offline once installed.
+bash deploy/validate.sh

@@ -518,9 +518,9 @@ impl Fetcher {
                 Event::Providers(found) => {
                     providers_polling = false;
                     for p in found {
-                        if !peers.contains_key(&p) {
-                            downloaders.insert(p.clone());
-                            peers.insert(p, PeerState::new(n));
+                        if let std::collections::hash_map::Entry::Vacant(slot) = peers.entry(p.clone()) {
+                            slot.insert(PeerState::new(n));
+                            downloaders.insert(p);
                         }
                     }
                 }
