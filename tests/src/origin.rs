@@ -137,11 +137,48 @@ pub struct Origin {
 impl Origin {
     /// Starts a registry on a free 127.0.0.1 port and waits until `GET /v2/` is 200.
     pub async fn start() -> Result<Origin> {
+        Origin::start_with(None, "").await
+    }
+
+    /// A second registry serving this one's storage, but only to `user`:`password` (HTTP
+    /// Basic auth from an htpasswd file, as distribution supports it). Push to `self`, pull
+    /// from the locked view.
+    pub async fn locked_view(&self, user: &str, password: &str) -> Result<Origin> {
+        // distribution accepts only bcrypt entries; Python's crypt module makes them.
+        let out = std::process::Command::new("python3")
+            .args([
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                password,
+            ])
+            .output()
+            .context("running python3 to hash the htpasswd entry")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "python3 crypt failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hash = String::from_utf8(out.stdout)?.trim().to_string();
+        anyhow::ensure!(hash.starts_with("$2"), "not a bcrypt hash: {hash}");
+        let auth = "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {dir}/htpasswd\n";
+        Origin::start_with(Some((self.storage_dir(), format!("{user}:{hash}\n"))), auth).await
+    }
+
+    async fn start_with(shared: Option<(PathBuf, String)>, extra_config: &str) -> Result<Origin> {
         let binary = find_binary("docker-registry", "docker-registry")?;
         let dir = tempfile::Builder::new().prefix("shoal-origin-").tempdir()?;
         let port = free_port();
-        let storage = dir.path().join("storage");
+        let storage = match &shared {
+            Some((storage, htpasswd)) => {
+                std::fs::write(dir.path().join("htpasswd"), htpasswd)?;
+                storage.clone()
+            }
+            None => dir.path().join("storage"),
+        };
         std::fs::create_dir_all(&storage)?;
+        let extra_config = extra_config.replace("{dir}", &dir.path().display().to_string());
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
@@ -150,7 +187,7 @@ impl Origin {
                  log:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
                  \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: shoal-test-secret\n",
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: shoal-test-secret\n{extra_config}",
                 storage.display()
             ),
         )?;
@@ -177,7 +214,8 @@ impl Origin {
                 async move {
                     ready?;
                     Ok(match req.await {
-                        Ok(resp) if resp.status() == 200 => Some(()),
+                        // 401: a locked view (htpasswd) is up too.
+                        Ok(resp) if resp.status() == 200 || resp.status() == 401 => Some(()),
                         _ => None,
                     })
                 }
