@@ -22,6 +22,8 @@ pub enum ConfigError {
     Registry { flag: &'static str, source: crate::types::ParseError },
     #[error("--cache-max-bytes must be at least 1 MiB, got {0} bytes")]
     CacheTooSmall(u64),
+    #[error("--peer-concurrency must be at least 1")]
+    PeerConcurrency,
 }
 
 /// Log output format.
@@ -68,6 +70,53 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// libp2p listen multiaddrs for the swarm (comma-separated in the environment variable).
+    #[arg(long, env = "SHOAL_P2P_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/5001")]
+    pub p2p_listen: Vec<String>,
+
+    /// Peers to join the swarm through: a multiaddr ending in /p2p/<peer id>, or
+    /// dns:<name>[:port] resolving to agents (e.g. a headless Service). Repeatable.
+    #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+
+    /// libp2p pre-shared key file (private network): only processes with the same key can
+    /// connect. Format: `/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex characters.
+    #[arg(long, env = "SHOAL_SWARM_KEY")]
+    pub swarm_key: Option<PathBuf>,
+
+    /// Piece requests to peers in flight at once, per download.
+    #[arg(long, env = "SHOAL_PEER_CONCURRENCY", default_value = "16")]
+    pub peer_concurrency: usize,
+
+    /// Limit on bytes sent to peers, e.g. 100MiB/s (default: none).
+    #[arg(long, env = "SHOAL_MAX_UPLOAD_RATE", value_parser = crate::ratelimit::parse_rate)]
+    pub max_upload_rate: Option<u64>,
+
+    /// Limit on bytes received from peers and the origin, e.g. 100MiB/s (default: none).
+    #[arg(long, env = "SHOAL_MAX_DOWNLOAD_RATE", value_parser = crate::ratelimit::parse_rate)]
+    pub max_download_rate: Option<u64>,
+
+    /// Run as a plain pull-through cache, without the swarm.
+    #[arg(long, env = "SHOAL_NO_P2P")]
+    pub no_p2p: bool,
+
+    /// Test-only fault injection: corrupt every piece sent to peers (the attested digests
+    /// stay right, so receivers must catch it).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_corrupt_uploads: bool,
+}
+
+/// Settings of the swarm and the piece exchange.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    pub listen: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub swarm_key: Option<PathBuf>,
+    pub peer_concurrency: usize,
+    pub max_upload_rate: Option<u64>,
+    pub corrupt_uploads: bool,
 }
 
 /// The validated configuration the agent runs with.
@@ -80,6 +129,9 @@ pub struct Config {
     pub upstreams: Upstreams,
     pub default_registry: Registry,
     pub registry_auth_file: Option<PathBuf>,
+    /// `None` with `--no-p2p`.
+    pub p2p: Option<P2pConfig>,
+    pub max_download_rate: Option<u64>,
 }
 
 impl RunArgs {
@@ -95,7 +147,24 @@ impl RunArgs {
             .default_registry
             .parse()
             .map_err(|source| ConfigError::Registry { flag: "default-registry", source })?;
+        if self.peer_concurrency == 0 {
+            return Err(ConfigError::PeerConcurrency);
+        }
+        #[cfg(feature = "fault-injection")]
+        let corrupt_uploads = self.fault_corrupt_uploads;
+        #[cfg(not(feature = "fault-injection"))]
+        let corrupt_uploads = false;
+        let p2p = (!self.no_p2p).then(|| P2pConfig {
+            listen: self.p2p_listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            swarm_key: self.swarm_key.clone(),
+            peer_concurrency: self.peer_concurrency,
+            max_upload_rate: self.max_upload_rate,
+            corrupt_uploads,
+        });
         Ok(Config {
+            p2p,
+            max_download_rate: self.max_download_rate,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             cache_dir: self.cache_dir,

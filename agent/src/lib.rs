@@ -13,6 +13,7 @@
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.
 //! - [`pieces`]: piece size policy, bitfields, rendezvous origin owners.
+//! - [`ratelimit`]: the token bucket behind the upload and download rate limits.
 //! - [`store`]: content-addressed files, atomic commits, the LRU byte quota. The only module
 //!   that touches `std::fs` for content.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
@@ -26,6 +27,7 @@ pub mod fetch;
 pub mod metrics;
 pub mod origin;
 pub mod pieces;
+pub mod ratelimit;
 pub mod registry;
 pub mod store;
 pub mod types;

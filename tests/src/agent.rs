@@ -129,6 +129,8 @@ pub struct Agent {
     daemon: Option<Daemon>,
     listen: SocketAddr,
     metrics_listen: SocketAddr,
+    /// The P2P port (`--p2p-listen /ip4/127.0.0.1/tcp/PORT`).
+    p2p_port: u16,
     cache_dir: PathBuf,
     log_path: PathBuf,
     opts: AgentOptions,
@@ -150,6 +152,7 @@ impl Agent {
             daemon: None,
             listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            p2p_port: free_port(),
             cache_dir,
             log_path: dir.path().join("agent.log"),
             opts,
@@ -175,6 +178,8 @@ impl Agent {
             o.cache_max_bytes.clone(),
             "--log-format".to_string(),
             o.log_format.clone(),
+            "--p2p-listen".to_string(),
+            format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port),
         ];
         for (reg, url) in &o.upstreams {
             a.push("--upstream".to_string());
@@ -247,6 +252,19 @@ impl Agent {
     /// `http://127.0.0.1:PORT2` (metrics and health).
     pub fn metrics_url(&self) -> String {
         format!("http://{}", self.metrics_listen)
+    }
+
+    /// The agent's P2P address with its peer id (`/ip4/127.0.0.1/tcp/PORT/p2p/ID`), for
+    /// other agents' `--bootstrap`; read from the agent's `/status`.
+    pub async fn p2p_addr(&self) -> Result<String> {
+        let url = format!("{}/status", self.metrics_url());
+        let resp = http_client().get(&url).send().await?;
+        if resp.status() != 200 {
+            bail!("GET {url}: {}", resp.status());
+        }
+        let status: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+        let peer_id = status["peer_id"].as_str().context("status has no peer_id")?;
+        Ok(format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer_id}", self.p2p_port))
     }
 
     pub fn cache_dir(&self) -> &Path {

@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 use crate::origin::{Kind, Origin, OriginError};
+use crate::ratelimit::RateLimiter;
 use crate::store::{Entry, Partial, ReadGuard, Store, StoreError};
 use crate::types::{Digest, Registry, RepoName};
 pub use meta::PieceMap;
@@ -94,6 +95,8 @@ pub struct FetchConfig {
     /// How long a piece owned by another node may stay unavailable before we take it from the
     /// origin ourselves.
     pub owner_stall: Duration,
+    /// Bytes per second received from peers and the origin together (`None`: no limit).
+    pub max_download_rate: Option<u64>,
 }
 
 impl Default for FetchConfig {
@@ -103,6 +106,7 @@ impl Default for FetchConfig {
             per_peer_concurrency: 4,
             origin_concurrency: 4,
             owner_stall: Duration::from_secs(5),
+            max_download_rate: None,
         }
     }
 }
@@ -134,6 +138,7 @@ pub struct Fetcher {
     origin: Arc<Origin>,
     net: Arc<dyn Network>,
     config: FetchConfig,
+    download_limit: RateLimiter,
     in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Peers that sent bad data, until when.
     bans: Mutex<HashMap<NodeId, Instant>>,
@@ -146,7 +151,16 @@ impl Fetcher {
         net: Arc<dyn Network>,
         config: FetchConfig,
     ) -> Arc<Self> {
-        Arc::new(Fetcher { store, origin, net, config, in_flight: Mutex::default(), bans: Mutex::default() })
+        let download_limit = RateLimiter::new(config.max_download_rate);
+        Arc::new(Fetcher {
+            store,
+            origin,
+            net,
+            config,
+            download_limit,
+            in_flight: Mutex::default(),
+            bans: Mutex::default(),
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -611,7 +611,11 @@ async fn peer_piece(
     partial: Partial,
     tx: mpsc::Sender<Event>,
 ) {
-    let event = match fetcher.net.piece(peer.clone(), digest, index).await {
+    let result = fetcher.net.piece(peer.clone(), digest, index).await;
+    if let Ok(data) = &result {
+        fetcher.download_limit.acquire(data.len() as u64).await;
+    }
+    let event = match result {
         Ok(data) if data.len() as u64 == layout.len(index) && sha256(&data) == expected => {
             match partial.write_at(layout.range(index).0, data).await {
                 Ok(()) => Event::Verified { index, digest: expected, from: Some(peer) },
@@ -664,6 +668,7 @@ async fn origin_span(
                 return Err(OriginError::Unreachable("body ended early".into()).into());
             };
             let mut chunk = chunk.map_err(|e| OriginError::Unreachable(origin::error_chain(&e)))?;
+            fetcher.download_limit.acquire(chunk.len() as u64).await;
             if skip > 0 {
                 let k = skip.min(chunk.len() as u64) as usize;
                 let _ = chunk.split_to(k);
