@@ -1,5 +1,6 @@
-//! Wiring of `shoal-agent run`: open the store, bind both listeners (so a port in use is an
-//! error before anything else starts), and serve until the shutdown future completes.
+//! Wiring of `shoal-agent run`: bind both listeners (so a port in use is an error before
+//! anything else starts), open the store, start the swarm (unless `--no-p2p`), and serve
+//! until the shutdown future completes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,13 +9,16 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::fetch::net::Solo;
+use crate::fetch::net::{Network, Solo};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::metrics::{self, Readiness};
 use crate::origin::auth::{AuthFileError, CredentialStore};
 use crate::origin::{Origin, OriginError};
+use crate::ratelimit::RateLimiter;
 use crate::registry::{self, Api};
 use crate::store::{Store, StoreError};
+use crate::swarm::network::{self as p2p, ServeOptions, SwarmNetwork};
+use crate::swarm::SwarmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -24,6 +28,8 @@ pub enum StartError {
     AuthFile(#[from] AuthFileError),
     #[error(transparent)]
     Origin(#[from] OriginError),
+    #[error(transparent)]
+    Swarm(#[from] SwarmError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
     #[error("{what} server failed: {source}")]
@@ -36,6 +42,8 @@ pub struct Agent {
     registry_listener: TcpListener,
     metrics_listener: TcpListener,
     readiness: Readiness,
+    /// The swarm's event loop, to run beside the servers.
+    swarm_loop: Option<crate::swarm::EventLoop>,
 }
 
 impl Agent {
@@ -52,9 +60,39 @@ impl Agent {
         };
         let store = Store::open(&config.cache_dir, config.cache_max_bytes)?;
         let origin = Arc::new(Origin::new(config.upstreams.clone(), credentials)?);
-        let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), FetchConfig::default());
+        let fetch_config = FetchConfig {
+            peer_concurrency: config.p2p.as_ref().map_or(16, |p| p.peer_concurrency),
+            max_download_rate: config.max_download_rate,
+            ..FetchConfig::default()
+        };
+        let readiness = Readiness::default();
+        let Some(p2p_config) = &config.p2p else {
+            let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), fetch_config);
+            let api = Api::new(fetcher, origin, config.default_registry.clone());
+            return Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: None });
+        };
+        let swarm_config = p2p::config_from_flags(
+            &p2p_config.listen,
+            &p2p_config.bootstrap,
+            config.cache_dir.join("node.key"),
+            p2p_config.swarm_key.clone(),
+        )?;
+        let (client, inbound, swarm_loop) = crate::swarm::new(swarm_config)?;
+        let network = Arc::new(SwarmNetwork::new(client.clone()));
+        readiness.set_peer_id(client.local_peer_id().to_string(), !p2p_config.bootstrap.is_empty());
+        let fetcher = Fetcher::new(store, origin.clone(), network.clone() as Arc<dyn Network>, fetch_config);
+        let serve = ServeOptions {
+            max_uploads: 32,
+            upload_limit: Arc::new(RateLimiter::new(p2p_config.max_upload_rate)),
+            corrupt_uploads: p2p_config.corrupt_uploads,
+        };
+        if p2p_config.corrupt_uploads {
+            tracing::warn!("fault injection: every piece sent to peers is corrupted");
+        }
+        tokio::spawn(p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve));
+        p2p::export_stats(client.stats(), std::time::Duration::from_millis(500));
         let api = Api::new(fetcher, origin, config.default_registry.clone());
-        Ok(Agent { api, registry_listener, metrics_listener, readiness: Readiness::default() })
+        Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: Some(swarm_loop) })
     }
 
     pub fn registry_addr(&self) -> Option<SocketAddr> {
@@ -82,6 +120,9 @@ impl Agent {
         self.readiness.set_registry_serving(true);
         let registry = registry::serve(self.registry_listener, self.api, stopped());
         let metrics = metrics::serve(self.metrics_listener, self.readiness.clone(), stopped());
+        if let Some(swarm_loop) = self.swarm_loop {
+            tokio::spawn(swarm_loop.run(stopped()));
+        }
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");

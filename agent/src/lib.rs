@@ -30,4 +30,5 @@ pub mod pieces;
 pub mod ratelimit;
 pub mod registry;
 pub mod store;
+pub mod swarm;
 pub mod types;

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (registry mirror, cache, metrics).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write (or with --restore, remove) containerd hosts.toml files that use this agent.
     ContainerdConfig(ContainerdConfigArgs),
 }
@@ -65,6 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -4,7 +4,7 @@
 //! defined, so nothing can be defined and forgotten. Names carry the `shoal_` prefix; counters
 //! get `_total` from the encoder.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use axum::http::{header, StatusCode};
@@ -59,6 +59,10 @@ pub struct Metrics {
     pub pieces_rejected: Counter,
     pub pieces_resumed: Counter,
     pub peer_bans: Counter,
+    pub peer_sent_bytes: Counter,
+    pub connected_peers: Gauge,
+    pub dht_lookups: Counter,
+    pub dht_lookup_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -140,8 +144,24 @@ impl Metrics {
         );
         let peer_bans = Counter::default();
         registry.register("peer_bans", "Peers banned for sending bad data", peer_bans.clone());
+        let peer_sent_bytes = Counter::default();
+        registry.register("peer_sent_bytes", "Piece bytes sent to peers", peer_sent_bytes.clone());
+        let connected_peers = Gauge::default();
+        registry.register("connected_peers", "Peers with an open swarm connection", connected_peers.clone());
+        let dht_lookups = Counter::default();
+        registry.register("dht_lookups", "DHT provider lookups finished", dht_lookups.clone());
+        let dht_lookup_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "dht_lookup_seconds",
+            "Total time of DHT provider lookups (divide by shoal_dht_lookups_total for the mean)",
+            dht_lookup_seconds.clone(),
+        );
         Metrics {
             registry,
+            peer_sent_bytes,
+            connected_peers,
+            dht_lookups,
+            dht_lookup_seconds,
             received_bytes,
             origin_pieces,
             pieces_verified,
@@ -188,10 +208,12 @@ impl Metrics {
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// What `/readyz` reports: ready once the registry API listens.
+/// What `/readyz` and `/status` report: ready once the registry API listens and, when the
+/// node was told to join a swarm, it has at least one peer.
 #[derive(Clone, Default)]
 pub struct Readiness {
     registry_serving: Arc<AtomicBool>,
+    peer: Arc<std::sync::OnceLock<(String, bool)>>,
 }
 
 impl Readiness {
@@ -199,8 +221,29 @@ impl Readiness {
         self.registry_serving.store(serving, Ordering::SeqCst);
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.registry_serving.load(Ordering::SeqCst)
+    /// This node's peer id, and whether readiness waits for a first peer (bootstrap given).
+    pub fn set_peer_id(&self, peer_id: String, needs_peer: bool) {
+        let _ = self.peer.set((peer_id, needs_peer));
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.registry_serving.load(Ordering::SeqCst) {
+            return Some("registry API not serving yet");
+        }
+        if self.peer.get().is_some_and(|(_, needs)| *needs) && METRICS.connected_peers.get() < 1 {
+            return Some("no swarm peer connected yet");
+        }
+        None
+    }
+
+    fn status(&self) -> String {
+        serde_json::json!({
+            "ready": self.not_ready().is_none(),
+            "peer_id": self.peer.get().map(|(id, _)| id.clone()),
+            "connected_peers": METRICS.connected_peers.get(),
+        })
+        .to_string()
     }
 }
 
@@ -220,15 +263,26 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
-            get(move || {
-                let ready = readiness.is_ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n").into_response()
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "registry API not serving yet\n").into_response()
+            get({
+                let readiness = readiness.clone();
+                move || {
+                    let not_ready = readiness.not_ready();
+                    async move {
+                        match not_ready {
+                            None => (StatusCode::OK, "ready\n").into_response(),
+                            Some(why) => {
+                                (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+                            }
+                        }
                     }
                 }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let body = readiness.status();
+                async move { ([(header::CONTENT_TYPE, "application/json")], body) }
             }),
         );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await

@@ -18,7 +18,7 @@ mod meta;
 pub mod net;
 mod task;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::SeekFrom;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,7 +105,7 @@ impl Default for FetchConfig {
             peer_concurrency: 16,
             per_peer_concurrency: 4,
             origin_concurrency: 4,
-            owner_stall: Duration::from_secs(5),
+            owner_stall: Duration::from_secs(15),
             max_download_rate: None,
         }
     }
@@ -125,7 +125,12 @@ pub struct Download {
     /// known and once it was committed or discarded. Opening the file and renaming it both
     /// hold this lock, so a reader never races the rename.
     shared: tokio::sync::Mutex<Option<Shared>>,
+    /// Peers that asked us about this digest while it downloads (see [`Fetcher::have`]).
+    askers: Mutex<HashSet<NodeId>>,
 }
+
+/// Bound on remembered askers per download.
+const MAX_ASKERS: usize = 1024;
 
 /// How a request for a digest is served.
 pub enum Lookup {
@@ -184,6 +189,7 @@ impl Fetcher {
             digest: *digest,
             progress: watch::channel(Progress::Starting).0,
             shared: tokio::sync::Mutex::new(None),
+            askers: Mutex::default(),
         });
         in_flight.insert(*digest, dl.clone());
         drop(in_flight);
@@ -237,10 +243,18 @@ impl Fetcher {
         self.bans.lock().expect("ban lock").insert(peer.clone(), Instant::now() + BAN_DURATION);
     }
 
-    /// What this node holds of `digest`, for a peer's `Have` request.
-    pub async fn have(&self, digest: &Digest) -> Option<PeerHave> {
+    /// What this node holds of `digest`, for a `Have` request from peer `from`. A peer that
+    /// asks while we download the digest is downloading it too: the download task counts it
+    /// among the nodes that share the origin fetches, even before the DHT says so.
+    pub async fn have(&self, digest: &Digest, from: Option<NodeId>) -> Option<PeerHave> {
         let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
         if let Some(dl) = dl {
+            if let Some(from) = from {
+                let mut askers = dl.askers.lock().expect("askers lock");
+                if askers.len() < MAX_ASKERS {
+                    askers.insert(from);
+                }
+            }
             let shared = dl.shared.lock().await;
             if let Some(s) = shared.as_ref() {
                 return Some(PeerHave {

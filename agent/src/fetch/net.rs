@@ -84,6 +84,11 @@ pub trait Network: Send + Sync + 'static {
     fn have(&self, peer: NodeId, digest: Digest) -> BoxFuture<'static, Result<PeerHave, PeerError>>;
     fn piece(&self, peer: NodeId, digest: Digest, index: u32)
         -> BoxFuture<'static, Result<Bytes, PeerError>>;
+    /// How long a download that finds nobody holding its digest waits for nodes starting at
+    /// the same moment to announce, before it splits the origin fetches (zero: no peers).
+    fn settle_delay(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// A node without peers: every piece comes from the origin.

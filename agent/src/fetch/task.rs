@@ -45,13 +45,16 @@ use crate::store::Partial;
 use crate::types::Digest;
 
 /// How often peers' piece maps are polled during a download.
-const HAVE_POLL: Duration = Duration::from_millis(250);
+const HAVE_POLL: Duration = Duration::from_millis(500);
 /// How often the provider set is looked up again during a download.
 const PROVIDER_POLL: Duration = Duration::from_secs(2);
 /// Pieces near the watermark whose order is rotated per node.
 const WINDOW: u32 = 32;
-/// Most pieces in one origin `Range` request.
+/// Most pieces in one origin `Range` request when no other node downloads the digest.
 const MAX_SPAN: u32 = 16;
+/// Most pieces in one origin `Range` request while other nodes download it too: short
+/// spans commit little to a view of the owner set that may still be incomplete.
+const SHARED_SPAN: u32 = 2;
 /// Origin failures in a row (without a verified piece in between) before giving up.
 const MAX_ORIGIN_FAILURES: u32 = 6;
 /// Save the piece map after this many newly verified pieces (and when the download ends).
@@ -151,9 +154,31 @@ impl Fetcher {
             .buffer_unordered(16)
             .collect::<Vec<_>>()
             .await;
-        let known = answers.iter().find_map(|(_, r)| {
-            r.as_ref().ok().filter(|h| Layout::for_size(h.size).piece_size == h.piece_size).cloned()
-        });
+        let sized = |answers: &[(NodeId, Result<PeerHave, PeerError>)]| {
+            answers.iter().find_map(|(_, r)| {
+                r.as_ref().ok().filter(|h| Layout::for_size(h.size).piece_size == h.piece_size).cloned()
+            })
+        };
+        let mut known = sized(&answers);
+        if known.is_none() && self.net.settle_delay() > Duration::ZERO {
+            // Nobody holds it yet. Nodes that start at the same moment announce at the same
+            // moment: wait for their records, then read the provider set again, so the
+            // origin pieces are split among everyone from the first request on.
+            tokio::time::sleep(self.net.settle_delay()).await;
+            let again = self.live_providers(digest).await;
+            let asked: Vec<NodeId> = answers.iter().map(|(p, _)| p.clone()).collect();
+            let fresh: Vec<NodeId> = again.into_iter().filter(|p| !asked.contains(p)).collect();
+            let more = futures_util::stream::iter(fresh)
+                .map(|p| {
+                    let net = self.net.clone();
+                    async move { (p.clone(), net.have(p, digest).await) }
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<_>>()
+                .await;
+            answers.extend(more);
+            known = sized(&answers);
+        }
         let (total, mut media_type) = match known {
             Some(h) => (h.size, h.media_type),
             None => {
@@ -292,6 +317,15 @@ impl Fetcher {
 
         while !map.verified.is_full() {
             let now = Instant::now();
+            let askers: Vec<NodeId> = dl.askers.lock().expect("askers lock").drain().collect();
+            for p in askers {
+                if p != me && !self.is_banned(&p) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = peers.entry(p.clone()) {
+                        slot.insert(PeerState::new(n));
+                        downloaders.insert(p);
+                    }
+                }
+            }
             // --- schedule pieces ---
             let mut owners: Vec<NodeId> = downloaders.iter().cloned().collect();
             owners.push(me.clone());
@@ -348,10 +382,18 @@ impl Fetcher {
                 if in_flight[i as usize] {
                     continue;
                 }
-                let waited = now - *waiting_since[i as usize].get_or_insert(now);
+                // A piece waits once it is in the window (it blocks the stream from then on).
+                let waited = if i < window_end {
+                    now - *waiting_since[i as usize].get_or_insert(now)
+                } else {
+                    Duration::ZERO
+                };
                 let owner = origin_owner(&digest, i, &owners).expect("owners include us").clone();
                 let owner_stalled =
                     owner != me && peers.get(&owner).is_none_or(|s| now - s.last_gain > cfg.owner_stall);
+                // Take a piece over when its owner makes no progress at all, or (a safety
+                // valve for owners that disagree about who owns what) when it has blocked
+                // the stream for a long time.
                 let take = owner == me
                     || (waited > cfg.owner_stall && owner_stalled)
                     || waited > cfg.owner_stall * 4;
@@ -363,7 +405,7 @@ impl Fetcher {
                 }
                 let mut end = i + 1;
                 while end < n
-                    && end - i < MAX_SPAN
+                    && end - i < if downloaders.is_empty() { MAX_SPAN } else { SHARED_SPAN }
                     && !map.verified.get(end)
                     && !in_flight[end as usize]
                     && origin_owner(&digest, end, &owners) == Some(&me)
@@ -527,6 +569,15 @@ impl Fetcher {
             }
         }
         partial.save_state(map.encode_state()).await?;
+        let from_origin = suppliers.iter().filter(|s| s.is_none()).count();
+        tracing::info!(
+            %digest,
+            pieces = n,
+            from_origin,
+            from_peers = n as usize - from_origin,
+            downloaders = downloaders.len(),
+            "all pieces verified"
+        );
         Ok(())
     }
 

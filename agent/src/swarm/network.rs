@@ -1,0 +1,247 @@
+//! The swarm seen from the rest of the agent: [`SwarmNetwork`] implements the download
+//! task's [`Network`] trait over a [`Client`], and [`serve_peers`] answers peers' piece
+//! requests from this node's store and downloads. Peer ids become [`NodeId`]s here, so no
+//! libp2p type leaves this module.
+
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::client::{Client, InboundRequest, RequestError};
+use super::protocol::{HaveInfo, PieceRequest, PieceResponse};
+use super::{Bootstrap, SwarmConfig, SwarmError, SwarmStats};
+use crate::fetch::net::{Network, NodeId, PeerError, PeerHave};
+use crate::fetch::Fetcher;
+use crate::metrics::METRICS;
+use crate::pieces::Bitfield;
+use crate::ratelimit::RateLimiter;
+use crate::types::Digest;
+
+/// How long a provider lookup may take before the download goes on with what it found.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a cold download waits for simultaneous starters' announcements (a few DHT
+/// round trips inside a cluster).
+const SETTLE_DELAY: Duration = Duration::from_millis(500);
+
+/// A [`SwarmConfig`] from the agent's flags (strings, so `config` stays free of libp2p).
+pub fn config_from_flags(
+    listen: &[String],
+    bootstrap: &[String],
+    key_path: std::path::PathBuf,
+    swarm_key: Option<std::path::PathBuf>,
+) -> Result<SwarmConfig, SwarmError> {
+    let mut config = SwarmConfig::new(key_path);
+    config.listen = listen
+        .iter()
+        .map(|a| {
+            Multiaddr::from_str(a)
+                .map_err(|e| SwarmError::Multiaddr { addr: a.clone(), reason: e.to_string() })
+        })
+        .collect::<Result<_, _>>()?;
+    config.bootstrap = bootstrap.iter().map(|b| b.parse::<Bootstrap>()).collect::<Result<_, _>>()?;
+    config.swarm_key = swarm_key;
+    Ok(config)
+}
+
+pub struct SwarmNetwork {
+    client: Client,
+    me: NodeId,
+}
+
+impl SwarmNetwork {
+    pub fn new(client: Client) -> Self {
+        let me = NodeId::new(&client.local_peer_id().to_bytes());
+        SwarmNetwork { client, me }
+    }
+}
+
+fn peer_id(node: &NodeId) -> Result<PeerId, PeerError> {
+    PeerId::from_bytes(node.as_bytes()).map_err(|e| PeerError::Protocol(format!("bad peer id: {e}")))
+}
+
+fn request_error(e: RequestError) -> PeerError {
+    match e {
+        RequestError::Protocol(why) => PeerError::Protocol(why),
+        other => PeerError::Unreachable(other.to_string()),
+    }
+}
+
+impl Network for SwarmNetwork {
+    fn local_id(&self) -> NodeId {
+        self.me.clone()
+    }
+
+    fn settle_delay(&self) -> Duration {
+        SETTLE_DELAY
+    }
+
+    fn announce(&self, digest: Digest) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.start_providing(digest).await {
+                tracing::debug!(%digest, error = %e, "could not announce");
+            }
+        });
+    }
+
+    fn withdraw(&self, digest: Digest) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.stop_providing(digest).await;
+        });
+    }
+
+    fn find_providers(&self, digest: Digest) -> BoxFuture<'static, Vec<NodeId>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            match client.find_providers(digest, LOOKUP_TIMEOUT).await {
+                Ok(peers) => peers.iter().map(|p| NodeId::new(&p.to_bytes())).collect(),
+                Err(e) => {
+                    tracing::debug!(%digest, error = %e, "provider lookup failed");
+                    Vec::new()
+                }
+            }
+        })
+    }
+
+    fn have(&self, peer: NodeId, digest: Digest) -> BoxFuture<'static, Result<PeerHave, PeerError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            match client.request(peer_id(&peer)?, PieceRequest::have(&digest)).await.map_err(request_error)? {
+                PieceResponse::Have(info) => {
+                    let pieces = HaveInfo::piece_count(info.size, info.piece_size) as u32;
+                    let have = Bitfield::from_bytes(info.have, pieces)
+                        .ok_or_else(|| PeerError::Protocol("bitfield does not fit the blob".into()))?;
+                    Ok(PeerHave {
+                        size: info.size,
+                        piece_size: info.piece_size,
+                        have,
+                        piece_digests: info.piece_digests,
+                        complete: info.complete,
+                        media_type: info.media_type,
+                    })
+                }
+                PieceResponse::NotFound => Err(PeerError::Lacks),
+                PieceResponse::Busy => Err(PeerError::Busy),
+                PieceResponse::Piece { .. } => Err(PeerError::Protocol("a piece in answer to Have".into())),
+            }
+        })
+    }
+
+    fn piece(
+        &self,
+        peer: NodeId,
+        digest: Digest,
+        index: u32,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            match client
+                .request(peer_id(&peer)?, PieceRequest::piece(&digest, index))
+                .await
+                .map_err(request_error)?
+            {
+                PieceResponse::Piece { index: got, data } if got == index => Ok(Bytes::from(data)),
+                PieceResponse::Piece { index: got, .. } => {
+                    Err(PeerError::Protocol(format!("asked for piece {index}, got {got}")))
+                }
+                PieceResponse::NotFound => Err(PeerError::Lacks),
+                PieceResponse::Busy => Err(PeerError::Busy),
+                PieceResponse::Have(_) => {
+                    Err(PeerError::Protocol("Have in answer to a piece request".into()))
+                }
+            }
+        })
+    }
+}
+
+/// How this node answers peers.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Piece uploads in flight at once; more are answered `Busy`.
+    pub max_uploads: usize,
+    pub upload_limit: Arc<RateLimiter>,
+    /// Test-only fault injection: flip a byte of every piece sent.
+    pub corrupt_uploads: bool,
+}
+
+/// Answers inbound piece requests until the swarm stops. Only local, verified pieces are
+/// served; nothing is ever forwarded.
+pub async fn serve_peers(
+    fetcher: Arc<Fetcher>,
+    client: Client,
+    mut inbound: mpsc::Receiver<InboundRequest>,
+    options: ServeOptions,
+) {
+    let slots = Arc::new(Semaphore::new(options.max_uploads));
+    while let Some(InboundRequest { peer, request, channel }) = inbound.recv().await {
+        let (fetcher, client, options) = (fetcher.clone(), client.clone(), options.clone());
+        match request {
+            PieceRequest::Have { digest } => {
+                tokio::spawn(async move {
+                    let asker = NodeId::new(&peer.to_bytes());
+                    let response = match fetcher.have(&Digest::from_sha256(digest), Some(asker)).await {
+                        Some(h) => PieceResponse::Have(HaveInfo {
+                            size: h.size,
+                            piece_size: h.piece_size,
+                            have: h.have.as_bytes().to_vec(),
+                            piece_digests: h.piece_digests,
+                            complete: h.complete,
+                            media_type: h.media_type,
+                        }),
+                        None => PieceResponse::NotFound,
+                    };
+                    let _ = client.respond(channel, response).await;
+                });
+            }
+            PieceRequest::Piece { digest, index } => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    let _ = client.respond(channel, PieceResponse::Busy).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let response = match fetcher.piece(&Digest::from_sha256(digest), index).await {
+                        Some(data) => {
+                            options.upload_limit.acquire(data.len() as u64).await;
+                            let mut data = data.to_vec();
+                            if options.corrupt_uploads && !data.is_empty() {
+                                let mid = data.len() / 2;
+                                data[mid] ^= 0xff;
+                            }
+                            METRICS.peer_sent_bytes.inc_by(data.len() as u64);
+                            tracing::debug!(%peer, piece = index, "serving a piece");
+                            PieceResponse::Piece { index, data }
+                        }
+                        None => PieceResponse::NotFound,
+                    };
+                    let _ = client.respond(channel, response).await;
+                });
+            }
+        }
+    }
+}
+
+/// Copies the swarm's counters into the Prometheus metrics every `period`, until the
+/// returned task is aborted.
+pub fn export_stats(stats: Arc<SwarmStats>, period: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        let (mut lookups_seen, mut ms_seen) = (0, 0);
+        loop {
+            tick.tick().await;
+            METRICS.connected_peers.set(stats.connected_peers.load(Ordering::Relaxed) as i64);
+            let lookups = stats.dht_lookups.load(Ordering::Relaxed);
+            let ms = stats.dht_lookup_ms_total.load(Ordering::Relaxed);
+            METRICS.dht_lookups.inc_by(lookups.saturating_sub(lookups_seen));
+            METRICS.dht_lookup_seconds.inc_by(ms.saturating_sub(ms_seen) as f64 / 1000.0);
+            (lookups_seen, ms_seen) = (lookups, ms);
+        }
+    })
+}

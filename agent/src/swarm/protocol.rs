@@ -1,0 +1,555 @@
+//! Shoal's piece protocol, `/shoal/piece/1.0.0`: the messages, their bincode encoding, and the
+//! request-response codec that reads them off libp2p streams.
+//!
+//! ## Shape
+//!
+//! One request and one response per stream (libp2p request-response opens a yamux stream per
+//! request). A peer asks [`PieceRequest::Have`] to learn which pieces of a digest another peer
+//! holds and what their sha256 digests are, then [`PieceRequest::Piece`] for each piece it
+//! wants. The responder answers only from its local store: it never forwards a request, so no
+//! loop can form, and a miss is [`PieceResponse::NotFound`], not a wait.
+//!
+//! ## Encoding
+//!
+//! bincode 2 (`config::standard()`: little-endian, variable-length integers) over serde. A
+//! message is the whole stream: the writer closes its side after the message, the reader
+//! reads to end of stream. There is no length prefix of ours to trust; instead every read is
+//! capped (at most `limit + 1` bytes are read, more is an error), and bincode runs with a
+//! compile-time byte limit so a forged length inside a message can never make the decoder
+//! allocate more than the cap. Trailing bytes after a message are an error too, so each
+//! message has exactly one encoding (pinned by the hexdump tests below).
+//!
+//! Byte strings (`data`, `have`) are serialized as serde byte buffers: the same bytes on the
+//! wire as a sequence of `u8`, but decoded with one copy instead of one visitor call per byte.
+//!
+//! ## Limits
+//!
+//! - A request is at most [`MAX_REQUEST_BYTES`] (a `Piece` request is 36 bytes or so).
+//! - A response is at most the node's `max_message_bytes`, itself at most
+//!   [`MAX_RESPONSE_BYTES`]: one piece of up to [`MAX_PIECE_BYTES`] plus room for framing, or a
+//!   `Have` answer for a blob of up to several hundred thousand pieces.
+//! - Decoded responses are checked for internal consistency ([`PieceResponse::validate`]), so a
+//!   bitfield that does not match the blob's piece count or a piece digest for a piece that
+//!   cannot exist is a protocol error at the edge, not a panic in the scheduler.
+
+use std::io;
+
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::types::Digest;
+
+/// The protocol name negotiated on each stream.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/piece/1.0.0");
+
+/// Largest piece a peer sends (and the largest piece size a `Have` answer may announce).
+pub const MAX_PIECE_BYTES: usize = 16 << 20;
+/// Largest encoded request.
+pub const MAX_REQUEST_BYTES: usize = 1024;
+/// Largest encoded response any node accepts: a full piece plus 1 MiB for framing or for a
+/// large `Have` answer. A node's own limit (`SwarmConfig::max_message_bytes`) may be lower.
+pub const MAX_RESPONSE_BYTES: usize = MAX_PIECE_BYTES + (1 << 20);
+/// Largest media type string in a `Have` answer (OCI media types are well under 100 bytes).
+pub const MAX_MEDIA_TYPE_BYTES: usize = 255;
+
+/// What one peer asks another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PieceRequest {
+    /// Which pieces of this digest do you hold, and what are their digests?
+    Have { digest: [u8; 32] },
+    /// Send me piece `index` of this digest.
+    Piece { digest: [u8; 32], index: u32 },
+}
+
+impl PieceRequest {
+    pub fn have(digest: &Digest) -> Self {
+        PieceRequest::Have { digest: *digest.as_bytes() }
+    }
+
+    pub fn piece(digest: &Digest, index: u32) -> Self {
+        PieceRequest::Piece { digest: *digest.as_bytes(), index }
+    }
+
+    /// The content digest the request is about.
+    pub fn digest(&self) -> Digest {
+        match self {
+            PieceRequest::Have { digest } | PieceRequest::Piece { digest, .. } => {
+                Digest::from_sha256(*digest)
+            }
+        }
+    }
+}
+
+/// What a peer answers.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PieceResponse {
+    Have(HaveInfo),
+    /// `data` is at most [`MAX_PIECE_BYTES`].
+    Piece {
+        index: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The peer holds nothing of this digest / not this piece.
+    NotFound,
+    /// The peer is at its upload concurrency limit; try later or elsewhere.
+    Busy,
+}
+
+impl std::fmt::Debug for PieceResponse {
+    /// Pieces are shown by length: a 16 MiB byte dump in a log line helps no one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PieceResponse::Have(info) => f.debug_tuple("Have").field(info).finish(),
+            PieceResponse::Piece { index, data } => {
+                f.debug_struct("Piece").field("index", index).field("len", &data.len()).finish()
+            }
+            PieceResponse::NotFound => f.write_str("NotFound"),
+            PieceResponse::Busy => f.write_str("Busy"),
+        }
+    }
+}
+
+/// What a peer holds of one blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveInfo {
+    pub size: u64,
+    pub piece_size: u32,
+    /// Bitfield, one bit per piece, LSB-first in each byte; spare bits in the last byte are 0.
+    #[serde(with = "serde_bytes")]
+    pub have: Vec<u8>,
+    /// sha256 of pieces the responder can attest (pieces it verified), as (index, digest).
+    pub piece_digests: Vec<(u32, [u8; 32])>,
+    /// The whole blob is verified against its content digest.
+    pub complete: bool,
+    /// The media type the origin gave, when the responder knows it (manifests are served
+    /// with it). At most [`MAX_MEDIA_TYPE_BYTES`].
+    pub media_type: Option<String>,
+}
+
+impl HaveInfo {
+    /// Number of pieces of a blob: `ceil(size / piece_size)`, and one (empty) piece for an
+    /// empty blob, the convention of `pieces::Layout`.
+    pub fn piece_count(size: u64, piece_size: u32) -> u64 {
+        if piece_size == 0 {
+            return 0;
+        }
+        size.div_ceil(u64::from(piece_size)).max(1)
+    }
+
+    /// Whether the responder holds piece `index`.
+    pub fn has(&self, index: u32) -> bool {
+        self.have.get((index / 8) as usize).is_some_and(|b| b & (1 << (index % 8)) != 0)
+    }
+
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let invalid = |what: String| Err(ProtocolError::Invalid(what));
+        if self.piece_size == 0 || self.piece_size as usize > MAX_PIECE_BYTES {
+            return invalid(format!("piece size {} outside 1..={MAX_PIECE_BYTES}", self.piece_size));
+        }
+        let pieces = Self::piece_count(self.size, self.piece_size);
+        // Indices are u32 and so is `pieces::Bitfield`'s length.
+        if pieces > u64::from(u32::MAX) {
+            return invalid(format!("{pieces} pieces is more than u32 indices can number"));
+        }
+        if self.have.len() as u64 != pieces.div_ceil(8) {
+            return invalid(format!("bitfield of {} bytes for {pieces} pieces", self.have.len()));
+        }
+        let spare = (8 - pieces % 8) % 8;
+        if spare > 0 && self.have.last().is_some_and(|b| b >> (8 - spare) != 0) {
+            return invalid("bits set past the last piece".to_string());
+        }
+        if let Some((index, _)) = self.piece_digests.iter().find(|(i, _)| u64::from(*i) >= pieces) {
+            return invalid(format!("digest for piece {index} of {pieces}"));
+        }
+        if self.complete && self.have.iter().map(|b| u64::from(b.count_ones())).sum::<u64>() != pieces {
+            return invalid("complete, but not every piece is in the bitfield".to_string());
+        }
+        if self.media_type.as_ref().is_some_and(|m| m.len() > MAX_MEDIA_TYPE_BYTES) {
+            return invalid("media type too long".to_string());
+        }
+        Ok(())
+    }
+}
+
+impl PieceResponse {
+    /// Checks what the type cannot: sizes and the consistency of a `Have` answer.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            PieceResponse::Have(info) => info.validate(),
+            PieceResponse::Piece { data, .. } if data.len() > MAX_PIECE_BYTES => {
+                Err(ProtocolError::TooLarge { len: data.len(), limit: MAX_PIECE_BYTES })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why bytes are not a valid message (or a message cannot be sent).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("message of {len} bytes or more exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+/// bincode's standard configuration with a hard decode limit: no length inside a message can
+/// make the decoder claim more than this many bytes.
+const CONFIG: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_RESPONSE_BYTES>,
+> = bincode::config::standard().with_limit::<MAX_RESPONSE_BYTES>();
+
+fn encode<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
+    let bytes =
+        bincode::serde::encode_to_vec(message, CONFIG).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    if bytes.len() > limit {
+        return Err(ProtocolError::TooLarge { len: bytes.len(), limit });
+    }
+    Ok(bytes)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
+    if bytes.len() > limit {
+        return Err(ProtocolError::TooLarge { len: bytes.len(), limit });
+    }
+    let (message, read) =
+        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| ProtocolError::Decode(e.to_string()))?;
+    if read != bytes.len() {
+        return Err(ProtocolError::TrailingBytes(bytes.len() - read));
+    }
+    Ok(message)
+}
+
+pub fn encode_request(request: &PieceRequest) -> Result<Vec<u8>, ProtocolError> {
+    encode(request, MAX_REQUEST_BYTES)
+}
+
+pub fn decode_request(bytes: &[u8]) -> Result<PieceRequest, ProtocolError> {
+    decode(bytes, MAX_REQUEST_BYTES)
+}
+
+/// Encodes a response of at most `limit` bytes (clamped to [`MAX_RESPONSE_BYTES`]).
+pub fn encode_response(response: &PieceResponse, limit: usize) -> Result<Vec<u8>, ProtocolError> {
+    response.validate()?;
+    encode(response, limit.min(MAX_RESPONSE_BYTES))
+}
+
+/// Decodes and validates a response of at most `limit` bytes (clamped to
+/// [`MAX_RESPONSE_BYTES`]).
+pub fn decode_response(bytes: &[u8], limit: usize) -> Result<PieceResponse, ProtocolError> {
+    let response: PieceResponse = decode(bytes, limit.min(MAX_RESPONSE_BYTES))?;
+    response.validate()?;
+    Ok(response)
+}
+
+/// The request-response codec: whole-stream messages, capped reads (see the module docs).
+#[derive(Clone, Debug)]
+pub(crate) struct PieceCodec {
+    /// Largest response this node reads or writes.
+    pub(crate) max_response_bytes: usize,
+}
+
+/// Reads to end of stream, at most `limit` bytes: one byte more is an error, so a peer cannot
+/// make us buffer more than `limit + 1` bytes whatever it sends.
+async fn read_capped<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    io.take(limit as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > limit {
+        return Err(invalid_data(ProtocolError::TooLarge { len: buf.len(), limit }));
+    }
+    Ok(buf)
+}
+
+fn invalid_data(e: ProtocolError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl libp2p::request_response::Codec for PieceCodec {
+    type Protocol = StreamProtocol;
+    type Request = PieceRequest;
+    type Response = PieceResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<PieceRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let bytes = read_capped(io, MAX_REQUEST_BYTES).await?;
+        decode_request(&bytes).map_err(invalid_data)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<PieceResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let bytes = read_capped(io, self.max_response_bytes).await?;
+        if bytes.is_empty() {
+            // The responder closed the stream without answering (its handler dropped the
+            // request); not a malformed message.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the stream without answering",
+            ));
+        }
+        decode_response(&bytes, self.max_response_bytes).map_err(invalid_data)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: PieceRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let bytes = encode_request(&request).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        io.write_all(&bytes).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: PieceResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let bytes = encode_response(&response, self.max_response_bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        io.write_all(&bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn digest_strategy() -> impl Strategy<Value = [u8; 32]> {
+        proptest::array::uniform32(any::<u8>())
+    }
+
+    fn request_strategy() -> impl Strategy<Value = PieceRequest> {
+        prop_oneof![
+            digest_strategy().prop_map(|digest| PieceRequest::Have { digest }),
+            (digest_strategy(), any::<u32>())
+                .prop_map(|(digest, index)| PieceRequest::Piece { digest, index }),
+        ]
+    }
+
+    /// Valid `Have` answers: a consistent bitfield and digests for existing pieces.
+    fn have_strategy() -> impl Strategy<Value = HaveInfo> {
+        (0u64..1 << 40, 1u32..=MAX_PIECE_BYTES as u32)
+            .prop_filter("at most 4096 pieces keeps cases small", |(size, piece)| {
+                HaveInfo::piece_count(*size, *piece) <= 4096
+            })
+            .prop_flat_map(|(size, piece_size)| {
+                let pieces = HaveInfo::piece_count(size, piece_size) as u32;
+                (
+                    Just((size, piece_size, pieces)),
+                    proptest::collection::vec(any::<bool>(), pieces as usize),
+                    proptest::collection::vec((0..pieces, digest_strategy()), 0..8),
+                    proptest::option::of("[a-z0-9./+-]{0,64}"),
+                )
+            })
+            .prop_map(|((size, piece_size, pieces), bits, piece_digests, media_type)| {
+                let mut have = vec![0u8; (pieces as usize).div_ceil(8)];
+                for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+                    have[i / 8] |= 1 << (i % 8);
+                }
+                let complete = bits.iter().all(|b| *b);
+                HaveInfo { size, piece_size, have, piece_digests, complete, media_type }
+            })
+    }
+
+    fn response_strategy() -> impl Strategy<Value = PieceResponse> {
+        prop_oneof![
+            have_strategy().prop_map(PieceResponse::Have),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..4096))
+                .prop_map(|(index, data)| PieceResponse::Piece { index, data }),
+            Just(PieceResponse::NotFound),
+            Just(PieceResponse::Busy),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(request in request_strategy()) {
+            let bytes = encode_request(&request).unwrap();
+            prop_assert!(bytes.len() <= 40);
+            prop_assert_eq!(decode_request(&bytes).unwrap(), request);
+        }
+
+        #[test]
+        fn responses_round_trip(response in response_strategy()) {
+            let bytes = encode_response(&response, MAX_RESPONSE_BYTES).unwrap();
+            prop_assert_eq!(decode_response(&bytes, MAX_RESPONSE_BYTES).unwrap(), response);
+        }
+
+        /// Every strict prefix of a valid message is an error, never a panic or a shorter
+        /// valid message.
+        #[test]
+        fn truncated_responses_are_errors(response in response_strategy(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode_response(&response, MAX_RESPONSE_BYTES).unwrap();
+            let cut = cut.index(bytes.len());
+            prop_assert!(decode_response(&bytes[..cut], MAX_RESPONSE_BYTES).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes, MAX_RESPONSE_BYTES);
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        hex::encode(bytes)
+    }
+
+    /// The wire bytes of one small message of each variant. A change here is a protocol
+    /// change: bump the protocol name instead.
+    #[test]
+    fn fixed_encodings() {
+        // Have { digest }:
+        //   00          variant 0 (Have), varint u32
+        //   11 × 32     digest, a fixed array: no length
+        let have = PieceRequest::Have { digest: [0x11; 32] };
+        assert_eq!(hex(&encode_request(&have).unwrap()), format!("00{}", "11".repeat(32)));
+
+        // Piece { digest, index: 300 }:
+        //   01          variant 1 (Piece)
+        //   22 × 32     digest
+        //   fb 2c 01    index 300: varint marker 251 (u16 follows), then 300 little-endian
+        let piece = PieceRequest::Piece { digest: [0x22; 32], index: 300 };
+        assert_eq!(hex(&encode_request(&piece).unwrap()), format!("01{}fb2c01", "22".repeat(32)));
+
+        // Have(HaveInfo { size 10, piece_size 4 → 3 pieces, holds 0 and 2, attests piece 0,
+        //                 not complete, media type "a/b" }):
+        //   00          variant 0 (Have)
+        //   0a          size 10
+        //   04          piece_size 4
+        //   01 05       bitfield: length 1, bits 0b101
+        //   01          one piece digest:
+        //   00 aa × 32    (index 0, digest)
+        //   00          complete = false
+        //   01 03 612f62  media_type: Some, length 3, "a/b"
+        let info = HaveInfo {
+            size: 10,
+            piece_size: 4,
+            have: vec![0b101],
+            piece_digests: vec![(0, [0xaa; 32])],
+            complete: false,
+            media_type: Some("a/b".to_string()),
+        };
+        let bytes = encode_response(&PieceResponse::Have(info), MAX_RESPONSE_BYTES).unwrap();
+        assert_eq!(hex(&bytes), format!("000a0401050100{}000103612f62", "aa".repeat(32)));
+
+        // Piece { index 2, data "abc" }:
+        //   01          variant 1 (Piece)
+        //   02          index 2
+        //   03 616263   data: length 3, bytes
+        let piece = PieceResponse::Piece { index: 2, data: b"abc".to_vec() };
+        assert_eq!(hex(&encode_response(&piece, MAX_RESPONSE_BYTES).unwrap()), "010203616263");
+
+        // NotFound and Busy: the variant alone.
+        assert_eq!(hex(&encode_response(&PieceResponse::NotFound, 16).unwrap()), "02");
+        assert_eq!(hex(&encode_response(&PieceResponse::Busy, 16).unwrap()), "03");
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let ok = encode_response(&PieceResponse::Piece { index: 0, data: vec![7; 100] }, 1000).unwrap();
+        // Over the reader's limit.
+        assert!(matches!(decode_response(&ok, 50), Err(ProtocolError::TooLarge { .. })));
+        // Trailing byte.
+        let mut long = ok.clone();
+        long.push(0);
+        assert_eq!(decode_response(&long, 1000), Err(ProtocolError::TrailingBytes(1)));
+        // Unknown variant.
+        assert!(matches!(decode_response(&[9], 1000), Err(ProtocolError::Decode(_))));
+        assert!(matches!(decode_request(&[2],), Err(ProtocolError::Decode(_))));
+        // Empty input.
+        assert!(decode_request(&[]).is_err());
+        assert!(decode_response(&[], 1000).is_err());
+        // A forged length: Piece, index 0, data length u64::MAX (varint marker 253 + 8 bytes),
+        // nothing after it. Must fail on the limit without allocating.
+        let forged = [[1u8, 0, 253].as_slice(), &[0xff; 8]].concat();
+        assert!(matches!(decode_response(&forged, MAX_RESPONSE_BYTES), Err(ProtocolError::Decode(_))));
+        // A length just over the slice: claims 17 MiB.
+        let forged = [[1u8, 0, 252].as_slice(), &(17u32 << 20).to_le_bytes()].concat();
+        assert!(decode_response(&forged, MAX_RESPONSE_BYTES).is_err());
+        // A request longer than the request limit.
+        assert!(matches!(decode_request(&[0; MAX_REQUEST_BYTES + 1]), Err(ProtocolError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn inconsistent_have_answers_are_invalid() {
+        let good = HaveInfo {
+            size: 10,
+            piece_size: 4,
+            have: vec![0b111],
+            piece_digests: vec![(2, [0; 32])],
+            complete: true,
+            media_type: None,
+        };
+        let check = |f: &dyn Fn(&mut HaveInfo)| {
+            let mut info = good.clone();
+            f(&mut info);
+            let bytes = bincode::serde::encode_to_vec(PieceResponse::Have(info), CONFIG).unwrap();
+            decode_response(&bytes, MAX_RESPONSE_BYTES)
+        };
+        assert!(check(&|_| ()).is_ok());
+        assert!(matches!(check(&|i| i.piece_size = 0), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(
+            check(&|i| i.piece_size = MAX_PIECE_BYTES as u32 + 1),
+            Err(ProtocolError::Invalid(_))
+        ));
+        assert!(matches!(check(&|i| i.have = vec![0b111, 0]), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(check(&|i| i.have = vec![0b1111]), Err(ProtocolError::Invalid(_))), "spare bit");
+        assert!(matches!(check(&|i| i.piece_digests = vec![(3, [0; 32])]), Err(ProtocolError::Invalid(_))));
+        assert!(matches!(check(&|i| i.have = vec![0b011]), Err(ProtocolError::Invalid(_))), "complete");
+        assert!(matches!(check(&|i| i.media_type = Some("x".repeat(256))), Err(ProtocolError::Invalid(_))));
+        // An empty blob has one empty piece.
+        assert!(check(&|i| {
+            i.size = 0;
+            i.have = vec![1];
+            i.piece_digests = vec![(0, [0; 32])];
+        })
+        .is_ok());
+        // Oversized pieces are refused on both sides.
+        let big = PieceResponse::Piece { index: 0, data: vec![0; MAX_PIECE_BYTES + 1] };
+        assert!(matches!(encode_response(&big, MAX_RESPONSE_BYTES), Err(ProtocolError::TooLarge { .. })));
+        let bytes = bincode::serde::encode_to_vec(&big, CONFIG).unwrap();
+        assert!(decode_response(&bytes, MAX_RESPONSE_BYTES).is_err());
+    }
+
+    #[test]
+    fn have_bits() {
+        let info = HaveInfo {
+            size: 20,
+            piece_size: 2,
+            have: vec![0b0000_0101, 0b10],
+            piece_digests: vec![],
+            complete: false,
+            media_type: None,
+        };
+        let held: Vec<u32> = (0..12).filter(|i| info.has(*i)).collect();
+        assert_eq!(held, vec![0, 2, 9]);
+        assert_eq!(HaveInfo::piece_count(0, 4), 1);
+        assert_eq!(HaveInfo::piece_count(8, 4), 2);
+        assert_eq!(HaveInfo::piece_count(9, 4), 3);
+    }
+}

@@ -1,0 +1,335 @@
+//! Agents share verified pieces over the libp2p swarm: several agent processes on loopback,
+//! a real `docker-registry` origin, images made by the test. Origin egress is read from the
+//! origin's access log, never from the agents' own counters.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use sha2::{Digest as _, Sha256};
+use shoal_tests::{
+    dead_url, http_client, poll_until, write_hosts_toml, AccessLogExt, Agent, AgentOptions, Containerd,
+    FaultyProxy, Image, ImageKind, ImageSpec, Origin, ProxyConfig, MANIFEST_ACCEPT,
+};
+
+/// Starts `n` agents; the first is the others' bootstrap peer.
+async fn cluster(origin: &Origin, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Agent> {
+    let opts = |i: usize| {
+        let mut o = AgentOptions::new().upstream(&origin.host(), &origin.url());
+        for a in extra(i) {
+            o = o.arg(&a);
+        }
+        o
+    };
+    let first = Agent::start(opts(0)).await.expect("start agent 0");
+    let seed = first.p2p_addr().await.expect("agent 0 p2p address");
+    let mut rest = join_all((1..n).map(|i| {
+        let o = opts(i).arg("--bootstrap").arg(&seed);
+        async move { Agent::start(o).await.unwrap_or_else(|e| panic!("start agent {i}: {e:#}")) }
+    }))
+    .await;
+    rest.insert(0, first);
+    rest
+}
+
+/// `<agent>/v2/<repo>/<kind>/<reference>?ns=<origin>`
+fn url(agent: &Agent, origin: &Origin, repo: &str, kind: &str, reference: &str) -> String {
+    format!("{}/v2/{repo}/{kind}/{reference}?ns={}", agent.url(), origin.host().replace(':', "%3A"))
+}
+
+/// Pulls `image` through `agent` over HTTP like a client would: resolve the tag, then every
+/// manifest and blob by digest, all blobs at once. Checks every body's sha256.
+async fn pull(agent: &Agent, origin: &Origin, image: &Image) -> Result<(), String> {
+    let client = http_client();
+    let tag = url(agent, origin, &image.repo, "manifests", &image.tag);
+    let resp = client.head(&tag).header("accept", MANIFEST_ACCEPT).send().await.map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("HEAD {tag}: {}", resp.status()));
+    }
+    let mut urls: Vec<(String, String)> = image
+        .manifests()
+        .map(|m| (url(agent, origin, &image.repo, "manifests", &m.digest), m.digest.clone()))
+        .collect();
+    urls.extend(
+        image.blobs.iter().map(|b| (url(agent, origin, &image.repo, "blobs", &b.digest), b.digest.clone())),
+    );
+    let results = join_all(urls.into_iter().map(|(u, digest)| {
+        let client = client.clone();
+        async move {
+            let mut resp = client
+                .get(&u)
+                .header("accept", MANIFEST_ACCEPT)
+                .timeout(Duration::from_secs(240))
+                .send()
+                .await
+                .map_err(|e| format!("GET {u}: {e}"))?;
+            if resp.status() != 200 {
+                return Err(format!("GET {u}: {}", resp.status()));
+            }
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {u}: body: {e}"))? {
+                hasher.update(&chunk);
+            }
+            let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if got != digest {
+                return Err(format!("GET {u}: body digest {got}"));
+            }
+            Ok(())
+        }
+    }))
+    .await;
+    results.into_iter().collect()
+}
+
+async fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    agent.metric_value(name, labels).await.expect("scrape /metrics").unwrap_or(0.0)
+}
+
+fn content_gets(origin: &Origin, mark: usize) -> Vec<String> {
+    origin
+        .access_log_since(mark)
+        .into_iter()
+        .filter(|e| {
+            e.method == "GET" && (e.is_blob() || (e.is_manifest() && e.reference().starts_with("sha256:")))
+        })
+        .map(|e| format!("{} {} {}", e.method, e.path, e.bytes))
+        .collect()
+}
+
+/// 1. Pull on A, then on B: B's bytes come from A; the origin sees only B's tag HEAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_node_pulls_from_the_first() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciIndex, "swarm/two", "v1").layers(&[3 << 20, 700_001]))
+        .await
+        .unwrap();
+    let agents = cluster(&origin, 2, |_| vec![]).await;
+    pull(&agents[0], &origin, &image).await.expect("pull on A");
+    let mark = origin.access_log().len();
+    pull(&agents[1], &origin, &image).await.expect("pull on B");
+    let gets = content_gets(&origin, mark);
+    assert!(gets.is_empty(), "B's pull reached the origin for content: {gets:#?}");
+    let from_peers = metric(&agents[1], "shoal_received_bytes_total", &[("source", "peer")]).await;
+    assert!(from_peers >= image.total_blob_bytes() as f64, "B received {from_peers} bytes from peers");
+    assert!(metric(&agents[0], "shoal_peer_sent_bytes_total", &[]).await >= image.total_blob_bytes() as f64);
+}
+
+/// 2. Ten agents pull a 256 MiB image at the same moment: the origin sends about one copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_agents_at_once_cost_the_origin_one_copy() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/ten", "v1").layers(&[64 << 20; 4]))
+        .await
+        .unwrap();
+    let agents = cluster(&origin, 10, |_| vec![]).await;
+    // Let the DHT settle: every agent knows at least one peer.
+    for a in &agents {
+        poll_until("a peer", Duration::from_secs(20), Duration::from_millis(100), || async {
+            Ok((metric(a, "shoal_connected_peers", &[]).await >= 1.0).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    let mark = origin.access_log().len();
+    let started = Instant::now();
+    let results = join_all(agents.iter().map(|a| pull(a, &origin, &image))).await;
+    let took = started.elapsed();
+    for (i, r) in results.iter().enumerate() {
+        r.as_ref().unwrap_or_else(|e| panic!("agent {i}: {e}"));
+    }
+    for (i, a) in agents.iter().enumerate() {
+        eprintln!(
+            "agent {i}: origin pieces {}, peer bytes {}, peers {}",
+            metric(a, "shoal_origin_pieces_total", &[]).await,
+            metric(a, "shoal_received_bytes_total", &[("source", "peer")]).await,
+            metric(a, "shoal_connected_peers", &[]).await
+        );
+        for line in a.log().lines().filter(|l| l.contains("all pieces verified")) {
+            eprintln!("  {line}");
+        }
+    }
+    let log = origin.access_log_since(mark);
+    let origin_bytes = log.blob_get_bytes() as f64;
+    let image_bytes = image.total_blob_bytes() as f64;
+    eprintln!(
+        "ten agents: {:.1} MiB image, origin sent {:.1} MiB ({:.3}x) in {:.1} s",
+        image_bytes / 1048576.0,
+        origin_bytes / 1048576.0,
+        origin_bytes / image_bytes,
+        took.as_secs_f64()
+    );
+    assert!(
+        origin_bytes <= 1.10 * image_bytes,
+        "origin sent {origin_bytes} bytes for a {image_bytes}-byte image"
+    );
+    assert!(log.manifest_gets() <= 2, "manifest GETs: {}", log.manifest_gets());
+}
+
+/// 3. A peer that corrupts what it sends is caught, banned, and nothing corrupt is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupting_peer_is_banned_and_others_complete() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/liar", "v1").layers(&[6 << 20]))
+        .await
+        .unwrap();
+    // Agent 0 corrupts every piece it uploads (its attestations stay honest).
+    let agents =
+        cluster(&origin, 3, |i| if i == 0 { vec!["--fault-corrupt-uploads".into()] } else { vec![] }).await;
+    pull(&agents[0], &origin, &image).await.expect("pull on the corrupting agent");
+    let results = join_all(agents[1..].iter().map(|a| pull(a, &origin, &image))).await;
+    for r in results {
+        r.expect("honest agents complete with correct data");
+    }
+    let mut rejected = 0.0;
+    let mut bans = 0.0;
+    for a in &agents[1..] {
+        rejected += metric(a, "shoal_pieces_rejected_total", &[]).await;
+        bans += metric(a, "shoal_peer_bans_total", &[]).await;
+    }
+    assert!(rejected >= 1.0 && bans >= 1.0, "rejected {rejected}, bans {bans}");
+    // Everything the honest agents stored is what the origin has.
+    for a in &agents[1..] {
+        for blob in &image.blobs {
+            let stored = a.cache_dir().join("blobs/sha256").join(blob.digest.trim_start_matches("sha256:"));
+            let data = std::fs::read(&stored).expect("blob in the cache");
+            assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&data))), blob.digest);
+        }
+    }
+}
+
+/// 4. The only peer holding an image dies mid-transfer: every other node completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_killed_mid_transfer_costs_only_a_retry() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/dies", "v1").layers(&[24 << 20]))
+        .await
+        .unwrap();
+    // Agent 0 uploads slowly, so the others are mid-transfer when it dies.
+    let mut agents =
+        cluster(
+            &origin,
+            3,
+            |i| if i == 0 { vec!["--max-upload-rate".into(), "8MiB/s".into()] } else { vec![] },
+        )
+        .await;
+    pull(&agents[0], &origin, &image).await.expect("pull on agent 0");
+    let (first, rest) = agents.split_at_mut(1);
+    let pulls = join_all(rest.iter().map(|a| pull(a, &origin, &image)));
+    let killer = async {
+        poll_until(
+            "a peer transfer under way",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                Ok((metric(&first[0], "shoal_peer_sent_bytes_total", &[]).await >= (2 << 20) as f64)
+                    .then_some(()))
+            },
+        )
+        .await
+        .unwrap();
+        first[0].kill();
+    };
+    let (results, ()) = tokio::join!(pulls, killer);
+    for r in results {
+        r.expect("no client sees an error");
+    }
+}
+
+/// 5. An agent restarted mid-download resumes from its verified pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_verified_pieces() {
+    let origin = Origin::start().await.unwrap();
+    let size: u64 = 32 << 20;
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/resume", "v1").layers(&[size]))
+        .await
+        .unwrap();
+    let slow = ProxyConfig { total_bytes_per_sec: Some(8 << 20), ..Default::default() };
+    let proxy =
+        FaultyProxy::start(format!("127.0.0.1:{}", origin.port()).parse().unwrap(), slow).await.unwrap();
+    let mut agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
+    let layer = image.largest_layer().clone();
+    let blob_url = url(&agent, &origin, &image.repo, "blobs", &layer.digest);
+    let client = http_client();
+    let request = tokio::spawn({
+        let (client, blob_url) = (client.clone(), blob_url.clone());
+        async move { client.get(&blob_url).send().await.map(|r| r.status()) }
+    });
+    poll_until("half the pieces verified", Duration::from_secs(30), Duration::from_millis(50), || async {
+        Ok((metric(&agent, "shoal_pieces_verified_total", &[]).await >= 17.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    agent.kill();
+    let _ = request.await;
+    agent.restart().await.unwrap();
+    let resp = client.get(&blob_url).timeout(Duration::from_secs(60)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), layer.digest);
+    let resumed = metric(&agent, "shoal_pieces_resumed_total", &[]).await;
+    assert!(resumed >= 8.0, "resumed {resumed} pieces");
+    let sent = origin.access_log().blob_get_bytes_for(&layer.digest);
+    assert!(sent < size + size / 2, "the origin sent {sent} bytes for a {size}-byte blob: no resume");
+}
+
+/// 6. A process with another swarm key cannot connect or fetch pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_swarm_key_cannot_join() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/keys", "v1").layers(&[2 << 20]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = |name: &str, byte: u8| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode([byte; 32])))
+            .unwrap();
+        path.display().to_string()
+    };
+    let (k1, k2) = (key("k1", 1), key("k2", 2));
+    let a =
+        Agent::start(AgentOptions::new().upstream(&origin.host(), &origin.url()).arg("--swarm-key").arg(&k1))
+            .await
+            .unwrap();
+    let seed = a.p2p_addr().await.unwrap();
+    pull(&a, &origin, &image).await.unwrap();
+    let start = |k: &str| {
+        AgentOptions::new()
+            .upstream(&origin.host(), &origin.url())
+            .arg("--swarm-key")
+            .arg(k)
+            .arg("--bootstrap")
+            .arg(&seed)
+    };
+    let outsider = Agent::start(start(&k2)).await.unwrap();
+    let insider = Agent::start(start(&k1)).await.unwrap();
+    pull(&outsider, &origin, &image).await.expect("the outsider still pulls, from the origin");
+    pull(&insider, &origin, &image).await.unwrap();
+    assert_eq!(metric(&outsider, "shoal_received_bytes_total", &[("source", "peer")]).await, 0.0);
+    assert_eq!(metric(&outsider, "shoal_connected_peers", &[]).await, 0.0);
+    assert!(metric(&insider, "shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
+}
+
+/// 7. containerd through agent B gets an image only agent A had, with the origin stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_from_a_peer_while_the_origin_is_down() {
+    let mut origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::DockerList, "swarm/offline", "v1").layers(&[1 << 20]))
+        .await
+        .unwrap();
+    let agents = cluster(&origin, 2, |_| vec![]).await;
+    pull(&agents[0], &origin, &image).await.expect("pull on A");
+    origin.stop();
+    let ctd = Containerd::start().await.unwrap();
+    let hosts = ctd.scratch_dir("hosts").unwrap();
+    write_hosts_toml(&hosts, &origin.host(), Some(&agents[1].url()), &dead_url()).unwrap();
+    ctd.fetch(&image.digest_reference(), &hosts, &[]).await.expect("ctr content fetch through B");
+    ctd.verify_image(&image).await.expect("fetched content");
+    assert!(metric(&agents[1], "shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
+}
