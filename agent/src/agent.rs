@@ -79,6 +79,12 @@ impl Agent {
         )?;
         let (client, inbound, swarm_loop) = crate::swarm::new(swarm_config)?;
         let network = Arc::new(SwarmNetwork::new(client.clone()));
+        // Provide what the cache already holds; withdraw what it evicts.
+        for digest in store.digests() {
+            network.announce(digest);
+        }
+        let withdraw = network.clone();
+        store.set_evict_hook(Box::new(move |digest| withdraw.withdraw(*digest)));
         readiness.set_peer_id(client.local_peer_id().to_string(), !p2p_config.bootstrap.is_empty());
         let fetcher = Fetcher::new(store, origin.clone(), network.clone() as Arc<dyn Network>, fetch_config);
         let serve = ServeOptions {

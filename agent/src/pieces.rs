@@ -32,9 +32,23 @@ pub const MAX_PIECE_SIZE: u32 = 16 << 20;
 /// Piece count above which the piece size doubles.
 pub const TARGET_MAX_PIECES: u64 = 2048;
 
+/// Benchmark-only override of the smallest piece size (`SHOAL_BENCH_MIN_PIECE_SIZE`, bytes,
+/// a power of two between 64 KiB and 16 MiB), so the peer-path benchmark can compare
+/// policies. Every node of a swarm must use the same value.
+fn min_piece_size() -> u64 {
+    static MIN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("SHOAL_BENCH_MIN_PIECE_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|v| v.is_power_of_two() && (64 << 10..=u64::from(MAX_PIECE_SIZE)).contains(v))
+            .unwrap_or(u64::from(MIN_PIECE_SIZE))
+    })
+}
+
 /// The piece size for a blob of `size` bytes.
 pub fn piece_size_for(size: u64) -> u32 {
-    let mut piece = u64::from(MIN_PIECE_SIZE);
+    let mut piece = min_piece_size();
     while size.div_ceil(piece) > TARGET_MAX_PIECES && piece < u64::from(MAX_PIECE_SIZE) {
         piece *= 2;
     }

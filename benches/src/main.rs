@@ -1,1 +1,166 @@
-fn main() {}
+//! Shoal benchmarks, run with real parts: `docker-registry` as the origin, agents as
+//! processes on loopback, blobs fetched over HTTP like a client would.
+//!
+//! `peer-path`: one fresh agent downloads a blob from the origin (through its own agent),
+//! then from 1, 4 and 8 peers that already hold it (the origin is not asked), in the same
+//! run, alternating, and prints throughputs, medians and the peer/origin ratio.
+//!
+//! ```text
+//! cargo build --release --bins && \
+//! SHOAL_AGENT_BIN=target/release/shoal-agent cargo run --release -p shoal-benches -- peer-path --size 1GiB
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use futures_util::future::join_all;
+use shoal_tests::{http_client, AccessLogExt, Agent, AgentOptions, Image, ImageKind, ImageSpec, Origin};
+
+#[derive(Parser)]
+#[command(name = "shoal-benches")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Blob download throughput from peers against from the origin.
+    PeerPath {
+        /// Blob size, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Numbers of source peers to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        peers: Vec<usize>,
+        /// Measured rounds (each: origin, then every peer count).
+        #[arg(long, default_value = "3")]
+        rounds: usize,
+        /// Smallest piece size for every agent (bytes), to compare piece-size policies.
+        #[arg(long)]
+        min_piece_size: Option<u64>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("GiB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else {
+        (s, 1)
+    };
+    num.trim().parse::<u64>().map(|n| n * mult).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// GETs the blob through `agent` and returns the seconds it took (body read and counted).
+async fn fetch(agent: &Agent, origin: &Origin, image: &Image) -> Result<f64> {
+    let blob = image.largest_layer();
+    let url = format!("{}/v2/{}/blobs/{}?ns={}", agent.url(), image.repo, blob.digest, origin.host());
+    let started = Instant::now();
+    let mut resp = http_client().get(&url).timeout(Duration::from_secs(600)).send().await?;
+    if resp.status() != 200 {
+        bail!("GET {url}: {}", resp.status());
+    }
+    let mut n = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        n += chunk.len() as u64;
+    }
+    if n != blob.size {
+        bail!("GET {url}: {n} of {} bytes", blob.size);
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn agent_options(origin: &Origin, min_piece: Option<u64>) -> AgentOptions {
+    let mut o = AgentOptions::new().upstream(&origin.host(), &origin.url());
+    if let Some(p) = min_piece {
+        o = o.env("SHOAL_BENCH_MIN_PIECE_SIZE", &p.to_string());
+    }
+    o
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece: Option<u64>) -> Result<()> {
+    let origin = Origin::start().await?;
+    let image =
+        origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/blob", "v1").layers(&[size])).await?;
+    let max_peers = peer_counts.iter().copied().max().unwrap_or(1);
+    // Seeds: one pulls from the origin, the others from it, until all hold the blob.
+    let first = Agent::start(agent_options(&origin, min_piece)).await?;
+    fetch(&first, &origin, &image).await.context("seeding the first peer")?;
+    let seed_addr = first.p2p_addr().await?;
+    let mut seeds = vec![first];
+    for _ in 1..max_peers {
+        let a = Agent::start(agent_options(&origin, min_piece).arg("--bootstrap").arg(&seed_addr)).await?;
+        fetch(&a, &origin, &image).await.context("seeding a peer")?;
+        seeds.push(a);
+    }
+    let mib = size as f64 / 1048576.0;
+    println!("blob {mib:.0} MiB, {} rounds, agent {}", rounds, shoal_tests::agent_binary()?.display());
+    let mut origin_times = Vec::new();
+    let mut peer_times: Vec<Vec<f64>> = vec![Vec::new(); peer_counts.len()];
+    for round in 0..rounds {
+        // Origin path: a fresh agent with no peers.
+        let solo = Agent::start(agent_options(&origin, min_piece).arg("--no-p2p")).await?;
+        let t = fetch(&solo, &origin, &image).await?;
+        println!("round {round}: origin        {:8.1} MiB/s", mib / t);
+        origin_times.push(t);
+        drop(solo);
+        for (k, &count) in peer_counts.iter().enumerate() {
+            let mut opts = agent_options(&origin, min_piece);
+            for s in &seeds[..count] {
+                opts = opts.arg("--bootstrap").arg(&s.p2p_addr().await?);
+            }
+            let fresh = Agent::start(opts).await?;
+            // Wait until it is connected to every source peer.
+            let wait = Instant::now();
+            while fresh.metric_value("shoal_connected_peers", &[]).await?.unwrap_or(0.0) < count as f64 {
+                if wait.elapsed() > Duration::from_secs(20) {
+                    bail!("fresh agent did not connect to {count} peers");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mark = origin.access_log().len();
+            let t = fetch(&fresh, &origin, &image).await?;
+            let origin_bytes = origin.access_log_since(mark).blob_get_bytes();
+            println!(
+                "round {round}: {count} peer(s)     {:8.1} MiB/s (origin bytes during it: {origin_bytes})",
+                mib / t
+            );
+            peer_times[k].push(t);
+        }
+    }
+    let origin_median = median(&mut origin_times);
+    println!("\nmedian throughput (MiB/s), blob {mib:.0} MiB:");
+    println!("  origin      {:8.1}", mib / origin_median);
+    for (k, &count) in peer_counts.iter().enumerate() {
+        let m = median(&mut peer_times[k]);
+        println!("  {count} peer(s)   {:8.1}   ratio to origin {:.2}", mib / m, origin_median / m);
+    }
+    drop(join_all(seeds.into_iter().map(|a| async move { drop(a) })).await);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    if std::env::var_os("SHOAL_AGENT_BIN").is_none() {
+        let release = shoal_tests::util::workspace_dir().join("target/release/shoal-agent");
+        if release.is_file() {
+            std::env::set_var("SHOAL_AGENT_BIN", release);
+        }
+    }
+    match Cli::parse().command {
+        Command::PeerPath { size, peers, rounds, min_piece_size } => {
+            peer_path(size, peers, rounds.max(1), min_piece_size).await
+        }
+    }
+}

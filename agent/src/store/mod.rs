@@ -49,9 +49,13 @@ pub struct Entry {
     pub media_type: Option<String>,
 }
 
+/// Called with each evicted digest (the swarm withdraws its provider record).
+pub type EvictHook = Box<dyn Fn(&Digest) + Send + Sync>;
+
 pub struct Store {
     root: PathBuf,
     max_bytes: u64,
+    on_evict: std::sync::OnceLock<EvictHook>,
     inner: Mutex<Inner>,
 }
 
@@ -222,11 +226,26 @@ impl Store {
             root = %root.display(),
             "content store opened"
         );
-        let store = Arc::new(Store { root: root.to_path_buf(), max_bytes, inner: Mutex::new(inner) });
+        let store = Arc::new(Store {
+            root: root.to_path_buf(),
+            max_bytes,
+            on_evict: std::sync::OnceLock::new(),
+            inner: Mutex::new(inner),
+        });
         let victims = store.pick_victims(None);
         store.remove_files(&victims);
         store.inner.lock().expect("store lock poisoned").publish_gauges();
         Ok(store)
+    }
+
+    /// Sets what to call when a blob is evicted (once; later calls are ignored).
+    pub fn set_evict_hook(&self, hook: EvictHook) {
+        let _ = self.on_evict.set(hook);
+    }
+
+    /// Every complete blob, most recently used first.
+    pub fn digests(&self) -> Vec<Digest> {
+        self.inner.lock().expect("store lock poisoned").index.iter().map(|(d, _)| *d).collect()
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -389,6 +408,9 @@ impl Store {
         for digest in victims {
             tracing::info!(%digest, "evicting blob from the cache");
             METRICS.cache_evictions.inc();
+            if let Some(hook) = self.on_evict.get() {
+                hook(digest);
+            }
             for path in [self.blob_path(digest), self.type_path(digest), self.pieces_path(digest)] {
                 if let Err(e) = std::fs::remove_file(&path) {
                     if e.kind() != io::ErrorKind::NotFound {
