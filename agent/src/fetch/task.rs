@@ -146,14 +146,7 @@ impl Fetcher {
 
         // Who has it, and how big is it?
         let providers = self.live_providers(digest).await;
-        let mut answers = futures_util::stream::iter(providers.clone())
-            .map(|p| {
-                let net = self.net.clone();
-                async move { (p.clone(), net.have(p, digest).await) }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await;
+        let mut answers = self.ask_have(providers, digest).await;
         let sized = |answers: &[(NodeId, Result<PeerHave, PeerError>)]| {
             answers.iter().find_map(|(_, r)| {
                 r.as_ref().ok().filter(|h| Layout::for_size(h.size).piece_size == h.piece_size).cloned()
@@ -168,15 +161,7 @@ impl Fetcher {
             let again = self.live_providers(digest).await;
             let asked: Vec<NodeId> = answers.iter().map(|(p, _)| p.clone()).collect();
             let fresh: Vec<NodeId> = again.into_iter().filter(|p| !asked.contains(p)).collect();
-            let more = futures_util::stream::iter(fresh)
-                .map(|p| {
-                    let net = self.net.clone();
-                    async move { (p.clone(), net.have(p, digest).await) }
-                })
-                .buffer_unordered(16)
-                .collect::<Vec<_>>()
-                .await;
-            answers.extend(more);
+            answers.extend(self.ask_have(fresh, digest).await);
             known = sized(&answers);
         }
         let (total, mut media_type) = match known {
@@ -276,6 +261,22 @@ impl Fetcher {
                 Err(e)
             }
         }
+    }
+
+    /// Asks each of `peers` (16 at a time) what it holds of `digest`.
+    async fn ask_have(
+        &self,
+        peers: Vec<NodeId>,
+        digest: Digest,
+    ) -> Vec<(NodeId, Result<PeerHave, PeerError>)> {
+        futures_util::stream::iter(peers)
+            .map(|p| {
+                let net = self.net.clone();
+                async move { (p.clone(), net.have(p, digest).await) }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await
     }
 
     /// Providers of `digest` we may ask: not us, not banned.

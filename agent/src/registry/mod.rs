@@ -261,33 +261,8 @@ impl Api {
         // At most twice: a download that completes between the lookup and opening its
         // partial file is then read from the store.
         for _ in 0..2 {
-            match self.fetcher.lookup(&digest, &source) {
-                Lookup::Cached(entry, guard) => {
-                    let media_type =
-                        media_type_for(source.kind, entry.media_type.as_deref(), media_type_hint);
-                    let (status, start, end, content_range) = range::resolve(range_header, entry.size)?;
-                    if method == Method::HEAD {
-                        return Ok(content_headers(
-                            status,
-                            &digest,
-                            &media_type,
-                            end - start,
-                            content_range,
-                            Body::empty(),
-                        ));
-                    }
-                    let stream = BlobStream::cached(self.fetcher.store(), guard, start, end)
-                        .await
-                        .map_err(|e| internal(format!("opening {digest}: {e}")))?;
-                    return Ok(content_headers(
-                        status,
-                        &digest,
-                        &media_type,
-                        end - start,
-                        content_range,
-                        body(stream, digest),
-                    ));
-                }
+            let (size, stored_type, opened) = match self.fetcher.lookup(&digest, &source) {
+                Lookup::Cached(entry, guard) => (entry.size, entry.media_type, Opened::Cached(guard)),
                 Lookup::Downloading(dl) => {
                     let (total, stored_type) = dl.started().await.map_err(|e| fetch_error(unknown, &e))?;
                     if source.kind == Kind::Manifest && stored_type.is_none() && media_type_hint.is_none() {
@@ -295,36 +270,38 @@ impl Api {
                         dl.finished().await.map_err(|e| fetch_error(unknown, &e))?;
                         continue;
                     }
-                    let media_type = media_type_for(source.kind, stored_type.as_deref(), media_type_hint);
-                    let (status, start, end, content_range) = range::resolve(range_header, total)?;
-                    if method == Method::HEAD {
-                        return Ok(content_headers(
-                            status,
-                            &digest,
-                            &media_type,
-                            end - start,
-                            content_range,
-                            Body::empty(),
-                        ));
-                    }
+                    (total, stored_type, Opened::Downloading(dl))
+                }
+            };
+            let media_type = media_type_for(source.kind, stored_type.as_deref(), media_type_hint);
+            let (status, start, end, content_range) = range::resolve(range_header, size)?;
+            let respond =
+                |body| content_headers(status, &digest, &media_type, end - start, content_range, body);
+            if method == Method::HEAD {
+                return Ok(respond(Body::empty()));
+            }
+            let stream = match opened {
+                Opened::Cached(guard) => BlobStream::cached(self.fetcher.store(), guard, start, end)
+                    .await
+                    .map_err(|e| internal(format!("opening {digest}: {e}")))?,
+                Opened::Downloading(dl) => {
                     match dl.stream(start, end).await.map_err(|e| fetch_error(unknown, &e))? {
-                        Some(stream) => {
-                            return Ok(content_headers(
-                                status,
-                                &digest,
-                                &media_type,
-                                end - start,
-                                content_range,
-                                body(stream, digest),
-                            ))
-                        }
+                        Some(stream) => stream,
+                        // Committed in the meantime: read it from the store.
                         None => continue,
                     }
                 }
-            }
+            };
+            return Ok(respond(body(stream, digest)));
         }
         Err(internal(format!("{digest} vanished while being opened")))
     }
+}
+
+/// What a content request reads from.
+enum Opened {
+    Cached(crate::store::ReadGuard),
+    Downloading(Arc<crate::fetch::Download>),
 }
 
 fn media_type_for(kind: Kind, stored: Option<&str>, hint: Option<&str>) -> String {
