@@ -498,7 +498,20 @@ async fn range_requests_while_downloading() {
     }
     full.await.unwrap();
 
-    // Every request was sent while the origin download was still running.
+    // Every request was sent while the origin download was still running. The proxy notes a
+    // request finished when its connection closes, which can trail the agent's last byte to
+    // its clients by a moment: wait for it (bounded).
+    poll_until(
+        "the proxied origin requests to finish",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let done = blob_gets().iter().all(|r| r.finished.is_some());
+            async move { Ok(done.then_some(())) }
+        },
+    )
+    .await
+    .unwrap();
     let gets = blob_gets();
     let download_end = gets
         .iter()
