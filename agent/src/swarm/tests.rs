@@ -24,6 +24,20 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// Asks `node` for providers of `digest` until some are found, within `secs` seconds.
+async fn first_providers(node: &Node, digest: Digest, secs: u64, what: &str) -> Vec<PeerId> {
+    within(secs, what, async {
+        loop {
+            let found = node.client.find_providers(digest, Duration::from_secs(2)).await.unwrap();
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -146,16 +160,7 @@ async fn three_nodes_find_and_fetch() {
 
     // C knows only B; the DHT leads it to A.
     let started = Instant::now();
-    let providers = within(15, "C finds A", async {
-        loop {
-            let found = c.client.find_providers(digest, Duration::from_secs(2)).await.unwrap();
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let providers = first_providers(&c, digest, 15, "C finds A").await;
     let found_in = started.elapsed();
     assert_eq!(providers, vec![a.peer]);
     // B does not hold it, and a node never lists itself.
@@ -236,16 +241,7 @@ async fn records_published_alone_reach_later_peers() {
     let mut c_config = config(dir.path(), "c");
     c_config.bootstrap = vec![b.bootstrap()];
     let c = Node::start(c_config).await;
-    let found = within(10, "C finds A through B", async {
-        loop {
-            let found = c.client.find_providers(digest, Duration::from_secs(2)).await.unwrap();
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let found = first_providers(&c, digest, 10, "C finds A through B").await;
     assert_eq!(found, vec![a_peer]);
     c.stop().await;
     b.stop().await;
