@@ -17,6 +17,8 @@ use clap::{Parser, Subcommand};
 use futures_util::future::join_all;
 use shoal_tests::{http_client, AccessLogExt, Agent, AgentOptions, Image, ImageKind, ImageSpec, Origin};
 
+mod rollout;
+
 #[derive(Parser)]
 #[command(name = "shoal-benches")]
 struct Cli {
@@ -40,6 +42,16 @@ enum Command {
         /// Smallest piece size for every agent (bytes), to compare piece-size policies.
         #[arg(long)]
         min_piece_size: Option<u64>,
+    },
+    /// N nodes pull one image at once: origin egress and completion times per scenario
+    /// (`direct`, `dht`, `tracker`), in shaped network namespaces or on loopback.
+    Rollout(rollout::Args),
+    /// GET a URL until it answers 200 and print the body (run by `rollout` inside namespaces).
+    #[command(hide = true)]
+    Probe {
+        url: String,
+        #[arg(long, default_value_t = 20_000)]
+        timeout_ms: u64,
     },
 }
 
@@ -152,15 +164,17 @@ async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece:
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    if std::env::var_os("SHOAL_AGENT_BIN").is_none() {
-        let release = shoal_tests::util::workspace_dir().join("target/release/shoal-agent");
-        if release.is_file() {
-            std::env::set_var("SHOAL_AGENT_BIN", release);
-        }
-    }
     match Cli::parse().command {
         Command::PeerPath { size, peers, rounds, min_piece_size } => {
+            if std::env::var_os("SHOAL_AGENT_BIN").is_none() {
+                let release = shoal_tests::util::workspace_dir().join("target/release/shoal-agent");
+                if release.is_file() {
+                    std::env::set_var("SHOAL_AGENT_BIN", release);
+                }
+            }
             peer_path(size, peers, rounds.max(1), min_piece_size).await
         }
+        Command::Rollout(args) => rollout::main(args).await,
+        Command::Probe { url, timeout_ms } => rollout::probe(&url, Duration::from_millis(timeout_ms)).await,
     }
 }

@@ -1,0 +1,328 @@
+//! One scenario run: start what the scenario needs on every node (a containerd, and for `dht`
+//! and `tracker` an agent; a tracker), let every node pull the image at the same moment with
+//! `ctr content fetch` through `hosts.toml`, and time each node.
+//!
+//! Processes that belong to a node run inside its namespace (`ip netns exec`, which execs, so
+//! the pid we hold is the process itself and killing it by pid works). containerd itself runs
+//! in the root namespace: `ctr content fetch` does the registry traffic in the `ctr` process
+//! (which runs in the node's namespace) and only hands the bytes to containerd over its unix
+//! socket, so the network path is exactly the node's. Each node gets a fresh containerd per
+//! scenario: a shared content store would skip blobs another node already fetched.
+//!
+//! The controller (this process) stays in the root namespace, which has no route into the
+//! benchmark network; where it must ask a node's agent something (`/status`, `/readyz`) it runs
+//! `shoal-benches probe` inside that namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::future::join_all;
+use shoal_tests::{write_hosts_toml, Containerd, Daemon};
+
+use super::net::Host;
+
+/// What the nodes do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Every node pulls straight from the origin; no agent.
+    Direct,
+    /// An agent per node, bootstrapped from the first one; no tracker.
+    Dht,
+    /// An agent per node, all pointed at a tracker.
+    Tracker,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::Dht => "dht",
+            Scenario::Tracker => "tracker",
+        }
+    }
+}
+
+/// Where a node (or the tracker) lives: its own namespace, or loopback with free ports.
+#[derive(Debug, Clone)]
+pub enum Place {
+    Netns(Host),
+    Loopback,
+}
+
+impl Place {
+    /// A command running `program` at this place.
+    fn command(&self, program: &Path) -> Command {
+        match self {
+            Place::Netns(h) => h.command(program),
+            Place::Loopback => Command::new(program),
+        }
+    }
+
+    /// The address other nodes reach this place on (P2P).
+    fn ip(&self) -> String {
+        match self {
+            Place::Netns(h) => h.ip.to_string(),
+            Place::Loopback => "127.0.0.1".to_string(),
+        }
+    }
+
+    /// A port for a service here: the default in a namespace (each has its own), a free one on
+    /// shared loopback.
+    fn port(&self, default: u16) -> u16 {
+        match self {
+            Place::Netns(_) => default,
+            Place::Loopback => shoal_tests::free_port(),
+        }
+    }
+}
+
+/// Executables the scenarios run.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    /// `None` when `shoal-tracker` has not been built (the tracker scenario is skipped then).
+    pub tracker: Option<PathBuf>,
+    /// This binary, for `probe` inside namespaces.
+    pub benches: PathBuf,
+    pub ctr: PathBuf,
+}
+
+/// Everything a scenario needs to know about the run.
+pub struct Setup<'a> {
+    pub bins: &'a Binaries,
+    pub nodes: &'a [Place],
+    pub tracker_place: &'a Place,
+    /// `host:port` of the origin as nodes see it (the registry part of the reference).
+    pub origin_host: String,
+    /// `registry/repo:tag` the nodes pull.
+    pub reference: String,
+    /// Extra flags for every agent.
+    pub agent_args: &'a [String],
+    /// Scratch space for this scenario run (logs, caches, hosts dirs).
+    pub dir: &'a Path,
+    pub timeout: Duration,
+}
+
+/// GETs `url` at `place` until it answers 200 (at most `timeout`); returns the body. In a
+/// namespace this runs `shoal-benches probe` there, since the controller cannot reach it.
+async fn probe(bins: &Binaries, place: &Place, url: &str, timeout: Duration) -> Result<String> {
+    let mut cmd = place.command(&bins.benches);
+    cmd.args(["probe", url, "--timeout-ms", &timeout.as_millis().to_string()]);
+    let out = shoal_tests::process::run_bounded(cmd, timeout + Duration::from_secs(5)).await?;
+    if !out.success() {
+        bail!("probe {url}: {}", out.stderr.trim());
+    }
+    Ok(out.stdout)
+}
+
+/// A started agent (or tracker) with the addresses others need.
+struct Service {
+    daemon: Daemon,
+    log: PathBuf,
+    /// Registry API URL as the node's own `ctr` reaches it.
+    url: String,
+    /// `/ip4/<ip>/tcp/<port>/p2p/<id>`.
+    p2p_addr: String,
+}
+
+impl Service {
+    fn log_tail(&self) -> String {
+        shoal_tests::util::tail_file(&self.log, 3000)
+    }
+}
+
+/// Reads `peer_id` from a `/status` JSON body.
+fn peer_id(body: &str) -> Result<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).with_context(|| format!("/status body {body:?}"))?;
+    Ok(v["peer_id"].as_str().context("/status has no peer_id")?.to_string())
+}
+
+async fn start_agent(s: &Setup<'_>, i: usize, peers: &[String], flag: &str) -> Result<Service> {
+    let place = &s.nodes[i];
+    let dir = s.dir.join(format!("agent{i}"));
+    std::fs::create_dir_all(&dir)?;
+    let (api, metrics, p2p) = (place.port(5000), place.port(9090), place.port(5001));
+    let origin_url = format!("http://{}", s.origin_host);
+    let mut cmd = place.command(&s.bins.agent);
+    cmd.arg("run")
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .args(["--p2p-listen", &format!("/ip4/{}/tcp/{p2p}", place.ip())])
+        .args(["--upstream", &format!("{}={origin_url}", s.origin_host)])
+        .args(["--default-registry", &s.origin_host]);
+    for p in peers {
+        cmd.args([flag, p]);
+    }
+    cmd.args(s.agent_args);
+    let log = dir.join("agent.log");
+    let daemon = Daemon::spawn(&format!("shoal-agent {i}"), cmd, &log)?;
+    let metrics_url = format!("http://127.0.0.1:{metrics}");
+    // With peers given, /readyz waits for the first connection.
+    let ready = probe(s.bins, place, &format!("{metrics_url}/readyz"), Duration::from_secs(30)).await;
+    let status = match ready {
+        Ok(_) => probe(s.bins, place, &format!("{metrics_url}/status"), Duration::from_secs(5)).await,
+        Err(e) => Err(e),
+    };
+    let status = status.with_context(|| {
+        format!("agent {i} did not become ready; log:\n{}", shoal_tests::util::tail_file(&log, 3000))
+    })?;
+    let id = peer_id(&status)?;
+    Ok(Service {
+        daemon,
+        log,
+        url: format!("http://127.0.0.1:{api}"),
+        p2p_addr: format!("/ip4/{}/tcp/{p2p}/p2p/{id}", place.ip()),
+    })
+}
+
+async fn start_tracker(s: &Setup<'_>, binary: &Path) -> Result<Service> {
+    let place = s.tracker_place;
+    let dir = s.dir.join("tracker");
+    std::fs::create_dir_all(&dir)?;
+    let (http, p2p) = (place.port(8080), place.port(5101));
+    let http_addr = format!("{}:{http}", place.ip());
+    let mut cmd = place.command(binary);
+    cmd.args(["--p2p-listen", &format!("/ip4/{}/tcp/{p2p}", place.ip())])
+        .args(["--http-listen", &http_addr])
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .args(["--upstream", &format!("{0}=http://{0}", s.origin_host)])
+        .args(["--default-registry", &s.origin_host]);
+    let log = dir.join("tracker.log");
+    let daemon = Daemon::spawn("shoal-tracker", cmd, &log)?;
+    let status = probe(s.bins, place, &format!("http://{http_addr}/status"), Duration::from_secs(30))
+        .await
+        .with_context(|| {
+        format!("the tracker did not answer /status; log:\n{}", shoal_tests::util::tail_file(&log, 3000))
+    })?;
+    let id = peer_id(&status)?;
+    Ok(Service {
+        daemon,
+        log,
+        url: format!("http://{http_addr}"),
+        p2p_addr: format!("/ip4/{}/tcp/{p2p}/p2p/{id}", place.ip()),
+    })
+}
+
+/// What is running for a scenario; dropping it stops everything (agents, tracker,
+/// containerds) and removes their files.
+pub struct Fleet {
+    containerds: Vec<Containerd>,
+    agents: Vec<Service>,
+    tracker: Option<Service>,
+    hosts_dirs: Vec<PathBuf>,
+}
+
+impl Fleet {
+    /// Starts containerds, the tracker and agents as `scenario` needs, and writes each node's
+    /// `hosts.toml`.
+    pub async fn start(s: &Setup<'_>, scenario: Scenario) -> Result<Fleet> {
+        let n = s.nodes.len();
+        let containerds = join_all((0..n).map(|_| Containerd::start())).await;
+        let containerds =
+            containerds.into_iter().collect::<Result<Vec<_>>>().context("starting containerd")?;
+        let mut fleet = Fleet { containerds, agents: Vec::new(), tracker: None, hosts_dirs: Vec::new() };
+        match scenario {
+            Scenario::Direct => {}
+            Scenario::Dht => {
+                let first = start_agent(s, 0, &[], "--bootstrap").await?;
+                let seed = [first.p2p_addr.clone()];
+                fleet.agents.push(first);
+                let rest = join_all((1..n).map(|i| start_agent(s, i, &seed, "--bootstrap"))).await;
+                for a in rest {
+                    fleet.agents.push(a?);
+                }
+            }
+            Scenario::Tracker => {
+                let binary = s.bins.tracker.as_deref().context("no shoal-tracker binary")?;
+                let tracker = start_tracker(s, binary).await?;
+                let addr = [tracker.p2p_addr.clone()];
+                fleet.tracker = Some(tracker);
+                let all = join_all((0..n).map(|i| start_agent(s, i, &addr, "--tracker"))).await;
+                for a in all {
+                    fleet.agents.push(a?);
+                }
+            }
+        }
+        for i in 0..n {
+            let dir = s.dir.join(format!("hosts{i}"));
+            match fleet.agents.get(i) {
+                // The origin as the fallback `server` would hide a failing agent behind an
+                // inflated egress figure; a dead server makes it a failed pull instead.
+                Some(agent) => {
+                    write_hosts_toml(&dir, &s.origin_host, Some(&agent.url), "http://127.0.0.1:1")?
+                }
+                None => write_hosts_toml(&dir, &s.origin_host, None, &format!("http://{}", s.origin_host))?,
+            };
+            fleet.hosts_dirs.push(dir);
+        }
+        Ok(fleet)
+    }
+
+    /// Every node runs `ctr content fetch` at the same moment; returns each node's completion
+    /// time in seconds from that moment (`Err` with the reason for a node that failed).
+    pub async fn pull_all(&mut self, s: &Setup<'_>) -> Result<Vec<Result<f64, String>>> {
+        for (i, agent) in self.agents.iter_mut().enumerate() {
+            if let Err(e) = agent.daemon.ensure_running() {
+                bail!("agent {i} died before the pull: {e:#}");
+            }
+        }
+        let mut children = Vec::new();
+        let t0 = Instant::now();
+        for (i, place) in s.nodes.iter().enumerate() {
+            let mut cmd = place.command(&s.bins.ctr);
+            cmd.arg("--address")
+                .arg(self.containerds[i].socket())
+                .args(["-n", "shoalbench", "content", "fetch", "--hosts-dir"])
+                .arg(&self.hosts_dirs[i])
+                .args(["--all-platforms", &s.reference]);
+            shoal_tests::util::scrub_env(&mut cmd);
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            let mut cmd = tokio::process::Command::from(cmd);
+            cmd.kill_on_drop(true);
+            children.push(cmd.spawn().with_context(|| format!("spawning ctr for node {i}"))?);
+        }
+        let waits = children.into_iter().enumerate().map(|(i, child)| async move {
+            match tokio::time::timeout_at((t0 + s.timeout).into(), child.wait_with_output()).await {
+                Err(_) => Err(format!("node {i}: not done after {:?}", s.timeout)),
+                Ok(Err(e)) => Err(format!("node {i}: waiting for ctr: {e}")),
+                Ok(Ok(out)) if out.status.success() => Ok(t0.elapsed().as_secs_f64()),
+                Ok(Ok(out)) => Err(format!(
+                    "node {i}: ctr content fetch {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            }
+        });
+        Ok(join_all(waits).await)
+    }
+
+    /// Log tails of every agent and the tracker, for a failed run.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        if let Some(t) = &self.tracker {
+            out.push_str(&format!("--- tracker ({}) ---\n{}\n", t.url, t.log_tail()));
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            out.push_str(&format!("--- agent {i} ---\n{}\n", a.log_tail()));
+        }
+        out
+    }
+
+    /// How many agents are still running (a crashed agent is a result worth reporting).
+    pub fn agents_alive(&mut self) -> usize {
+        let mut alive = 0;
+        for a in &mut self.agents {
+            alive += usize::from(a.daemon.exited().is_none());
+        }
+        alive
+    }
+}
