@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   <p>-origin  198.18.0.1   veth <p>o  ==tbf origin rate==>  <p>O ─┐
-//!   <p>-tracker 198.18.0.2   veth <p>t  (unshaped)                <p>T ─┤  bridge "br" in <p>-hub
+//!   <p>-tracker 198.18.0.2   veth <p>t  (unshaped)                <p>T ─┤  bridge "br0" in <p>-hub
 //!   <p>-n0      198.18.1.1   veth <p>n0 ==tbf node rate==> <p>N0 ─┤  (no address: the root
 //!   ...                                 <==tbf node rate==        ─┘   namespace is untouched)
 //! ```
@@ -167,8 +167,8 @@ impl Net {
         }
         let hub = net.hub();
         net.add_netns(&hub)?;
-        run(&["ip", "-n", &hub, "link", "add", "br", "type", "bridge"])?;
-        run(&["ip", "-n", &hub, "link", "set", "br", "up"])?;
+        run(&["ip", "-n", &hub, "link", "add", "name", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", &hub, "link", "set", "br0", "up"])?;
         let origin = net.origin.clone();
         net.attach(&origin)?;
         shape(&origin.netns, &origin.ifname, origin_rate)?;
@@ -202,9 +202,22 @@ impl Net {
     fn attach(&mut self, h: &Host) -> Result<()> {
         let hub = self.hub();
         self.add_netns(&h.netns)?;
-        run(&["ip", "-n", &hub, "link", "add", &h.hub_ifname, "type", "veth", "peer", "name", &h.ifname])?;
+        run(&[
+            "ip",
+            "-n",
+            &hub,
+            "link",
+            "add",
+            "name",
+            &h.hub_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &h.ifname,
+        ])?;
         run(&["ip", "-n", &hub, "link", "set", &h.ifname, "netns", &h.netns])?;
-        run(&["ip", "-n", &hub, "link", "set", &h.hub_ifname, "master", "br"])?;
+        run(&["ip", "-n", &hub, "link", "set", &h.hub_ifname, "master", "br0"])?;
         run(&["ip", "-n", &hub, "link", "set", &h.hub_ifname, "up"])?;
         run(&["ip", "-n", &h.netns, "addr", "add", &format!("{}/15", h.ip), "dev", &h.ifname])?;
         run(&["ip", "-n", &h.netns, "link", "set", &h.ifname, "up"])?;

@@ -258,7 +258,12 @@ impl Fleet {
                 Some(agent) => {
                     write_hosts_toml(&dir, &s.origin_host, Some(&agent.url), "http://127.0.0.1:1")?
                 }
-                None => write_hosts_toml(&dir, &s.origin_host, None, &format!("http://{}", s.origin_host))?,
+                // The origin itself as the only host: containerd 1.6 rejects a hosts.toml with
+                // no `[host]` table, and a `server` alone would be tried over HTTPS.
+                None => {
+                    let origin = format!("http://{}", s.origin_host);
+                    write_hosts_toml(&dir, &s.origin_host, Some(&origin), &origin)?
+                }
             };
             fleet.hosts_dirs.push(dir);
         }
