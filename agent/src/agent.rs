@@ -74,10 +74,12 @@ impl Agent {
         let swarm_config = p2p::config_from_flags(
             &p2p_config.listen,
             &p2p_config.bootstrap,
+            &p2p_config.trackers,
             config.cache_dir.join("node.key"),
             p2p_config.swarm_key.clone(),
         )?;
-        let (client, inbound, swarm_loop) = crate::swarm::new(swarm_config)?;
+        let crate::swarm::Parts { client, inbound, event_loop: swarm_loop, .. } =
+            crate::swarm::new(swarm_config)?;
         let network = Arc::new(SwarmNetwork::new(client.clone()));
         // Provide what the cache already holds; withdraw what it evicts.
         for digest in store.digests() {
@@ -85,7 +87,8 @@ impl Agent {
         }
         let withdraw = network.clone();
         store.set_evict_hook(Box::new(move |digest| withdraw.withdraw(*digest)));
-        readiness.set_peer_id(client.local_peer_id().to_string(), !p2p_config.bootstrap.is_empty());
+        let needs_peer = !p2p_config.bootstrap.is_empty() || !p2p_config.trackers.is_empty();
+        readiness.set_peer_id(client.local_peer_id().to_string(), needs_peer);
         let fetcher = Fetcher::new(store, origin.clone(), network.clone() as Arc<dyn Network>, fetch_config);
         let serve = ServeOptions {
             max_uploads: 32,
@@ -96,6 +99,16 @@ impl Agent {
             tracing::warn!("fault injection: every piece sent to peers is corrupted");
         }
         tokio::spawn(p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve));
+        if !p2p_config.trackers.is_empty() {
+            let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone()));
+            tokio::spawn(crate::swarm::heartbeat::run(
+                client.clone(),
+                fetcher.clone(),
+                preheater,
+                p2p_config.zone.clone(),
+                network.tracker_online(),
+            ));
+        }
         p2p::export_stats(client.stats(), std::time::Duration::from_millis(500));
         let api = Api::new(fetcher, origin, config.default_registry.clone());
         Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: Some(swarm_loop) })

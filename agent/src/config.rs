@@ -24,6 +24,8 @@ pub enum ConfigError {
     CacheTooSmall(u64),
     #[error("--peer-concurrency must be at least 1")]
     PeerConcurrency,
+    #[error("--zone {0:?}: use 1 to 63 letters, digits, '-', '_' or '.'")]
+    Zone(String),
 }
 
 /// Log output format.
@@ -80,6 +82,17 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<String>,
 
+    /// Trackers to join and report to: a multiaddr ending in /p2p/<peer id>, or
+    /// dns:<name>[:port] (port 5101 by default). Repeatable; several trackers split digests
+    /// by rendezvous hashing. Pulls go on peer to peer while no tracker answers.
+    #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
+    pub trackers: Vec<String>,
+
+    /// Topology zone of this node (e.g. its Kubernetes zone label): trackers prefer peers
+    /// in the same zone.
+    #[arg(long, env = "SHOAL_ZONE")]
+    pub zone: Option<String>,
+
     /// libp2p pre-shared key file (private network): only processes with the same key can
     /// connect. Format: `/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex characters.
     #[arg(long, env = "SHOAL_SWARM_KEY")]
@@ -113,6 +126,9 @@ pub struct RunArgs {
 pub struct P2pConfig {
     pub listen: Vec<String>,
     pub bootstrap: Vec<String>,
+    /// `--tracker` entries (also dialed as bootstrap peers).
+    pub trackers: Vec<String>,
+    pub zone: Option<String>,
     pub swarm_key: Option<PathBuf>,
     pub peer_concurrency: usize,
     pub max_upload_rate: Option<u64>,
@@ -150,6 +166,14 @@ impl RunArgs {
         if self.peer_concurrency == 0 {
             return Err(ConfigError::PeerConcurrency);
         }
+        if let Some(zone) = &self.zone {
+            let ok = !zone.is_empty()
+                && zone.len() <= 63
+                && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(ConfigError::Zone(zone.clone()));
+            }
+        }
         #[cfg(feature = "fault-injection")]
         let corrupt_uploads = self.fault_corrupt_uploads;
         #[cfg(not(feature = "fault-injection"))]
@@ -157,6 +181,8 @@ impl RunArgs {
         let p2p = (!self.no_p2p).then(|| P2pConfig {
             listen: self.p2p_listen.clone(),
             bootstrap: self.bootstrap.clone(),
+            trackers: self.trackers.clone(),
+            zone: self.zone.clone(),
             swarm_key: self.swarm_key.clone(),
             peer_concurrency: self.peer_concurrency,
             max_upload_rate: self.max_upload_rate,

@@ -13,6 +13,7 @@
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.
 //! - [`pieces`]: piece size policy, bitfields, rendezvous origin owners.
+//! - [`preheat`]: fetching an image a tracker asked for, before anyone pulls it.
 //! - [`ratelimit`]: the token bucket behind the upload and download rate limits.
 //! - [`store`]: content-addressed files, atomic commits, the LRU byte quota. The only module
 //!   that touches `std::fs` for content.
@@ -27,6 +28,7 @@ pub mod fetch;
 pub mod metrics;
 pub mod origin;
 pub mod pieces;
+pub mod preheat;
 pub mod ratelimit;
 pub mod registry;
 pub mod store;

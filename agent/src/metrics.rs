@@ -192,6 +192,11 @@ impl Metrics {
         }
     }
 
+    /// Content bytes received from `source` (`origin` or `peer`) since start.
+    pub fn received_from(&self, source: &'static str) -> u64 {
+        self.received_bytes.get_or_create(&SourceLabels { source }).get()
+    }
+
     pub fn served(&self, source: &'static str, bytes: u64) {
         self.served_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
     }

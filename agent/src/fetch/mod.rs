@@ -172,6 +172,11 @@ impl Fetcher {
         &self.store
     }
 
+    /// Digests being downloaded now.
+    pub fn in_flight_digests(&self) -> Vec<Digest> {
+        self.in_flight.lock().expect("in-flight lock poisoned").keys().copied().collect()
+    }
+
     /// The stored blob, or the download of it (joining one in flight, else starting one).
     pub fn lookup(self: &Arc<Self>, digest: &Digest, source: &Source) -> Lookup {
         if let Some((entry, guard)) = self.store.get(digest) {

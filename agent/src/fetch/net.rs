@@ -73,6 +73,30 @@ pub enum PeerError {
     Protocol(String),
 }
 
+/// A download's report to the coordinator (a tracker): what it holds, what it fetched from
+/// the origin itself.
+#[derive(Clone, Debug)]
+pub struct PlanReport {
+    pub size: u64,
+    pub piece_size: u32,
+    pub have: Bitfield,
+    /// sha256 of pieces this node fetched from the origin, not reported before.
+    pub attest: Vec<(u32, [u8; 32])>,
+    pub complete: bool,
+}
+
+/// The coordinator's answer: whom to fetch from, and which origin pieces are ours alone.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// Best first.
+    pub peers: Vec<NodeId>,
+    /// Pieces this node should fetch from the origin now (all of them: the list replaces
+    /// the previous one).
+    pub assigned: Vec<u32>,
+    /// First-hand digests (from the node that fetched the piece from the origin).
+    pub piece_digests: Vec<(u32, [u8; 32])>,
+}
+
 pub trait Network: Send + Sync + 'static {
     fn local_id(&self) -> NodeId;
     /// Starts advertising `digest` (we download or hold it).
@@ -88,6 +112,15 @@ pub trait Network: Send + Sync + 'static {
     /// the same moment to announce, before it splits the origin fetches (zero: no peers).
     fn settle_delay(&self) -> std::time::Duration {
         std::time::Duration::ZERO
+    }
+    /// Whether a coordinator (tracker) answered recently: downloads then ask it for plans.
+    fn has_coordinator(&self) -> bool {
+        false
+    }
+    /// Reports a download's progress to the coordinator of `digest` and asks what to do.
+    /// `None` when no coordinator answered: the download schedules by itself (DHT mode).
+    fn plan(&self, _digest: Digest, _report: PlanReport) -> BoxFuture<'static, Option<Plan>> {
+        Box::pin(async { None })
     }
 }
 

@@ -36,7 +36,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::net::{NodeId, PeerError, PeerHave};
+use super::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use super::{Download, FetchError, Fetcher, PieceMap, Progress, Shared, Source};
 use crate::metrics::METRICS;
 use crate::origin::{self, Kind, OriginError};
@@ -61,16 +61,93 @@ const MAX_ORIGIN_FAILURES: u32 = 6;
 const SAVE_EVERY: u32 = 8;
 /// How long a busy peer is left alone.
 const BUSY_BACKOFF: Duration = Duration::from_millis(200);
+/// How often a download reports to its tracker and asks for a plan (sooner when it runs
+/// out of assigned pieces).
+const PLAN_POLL: Duration = Duration::from_millis(500);
+/// Shortest gap between two plan requests.
+const PLAN_MIN_GAP: Duration = Duration::from_millis(50);
+/// A plan older than this no longer decides origin fetches: the tracker is gone, and the
+/// download falls back to rendezvous owners.
+const PLAN_STALE: Duration = Duration::from_secs(3);
 
 /// What the jobs of a download report to its loop.
 enum Event {
-    Verified { index: u32, digest: [u8; 32], from: Option<NodeId> },
-    BadPiece { index: u32, peer: NodeId },
-    PeerFailed { index: u32, peer: NodeId, error: PeerError },
-    OriginDone { unfinished: Vec<u32>, error: Option<OriginError> },
+    Verified {
+        index: u32,
+        digest: [u8; 32],
+        from: Option<NodeId>,
+    },
+    BadPiece {
+        index: u32,
+        peer: NodeId,
+    },
+    PeerFailed {
+        index: u32,
+        peer: NodeId,
+        error: PeerError,
+    },
+    OriginDone {
+        unfinished: Vec<u32>,
+        error: Option<OriginError>,
+    },
     WriteFailed(crate::store::StoreError),
-    Have { peer: NodeId, result: Result<PeerHave, PeerError> },
+    Have {
+        peer: NodeId,
+        result: Result<PeerHave, PeerError>,
+    },
     Providers(Vec<NodeId>),
+    /// A tracker's answer (`None`: no tracker answered), and the attestations it carried.
+    Planned {
+        plan: Option<Plan>,
+        attest: Vec<(u32, [u8; 32])>,
+    },
+}
+
+/// What a download knows from its tracker.
+#[derive(Default)]
+struct Coordination {
+    /// Origin pieces the tracker gave us (and nobody else).
+    assigned: BTreeSet<u32>,
+    /// First-hand piece digests the tracker passed on.
+    digests: HashMap<u32, [u8; 32]>,
+    /// When the last plan arrived.
+    planned_at: Option<Instant>,
+    /// A plan request is in flight.
+    asking: bool,
+    next_ask: Option<Instant>,
+    /// Digests of pieces we fetched from the origin, not yet reported.
+    unreported: Vec<(u32, [u8; 32])>,
+}
+
+impl Coordination {
+    /// Whether the tracker's plan decides which origin pieces we fetch.
+    fn active(&self, now: Instant) -> bool {
+        self.planned_at.is_some_and(|t| now.duration_since(t) < PLAN_STALE)
+    }
+
+    /// Takes in a plan; returns its peers.
+    fn apply(&mut self, plan: Plan, pieces: u32) -> Vec<NodeId> {
+        self.planned_at = Some(Instant::now());
+        self.assigned = plan.assigned.into_iter().filter(|&i| i < pieces).collect();
+        for (i, d) in plan.piece_digests {
+            if i < pieces {
+                self.digests.insert(i, d);
+            }
+        }
+        plan.peers
+    }
+
+    /// The digest to check piece `i` from `peer` against: what the peer attests, and only
+    /// if it agrees with the tracker's first-hand digest when the tracker has one. A
+    /// disagreement means one of the two lies; the piece is then not taken from that peer
+    /// (the origin settles it) and nobody is banned on the tracker's word.
+    fn expected(&self, i: u32, peer: &PeerState) -> Option<[u8; 32]> {
+        match (peer.attested.get(&i), self.digests.get(&i)) {
+            (Some(p), Some(t)) if p != t => None,
+            (Some(p), _) => Some(*p),
+            (None, t) => t.copied(),
+        }
+    }
 }
 
 /// What we know of one peer during a download.
@@ -153,7 +230,8 @@ impl Fetcher {
             })
         };
         let mut known = sized(&answers);
-        if known.is_none() && self.net.settle_delay() > Duration::ZERO {
+        // With a tracker, its plans split the origin fetches from the first one on.
+        if known.is_none() && self.net.settle_delay() > Duration::ZERO && !self.net.has_coordinator() {
             // Nobody holds it yet. Nodes that start at the same moment announce at the same
             // moment: wait for their records, then read the provider set again, so the
             // origin pieces are split among everyone from the first request on.
@@ -249,6 +327,17 @@ impl Fetcher {
                 }
                 self.store.commit(partial, media_type.as_deref(), Some(map.encode_meta())).await?;
                 dl.progress.send_replace(Progress::Complete { total, media_type });
+                if self.net.has_coordinator() {
+                    // Tell the tracker the whole blob verified: its metainfo is complete.
+                    let report = PlanReport {
+                        size: layout.size,
+                        piece_size: layout.piece_size,
+                        have: map.verified.clone(),
+                        attest: Vec::new(),
+                        complete: true,
+                    };
+                    tokio::spawn(self.net.plan(digest, report));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -277,6 +366,16 @@ impl Fetcher {
             .buffer_unordered(16)
             .collect()
             .await
+    }
+
+    fn plan_report(&self, map: &PieceMap, attest: Vec<(u32, [u8; 32])>) -> PlanReport {
+        PlanReport {
+            size: map.layout.size,
+            piece_size: map.layout.piece_size,
+            have: map.verified.clone(),
+            attest,
+            complete: false,
+        }
     }
 
     /// Providers of `digest` we may ask: not us, not banned.
@@ -315,6 +414,20 @@ impl Fetcher {
         let mut next_provider_poll = Instant::now() + Duration::from_millis(300);
         let mut providers_polling = false;
         let rotate = u32::from_le_bytes(sha256(me.as_bytes())[..4].try_into().expect("4 bytes")) % WINDOW;
+        let mut coord = Coordination::default();
+        if self.net.has_coordinator() {
+            // Ask before scheduling anything, so the first origin request already follows
+            // the tracker's assignment.
+            let report = self.plan_report(map, Vec::new());
+            if let Some(plan) = self.net.plan(digest, report).await {
+                for p in coord.apply(plan, n) {
+                    if p != me && !self.is_banned(&p) {
+                        peers.entry(p.clone()).or_insert_with(|| PeerState::new(n));
+                        downloaders.insert(p);
+                    }
+                }
+            }
+        }
 
         while !map.verified.is_full() {
             let now = Instant::now();
@@ -342,7 +455,7 @@ impl Fetcher {
                     continue;
                 }
                 let mut holders: Vec<(&NodeId, &PeerState)> =
-                    peers.iter().filter(|(_, s)| s.have.get(i) && s.attested.contains_key(&i)).collect();
+                    peers.iter().filter(|(_, s)| s.have.get(i) && coord.expected(i, s).is_some()).collect();
                 if holders.is_empty() {
                     nobody_holds.push(i);
                     continue;
@@ -358,7 +471,7 @@ impl Fetcher {
                 }) else {
                     continue;
                 };
-                let (peer, expected) = (peer.clone(), state.attested[&i]);
+                let (peer, expected) = (peer.clone(), coord.expected(i, state).expect("holders have one"));
                 peers.get_mut(&peer).expect("holder is a peer").in_flight += 1;
                 peer_jobs += 1;
                 in_flight[i as usize] = true;
@@ -389,27 +502,43 @@ impl Fetcher {
                 } else {
                     Duration::ZERO
                 };
-                let owner = origin_owner(&digest, i, &owners).expect("owners include us").clone();
-                let owner_stalled =
-                    owner != me && peers.get(&owner).is_none_or(|s| now - s.last_gain > cfg.owner_stall);
-                // Take a piece over when its owner makes no progress at all, or (a safety
-                // valve for owners that disagree about who owns what) when it has blocked
-                // the stream for a long time.
-                let take = owner == me
-                    || (waited > cfg.owner_stall && owner_stalled)
-                    || waited > cfg.owner_stall * 4;
+                let coordinated = coord.active(now);
+                // With a tracker, its assignment names the one node that fetches a piece;
+                // without one, every node computes the same rendezvous owner.
+                let mine = |k: u32| {
+                    if coordinated {
+                        coord.assigned.contains(&k)
+                    } else {
+                        origin_owner(&digest, k, &owners) == Some(&me)
+                    }
+                };
+                let take = if mine(i) {
+                    true
+                } else if coordinated {
+                    // The tracker reassigns stalled pieces itself; this is only the safety
+                    // valve for a piece that blocks the stream far too long.
+                    waited > cfg.owner_stall * 4
+                } else {
+                    let owner = origin_owner(&digest, i, &owners).expect("owners include us");
+                    let owner_stalled = peers.get(owner).is_none_or(|s| now - s.last_gain > cfg.owner_stall);
+                    // Take a piece over when its owner makes no progress at all, or (a safety
+                    // valve for owners that disagree about who owns what) when it has blocked
+                    // the stream for a long time.
+                    (waited > cfg.owner_stall && owner_stalled) || waited > cfg.owner_stall * 4
+                };
                 if !take {
                     continue;
                 }
-                if owner != me {
-                    tracing::debug!(%digest, piece = i, %owner, "taking over a stalled piece from the origin");
+                if !mine(i) {
+                    tracing::debug!(%digest, piece = i, "taking over a stalled piece from the origin");
                 }
+                let max_span = if downloaders.is_empty() || coordinated { MAX_SPAN } else { SHARED_SPAN };
                 let mut end = i + 1;
                 while end < n
-                    && end - i < if downloaders.is_empty() { MAX_SPAN } else { SHARED_SPAN }
+                    && end - i < max_span
                     && !map.verified.get(end)
                     && !in_flight[end as usize]
-                    && origin_owner(&digest, end, &owners) == Some(&me)
+                    && mine(end)
                     && !peers.values().any(|s| s.have.get(end))
                 {
                     end += 1;
@@ -428,6 +557,23 @@ impl Fetcher {
             }
 
             // --- polls ---
+            if self.net.has_coordinator() && !coord.asking {
+                // Ask again soon when every assigned piece is done or on its way.
+                let drained = !coord.assigned.is_empty()
+                    && coord.assigned.iter().all(|&k| map.verified.get(k) || in_flight[k as usize]);
+                let due = coord.next_ask.is_none_or(|t| now >= t);
+                if due || (drained && coord.next_ask.is_some_and(|t| now + PLAN_POLL - PLAN_MIN_GAP >= t)) {
+                    coord.asking = true;
+                    coord.next_ask = Some(now + PLAN_POLL);
+                    let attest = std::mem::take(&mut coord.unreported);
+                    let report = self.plan_report(map, attest.clone());
+                    let (net, tx) = (self.net.clone(), tx.clone());
+                    jobs.spawn(async move {
+                        let plan = net.plan(digest, report).await;
+                        let _ = tx.send(Event::Planned { plan, attest }).await;
+                    });
+                }
+            }
             if now >= next_have_poll {
                 next_have_poll = now + HAVE_POLL;
                 for (peer, state) in peers.iter_mut().filter(|(_, s)| !s.polling && !s.have.is_full()) {
@@ -450,7 +596,10 @@ impl Fetcher {
             }
 
             // --- wait for something to happen ---
-            let wake = next_have_poll.min(next_provider_poll).min(now + Duration::from_millis(100));
+            let mut wake = next_have_poll.min(next_provider_poll).min(now + Duration::from_millis(100));
+            if let Some(t) = coord.next_ask.filter(|_| !coord.asking) {
+                wake = wake.min(t.max(now + PLAN_MIN_GAP));
+            }
             let event = tokio::select! {
                 ev = rx.recv() => ev,
                 _ = tokio::time::sleep_until(wake.into()) => None,
@@ -472,6 +621,9 @@ impl Fetcher {
                             origin_failures = 0;
                             METRICS.received(bytes, "origin");
                             METRICS.origin_pieces.inc();
+                            if self.net.has_coordinator() {
+                                coord.unreported.push((index, piece_digest));
+                            }
                         }
                     }
                     METRICS.pieces_verified.inc();
@@ -558,6 +710,21 @@ impl Fetcher {
                         downloaders.remove(&peer);
                     }
                 }
+                Event::Planned { plan, attest } => {
+                    coord.asking = false;
+                    match plan {
+                        Some(plan) => {
+                            for p in coord.apply(plan, n) {
+                                if p != me && !self.is_banned(&p) {
+                                    peers.entry(p.clone()).or_insert_with(|| PeerState::new(n));
+                                    downloaders.insert(p);
+                                }
+                            }
+                        }
+                        // Not delivered: report them with the next plan request.
+                        None => coord.unreported.extend(attest),
+                    }
+                }
                 Event::Providers(found) => {
                     providers_polling = false;
                     for p in found {
@@ -570,6 +737,10 @@ impl Fetcher {
             }
         }
         partial.save_state(map.encode_state()).await?;
+        if self.net.has_coordinator() && !coord.unreported.is_empty() {
+            // The last first-hand digests, so the tracker's metainfo is whole.
+            tokio::spawn(self.net.plan(digest, self.plan_report(map, std::mem::take(&mut coord.unreported))));
+        }
         let from_origin = suppliers.iter().filter(|s| s.is_none()).count();
         tracing::info!(
             %digest,

@@ -10,7 +10,8 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, StreamProtocol};
 
 use super::protocol::{PieceCodec, PROTOCOL};
-use super::SwarmConfig;
+use super::tracker_protocol::{TrackerCodec, TRACKER_PROTOCOL};
+use super::{Role, SwarmConfig};
 
 /// Kademlia under a private name, so a Shoal node never answers or joins a public DHT.
 pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");
@@ -34,6 +35,7 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) pieces: request_response::Behaviour<PieceCodec>,
+    pub(crate) tracker: request_response::Behaviour<TrackerCodec>,
 }
 
 impl Behaviour {
@@ -62,17 +64,33 @@ impl Behaviour {
         // serve the DHT from the start instead of waiting for a confirmed external address.
         kad.set_mode(Some(kad::Mode::Server));
 
+        let name = match config.role {
+            Role::Agent => "shoal-agent",
+            Role::Tracker => "shoal-tracker",
+        };
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
-                .with_agent_version(format!("shoal-agent/{}", env!("CARGO_PKG_VERSION"))),
+                .with_agent_version(format!("{name}/{}", env!("CARGO_PKG_VERSION"))),
         );
 
+        // Agents serve and fetch pieces and ask trackers; a tracker only answers the tracker
+        // protocol. identify lists the inbound protocols, which is how agents recognise a
+        // tracker among their peers.
+        let (piece_support, tracker_support) = match config.role {
+            Role::Agent => (ProtocolSupport::Full, ProtocolSupport::Outbound),
+            Role::Tracker => (ProtocolSupport::Outbound, ProtocolSupport::Inbound),
+        };
         let pieces = request_response::Behaviour::with_codec(
             PieceCodec { max_response_bytes: config.max_message_bytes },
-            [(PROTOCOL, ProtocolSupport::Full)],
+            [(PROTOCOL, piece_support)],
+            request_response::Config::default().with_request_timeout(config.request_timeout),
+        );
+        let tracker = request_response::Behaviour::with_codec(
+            TrackerCodec,
+            [(TRACKER_PROTOCOL, tracker_support)],
             request_response::Config::default().with_request_timeout(config.request_timeout),
         );
 
-        Behaviour { kad, identify, pieces }
+        Behaviour { kad, identify, pieces, tracker }
     }
 }

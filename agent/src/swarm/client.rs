@@ -9,6 +9,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{PieceRequest, PieceResponse};
+use super::tracker_protocol::{TrackerRequest, TrackerResponse};
 use super::{SwarmError, SwarmStats};
 use crate::types::Digest;
 
@@ -48,7 +49,33 @@ impl ResponseHandle {
     }
 }
 
+/// A tracker request from an agent, to be answered through [`Client::respond_tracker`].
+#[derive(Debug)]
+pub struct InboundTrackerRequest {
+    pub peer: PeerId,
+    /// The listen addresses the peer told us through identify (empty until it did).
+    pub addrs: Vec<Multiaddr>,
+    pub request: TrackerRequest,
+    pub channel: TrackerResponseHandle,
+}
+
+/// Where the answer to an [`InboundTrackerRequest`] goes.
+#[derive(Debug)]
+pub struct TrackerResponseHandle(pub(crate) ResponseChannel<TrackerResponse>);
+
 pub(crate) enum Command {
+    TrackerRequest {
+        peer: PeerId,
+        request: TrackerRequest,
+        reply: oneshot::Sender<Result<TrackerResponse, RequestError>>,
+    },
+    RespondTracker {
+        channel: TrackerResponseHandle,
+        response: TrackerResponse,
+    },
+    Trackers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -171,5 +198,31 @@ impl Client {
     /// Redials the bootstrap peers that are not connected and runs a DHT bootstrap.
     pub async fn bootstrap(&self) -> Result<(), SwarmError> {
         self.send(Command::Bootstrap).await
+    }
+
+    /// Sends a tracker request (agents).
+    pub async fn tracker_request(
+        &self,
+        peer: PeerId,
+        request: TrackerRequest,
+    ) -> Result<TrackerResponse, RequestError> {
+        match self.call(|reply| Command::TrackerRequest { peer, request, reply }).await {
+            Ok(result) => result,
+            Err(_) => Err(RequestError::Stopped),
+        }
+    }
+
+    /// Answers a tracker request (trackers).
+    pub async fn respond_tracker(
+        &self,
+        channel: TrackerResponseHandle,
+        response: TrackerResponse,
+    ) -> Result<(), SwarmError> {
+        self.send(Command::RespondTracker { channel, response }).await
+    }
+
+    /// Connected peers that serve the tracker protocol (as identify told), sorted.
+    pub async fn trackers(&self) -> Vec<PeerId> {
+        self.call(|reply| Command::Trackers { reply }).await.unwrap_or_default()
     }
 }

@@ -26,8 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
-use super::client::{Command, InboundRequest, RequestError, ResponseHandle};
+use super::client::{
+    Command, InboundRequest, InboundTrackerRequest, RequestError, ResponseHandle, TrackerResponseHandle,
+};
 use super::protocol::{PieceRequest, PieceResponse};
+use super::tracker_protocol::{TrackerRequest, TrackerResponse, TRACKER_PROTOCOL};
 use super::{is_loopback, Bootstrap, SwarmConfig, SwarmError, SwarmStats};
 use crate::types::Digest;
 
@@ -61,8 +64,14 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<InboundRequest>,
+    tracker_inbound: mpsc::Sender<InboundTrackerRequest>,
     stats: Arc<SwarmStats>,
     local_peer_id: PeerId,
+    /// What identify told of connected peers: listen addresses, and whether the peer is a
+    /// tracker (answers the tracker protocol).
+    identified: HashMap<PeerId, (Vec<Multiaddr>, bool)>,
+    pending_tracker_requests:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<TrackerResponse, RequestError>>>,
 
     static_bootstrap: Vec<(PeerId, Multiaddr)>,
     dns_bootstrap: Vec<(String, u16)>,
@@ -117,6 +126,7 @@ impl EventLoop {
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
         inbound: mpsc::Sender<InboundRequest>,
+        tracker_inbound: mpsc::Sender<InboundTrackerRequest>,
         stats: Arc<SwarmStats>,
         config: &SwarmConfig,
     ) -> Self {
@@ -133,6 +143,9 @@ impl EventLoop {
             swarm,
             commands,
             inbound,
+            tracker_inbound,
+            identified: HashMap::new(),
+            pending_tracker_requests: HashMap::new(),
             stats,
             static_bootstrap,
             dns_bootstrap,
@@ -199,6 +212,29 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            Command::TrackerRequest { peer, request, reply } => {
+                if peer == self.local_peer_id {
+                    let _ = reply.send(Err(RequestError::Unreachable));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().tracker.send_request(&peer, request);
+                self.pending_tracker_requests.insert(id, reply);
+            }
+            Command::RespondTracker { channel, response } => {
+                if self.swarm.behaviour_mut().tracker.send_response(channel.0, response).is_err() {
+                    tracing::debug!("tracker requester gone before the answer");
+                }
+            }
+            Command::Trackers { reply } => {
+                let mut trackers: Vec<PeerId> = self
+                    .identified
+                    .iter()
+                    .filter(|(peer, (_, tracker))| *tracker && self.swarm.is_connected(peer))
+                    .map(|(peer, _)| *peer)
+                    .collect();
+                trackers.sort();
+                let _ = reply.send(trackers);
+            }
             Command::ListenAddrs { reply } => {
                 if self.swarm.listeners().next().is_none() && self.active_listeners > 0 {
                     self.pending_listen_addrs.push(reply);
@@ -407,6 +443,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.on_identify_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Pieces(event)) => self.on_piece_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Tracker(event)) => self.on_tracker_event(event),
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "swarm listening");
                 let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
@@ -439,6 +476,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                 self.update_connected();
                 if num_established == 0 {
+                    self.identified.remove(&peer_id);
                     tracing::debug!(peer = %peer_id, ?cause, "disconnected");
                 }
             }
@@ -524,15 +562,24 @@ impl EventLoop {
         if !info.protocols.contains(&KAD_PROTOCOL) {
             return;
         }
+        let is_tracker = info.protocols.contains(&TRACKER_PROTOCOL);
+        if is_tracker && !self.identified.get(&peer_id).is_some_and(|(_, t)| *t) {
+            tracing::info!(peer = %peer_id, "connected to a tracker");
+        }
         // Loopback addresses are only useful to a peer that reached us over loopback.
         let keep_loopback = is_loopback(&info.observed_addr);
+        let mut kept = Vec::new();
         for addr in info.listen_addrs {
             let addr = without_peer(addr);
             if is_loopback(&addr) && !keep_loopback {
                 continue;
             }
+            if kept.len() < super::tracker_protocol::MAX_PEER_ADDRS {
+                kept.push(addr.clone());
+            }
             self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
         }
+        self.identified.insert(peer_id, (kept, is_tracker));
     }
 
     fn on_piece_event(&mut self, event: request_response::Event<PieceRequest, PieceResponse>) {
@@ -577,6 +624,48 @@ impl EventLoop {
             Err(TrySendError::Closed(request)) => (request, PieceResponse::NotFound),
         };
         let _ = self.swarm.behaviour_mut().pieces.send_response(request.channel.0, answer);
+    }
+}
+
+impl EventLoop {
+    fn on_tracker_event(&mut self, event: request_response::Event<TrackerRequest, TrackerResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.stats.tracker_requests.fetch_add(1, Ordering::Relaxed);
+                    let addrs = self.identified.get(&peer).map(|(a, _)| a.clone()).unwrap_or_default();
+                    let request = InboundTrackerRequest {
+                        peer,
+                        addrs,
+                        request,
+                        channel: TrackerResponseHandle(channel),
+                    };
+                    if let Err(e) = self.tracker_inbound.try_send(request) {
+                        // Dropping the channel resets the stream: the agent sees a failure
+                        // and goes on in DHT-only mode until the tracker keeps up.
+                        self.stats.tracker_requests_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, error = %e, "tracker request dropped");
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.pending_tracker_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, %error, "tracker request failed");
+                if let Some(reply) = self.pending_tracker_requests.remove(&request_id) {
+                    let _ = reply.send(Err(request_error(error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // Malformed or oversized requests end here (the codec refused them).
+                self.stats.tracker_requests_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, %error, "a tracker request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
     }
 }
 

@@ -49,11 +49,13 @@
 mod behaviour;
 mod client;
 mod event_loop;
+pub mod heartbeat;
 mod identity;
 pub mod network;
 pub mod protocol;
 #[cfg(test)]
 mod tests;
+pub mod tracker_protocol;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -71,13 +73,17 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{noise, tcp, yamux, Swarm};
 use tokio::sync::mpsc;
 
-pub use client::{Client, InboundRequest, RequestError, ResponseHandle};
+pub use client::{
+    Client, InboundRequest, InboundTrackerRequest, RequestError, ResponseHandle, TrackerResponseHandle,
+};
 pub use event_loop::EventLoop;
 pub use libp2p::{Multiaddr, PeerId};
 pub use protocol::{HaveInfo, PieceRequest, PieceResponse, MAX_PIECE_BYTES, MAX_RESPONSE_BYTES};
 
 /// The agent's default P2P port.
 pub const DEFAULT_PORT: u16 = 5001;
+/// The tracker's default P2P port (for `--tracker dns:<name>` without a port).
+pub const TRACKER_PORT: u16 = 5101;
 /// Connections with no stream open for this long are closed.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Commands waiting for the event loop.
@@ -85,9 +91,20 @@ const COMMAND_QUEUE: usize = 256;
 /// Smallest allowed `max_message_bytes`: room for `Have` answers of small blobs.
 const MIN_MESSAGE_BYTES: usize = 4096;
 
+/// What this node is in the swarm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Serves and fetches pieces; asks trackers.
+    #[default]
+    Agent,
+    /// Answers the tracker protocol; holds no pieces.
+    Tracker,
+}
+
 /// Settings of the swarm. [`SwarmConfig::new`] holds every default.
 #[derive(Clone, Debug)]
 pub struct SwarmConfig {
+    pub role: Role,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
     /// Peers or DNS names to join the swarm through.
@@ -111,6 +128,7 @@ impl SwarmConfig {
     /// Defaults, with the node key at `key_path` (by convention `<cache dir>/node.key`).
     pub fn new(key_path: PathBuf) -> Self {
         SwarmConfig {
+            role: Role::Agent,
             listen: vec![Multiaddr::empty()
                 .with(Protocol::Ip4([0, 0, 0, 0].into()))
                 .with(Protocol::Tcp(DEFAULT_PORT))],
@@ -156,13 +174,21 @@ impl FromStr for Bootstrap {
     type Err = SwarmError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Bootstrap::parse(s, DEFAULT_PORT)
+    }
+}
+
+impl Bootstrap {
+    /// Parses a multiaddr with `/p2p/<id>` or `dns:<name>[:port]`, the port defaulting to
+    /// `default_port`.
+    pub fn parse(s: &str, default_port: u16) -> Result<Self, SwarmError> {
         let bad = |reason: &str| SwarmError::Bootstrap { input: s.to_string(), reason: reason.to_string() };
         if let Some(rest) = s.strip_prefix("dns:") {
             let (host, port) = match rest.rsplit_once(':') {
                 Some((host, port)) => {
                     (host, port.parse::<u16>().map_err(|_| bad("the port is not a number"))?)
                 }
-                None => (rest, DEFAULT_PORT),
+                None => (rest, default_port),
             };
             let host_ok = !host.is_empty()
                 && host.len() <= 253
@@ -233,13 +259,28 @@ pub struct SwarmStats {
     pub dht_publications: AtomicU64,
     /// Piece requests received from peers.
     pub inbound_requests: AtomicU64,
+    /// Tracker requests received (trackers only), and those refused as malformed or too many.
+    pub tracker_requests: AtomicU64,
+    pub tracker_requests_failed: AtomicU64,
     /// Of those, answered `Busy` by the loop because the serving queue was full.
     pub inbound_busy: AtomicU64,
 }
 
+/// What [`new`] returns.
+pub struct Parts {
+    /// The handle to the swarm.
+    pub client: Client,
+    /// Piece requests from peers (agents), to answer through [`Client::respond`].
+    pub inbound: mpsc::Receiver<InboundRequest>,
+    /// Tracker requests from agents (trackers), to answer through [`Client::respond_tracker`].
+    pub tracker_inbound: mpsc::Receiver<InboundTrackerRequest>,
+    /// The task to spawn.
+    pub event_loop: EventLoop,
+}
+
 /// Builds the swarm and starts listening. Call inside a tokio runtime, then spawn
 /// [`EventLoop::run`]; the [`Client`] works once the loop runs.
-pub fn new(config: SwarmConfig) -> Result<(Client, mpsc::Receiver<InboundRequest>, EventLoop), SwarmError> {
+pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
     config.validate()?;
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(SwarmError::Config("swarm::new must be called inside a tokio runtime".to_string()));
@@ -261,11 +302,12 @@ pub fn new(config: SwarmConfig) -> Result<(Client, mpsc::Receiver<InboundRequest
 
     let stats = Arc::new(SwarmStats::default());
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
-    tracing::info!(peer_id = %local_peer_id, listen = ?config.listen, private = config.swarm_key.is_some(), "swarm ready");
+    let (inbound_tx, inbound) = mpsc::channel(config.inbound_queue);
+    let (tracker_tx, tracker_inbound) = mpsc::channel(config.inbound_queue);
+    tracing::info!(peer_id = %local_peer_id, listen = ?config.listen, private = config.swarm_key.is_some(), role = ?config.role, "swarm ready");
     let client = Client::new(command_tx, local_peer_id, stats.clone());
-    let event_loop = EventLoop::new(swarm, command_rx, inbound_tx, stats, &config);
-    Ok((client, inbound_rx, event_loop))
+    let event_loop = EventLoop::new(swarm, command_rx, inbound_tx, tracker_tx, stats, &config);
+    Ok(Parts { client, inbound, tracker_inbound, event_loop })
 }
 
 fn transport_error(e: libp2p::TransportError<std::io::Error>) -> String {

@@ -3,9 +3,10 @@
 //! requests from this node's store and downloads. Peer ids become [`NodeId`]s here, so no
 //! libp2p type leaves this module.
 
+use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,8 +16,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::client::{Client, InboundRequest, RequestError};
 use super::protocol::{HaveInfo, PieceRequest, PieceResponse};
+use super::tracker_protocol::{PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS};
 use super::{Bootstrap, SwarmConfig, SwarmError, SwarmStats};
-use crate::fetch::net::{Network, NodeId, PeerError, PeerHave};
+use crate::fetch::net::{Network, NodeId, PeerError, PeerHave, Plan, PlanReport};
 use crate::fetch::Fetcher;
 use crate::metrics::METRICS;
 use crate::pieces::Bitfield;
@@ -33,6 +35,7 @@ const SETTLE_DELAY: Duration = Duration::from_millis(500);
 pub fn config_from_flags(
     listen: &[String],
     bootstrap: &[String],
+    trackers: &[String],
     key_path: std::path::PathBuf,
     swarm_key: Option<std::path::PathBuf>,
 ) -> Result<SwarmConfig, SwarmError> {
@@ -45,6 +48,10 @@ pub fn config_from_flags(
         })
         .collect::<Result<_, _>>()?;
     config.bootstrap = bootstrap.iter().map(|b| b.parse::<Bootstrap>()).collect::<Result<_, _>>()?;
+    // A tracker is a bootstrap peer too; agents recognise it through identify.
+    for tracker in trackers {
+        config.bootstrap.push(Bootstrap::parse(tracker, super::TRACKER_PORT)?);
+    }
     config.swarm_key = swarm_key;
     Ok(config)
 }
@@ -52,13 +59,42 @@ pub fn config_from_flags(
 pub struct SwarmNetwork {
     client: Client,
     me: NodeId,
+    /// A tracker answered a heartbeat lately (set by [`super::heartbeat`]).
+    tracker_online: Arc<AtomicBool>,
+    /// Peers whose plan addresses were handed to the swarm already.
+    addressed: Arc<Mutex<HashSet<PeerId>>>,
 }
+
+/// Peers remembered in [`SwarmNetwork::addressed`] before the set starts over.
+const MAX_ADDRESSED: usize = 4096;
 
 impl SwarmNetwork {
     pub fn new(client: Client) -> Self {
         let me = NodeId::new(&client.local_peer_id().to_bytes());
-        SwarmNetwork { client, me }
+        SwarmNetwork {
+            client,
+            me,
+            tracker_online: Arc::new(AtomicBool::new(false)),
+            addressed: Arc::default(),
+        }
     }
+
+    /// The flag the heartbeat loop sets while a tracker answers.
+    pub fn tracker_online(&self) -> Arc<AtomicBool> {
+        self.tracker_online.clone()
+    }
+}
+
+/// The tracker responsible for `digest`: rendezvous hashing over the connected trackers, so
+/// replicas split the digests and agents agree without talking.
+pub fn tracker_for(digest: &Digest, trackers: &[PeerId]) -> Option<PeerId> {
+    use sha2::Digest as _;
+    trackers
+        .iter()
+        .max_by_key(|t| {
+            sha2::Sha256::new().chain_update(digest.as_bytes()).chain_update(t.to_bytes()).finalize()
+        })
+        .copied()
 }
 
 fn peer_id(node: &NodeId) -> Result<PeerId, PeerError> {
@@ -79,6 +115,69 @@ impl Network for SwarmNetwork {
 
     fn settle_delay(&self) -> Duration {
         SETTLE_DELAY
+    }
+
+    fn has_coordinator(&self) -> bool {
+        self.tracker_online.load(Ordering::Relaxed)
+    }
+
+    fn plan(&self, digest: Digest, report: PlanReport) -> BoxFuture<'static, Option<Plan>> {
+        let client = self.client.clone();
+        let me = self.client.local_peer_id();
+        let mut attest = report.attest;
+        if attest.len() > MAX_PLAN_DIGESTS {
+            // Only ever this many are unreported at once in practice (a plan goes out every
+            // half second); the tracker learns the rest from the complete report.
+            attest.truncate(MAX_PLAN_DIGESTS);
+        }
+        let request = TrackerRequest::Plan(PlanRequest {
+            digest: *digest.as_bytes(),
+            size: report.size,
+            piece_size: report.piece_size,
+            have: report.have.as_bytes().to_vec(),
+            attest,
+            complete: report.complete,
+        });
+        let addressed = self.addressed.clone();
+        Box::pin(async move {
+            let tracker = tracker_for(&digest, &client.trackers().await)?;
+            let plan = match client.tracker_request(tracker, request).await {
+                Ok(TrackerResponse::Plan(plan)) => plan,
+                Ok(TrackerResponse::Refused(why)) => {
+                    tracing::warn!(%digest, %why, "the tracker refused a plan request");
+                    return None;
+                }
+                Ok(other) => {
+                    tracing::debug!(%digest, ?other, "unexpected tracker answer to a plan request");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(%digest, error = %e, "plan request failed");
+                    return None;
+                }
+            };
+            let mut peers = Vec::with_capacity(plan.peers.len());
+            for p in plan.peers {
+                let Ok(peer) = PeerId::from_bytes(&p.peer_id) else { continue };
+                if peer == me {
+                    continue;
+                }
+                let fresh = {
+                    let mut seen = addressed.lock().expect("addressed lock");
+                    if seen.len() >= MAX_ADDRESSED {
+                        seen.clear();
+                    }
+                    seen.insert(peer)
+                };
+                if fresh {
+                    for addr in p.addrs.iter().filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
+                        let _ = client.add_address(peer, addr).await;
+                    }
+                }
+                peers.push(NodeId::new(&peer.to_bytes()));
+            }
+            Some(Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests })
+        })
     }
 
     fn announce(&self, digest: Digest) {

@@ -210,7 +210,7 @@ const CONFIG: bincode::config::Configuration<
     bincode::config::Limit<MAX_RESPONSE_BYTES>,
 > = bincode::config::standard().with_limit::<MAX_RESPONSE_BYTES>();
 
-fn encode<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
+pub(crate) fn encode_capped<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
     let bytes =
         bincode::serde::encode_to_vec(message, CONFIG).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     if bytes.len() > limit {
@@ -219,7 +219,7 @@ fn encode<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolEr
     Ok(bytes)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
+pub(crate) fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
     if bytes.len() > limit {
         return Err(ProtocolError::TooLarge { len: bytes.len(), limit });
     }
@@ -232,23 +232,23 @@ fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Protocol
 }
 
 pub fn encode_request(request: &PieceRequest) -> Result<Vec<u8>, ProtocolError> {
-    encode(request, MAX_REQUEST_BYTES)
+    encode_capped(request, MAX_REQUEST_BYTES)
 }
 
 pub fn decode_request(bytes: &[u8]) -> Result<PieceRequest, ProtocolError> {
-    decode(bytes, MAX_REQUEST_BYTES)
+    decode_capped(bytes, MAX_REQUEST_BYTES)
 }
 
 /// Encodes a response of at most `limit` bytes (clamped to [`MAX_RESPONSE_BYTES`]).
 pub fn encode_response(response: &PieceResponse, limit: usize) -> Result<Vec<u8>, ProtocolError> {
     response.validate()?;
-    encode(response, limit.min(MAX_RESPONSE_BYTES))
+    encode_capped(response, limit.min(MAX_RESPONSE_BYTES))
 }
 
 /// Decodes and validates a response of at most `limit` bytes (clamped to
 /// [`MAX_RESPONSE_BYTES`]).
 pub fn decode_response(bytes: &[u8], limit: usize) -> Result<PieceResponse, ProtocolError> {
-    let response: PieceResponse = decode(bytes, limit.min(MAX_RESPONSE_BYTES))?;
+    let response: PieceResponse = decode_capped(bytes, limit.min(MAX_RESPONSE_BYTES))?;
     response.validate()?;
     Ok(response)
 }
@@ -262,7 +262,10 @@ pub(crate) struct PieceCodec {
 
 /// Reads to end of stream, at most `limit` bytes: one byte more is an error, so a peer cannot
 /// make us buffer more than `limit + 1` bytes whatever it sends.
-async fn read_capped<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_capped<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     io.take(limit as u64 + 1).read_to_end(&mut buf).await?;
     if buf.len() > limit {

@@ -65,7 +65,7 @@ struct Node {
 impl Node {
     async fn start(config: SwarmConfig) -> Node {
         init_tracing();
-        let (client, inbound, event_loop) = new(config).expect("swarm starts");
+        let super::Parts { client, inbound, event_loop, .. } = new(config).expect("swarm starts");
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(event_loop.run(async {
             let _ = stop.await;
