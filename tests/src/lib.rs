@@ -15,6 +15,7 @@
 //!   byte comparison of fetched content.
 //! - [`agent`]: the `shoal-agent` binary as a process; readiness, metrics, restart.
 //! - [`metrics`]: Prometheus text parsing.
+//! - [`pull`]: a client's pull over HTTP (every blob at once, digests checked), origin content GETs.
 //! - [`proxy`]: throttling / corrupting TCP proxy for slow and lying origins.
 //! - [`skopeo`]: skopeo as a pull client through a `registries.conf` mirror.
 //! - [`process`]: kill-on-drop daemons and bounded one-shot commands.
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod origin;
 pub mod process;
 pub mod proxy;
+pub mod pull;
 pub mod skopeo;
 pub mod util;
 
