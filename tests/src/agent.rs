@@ -257,14 +257,18 @@ impl Agent {
     /// The agent's P2P address with its peer id (`/ip4/127.0.0.1/tcp/PORT/p2p/ID`), for
     /// other agents' `--bootstrap`; read from the agent's `/status`.
     pub async fn p2p_addr(&self) -> Result<String> {
+        Ok(format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.p2p_port, self.peer_id().await?))
+    }
+
+    /// The agent's libp2p peer id, from its `/status`.
+    pub async fn peer_id(&self) -> Result<String> {
         let url = format!("{}/status", self.metrics_url());
         let resp = http_client().get(&url).send().await?;
         if resp.status() != 200 {
             bail!("GET {url}: {}", resp.status());
         }
         let status: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
-        let peer_id = status["peer_id"].as_str().context("status has no peer_id")?;
-        Ok(format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer_id}", self.p2p_port))
+        Ok(status["peer_id"].as_str().context("status has no peer_id")?.to_string())
     }
 
     pub fn cache_dir(&self) -> &Path {
