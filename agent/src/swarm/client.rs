@@ -76,6 +76,7 @@ pub(crate) enum Command {
     Trackers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    RedialBootstrap,
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -219,6 +220,11 @@ impl Client {
         response: TrackerResponse,
     ) -> Result<(), SwarmError> {
         self.send(Command::RespondTracker { channel, response }).await
+    }
+
+    /// Dials the bootstrap peers and names that are not connected (no DHT query).
+    pub async fn redial_bootstrap(&self) -> Result<(), SwarmError> {
+        self.send(Command::RedialBootstrap).await
     }
 
     /// Connected peers that serve the tracker protocol (as identify told), sorted.

@@ -225,6 +225,10 @@ impl EventLoop {
                     tracing::debug!("tracker requester gone before the answer");
                 }
             }
+            Command::RedialBootstrap => {
+                self.dial_bootstrap();
+                self.dial_resolved();
+            }
             Command::Trackers { reply } => {
                 let mut trackers: Vec<PeerId> = self
                     .identified

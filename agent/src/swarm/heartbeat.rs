@@ -55,6 +55,11 @@ pub async fn run(
     loop {
         tick.tick().await;
         let trackers = client.trackers().await;
+        if trackers.is_empty() {
+            // A tracker that restarted is back within a beat, not at the next 30 s
+            // bootstrap round.
+            let _ = client.redial_bootstrap().await;
+        }
         views.retain(|t, _| trackers.contains(t));
         let held: HashSet<Digest> = fetcher.store().digests().into_iter().collect();
         let mut downloading: Vec<[u8; 32]> =
