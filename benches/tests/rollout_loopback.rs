@@ -46,7 +46,7 @@ fn loopback_rollout_pulls_on_every_node_and_reports() {
         "--layers",
         "2",
         "--scenario",
-        "direct,dht",
+        "direct,dht,tracker",
         "--timeout-secs",
         "120",
         "--out",
@@ -63,7 +63,15 @@ fn loopback_rollout_pulls_on_every_node_and_reports() {
     // 8 MiB of layers plus the config and the manifest.
     assert!(image_bytes > 8 << 20 && image_bytes < (8 << 20) + 4096, "image bytes {image_bytes}");
 
-    for name in ["direct", "dht"] {
+    // The tracker scenario runs wherever `shoal-tracker` was built next to this binary (as
+    // `cargo build --workspace --bins` does); otherwise it must say why it was skipped.
+    let tracker_built = Path::new(EXE).with_file_name("shoal-tracker").is_file();
+    let tracker = scenario(&report, "tracker");
+    if !tracker_built {
+        assert!(tracker["skipped"].as_str().is_some_and(|s| s.contains("shoal-tracker")), "{tracker:#}");
+    }
+    let ran: &[&str] = if tracker_built { &["direct", "dht", "tracker"] } else { &["direct", "dht"] };
+    for &name in ran {
         let s = scenario(&report, name);
         assert_eq!(s["skipped"], Value::Null, "{name} skipped: {s:#}");
         assert_eq!((s["completed"].as_u64(), s["pulls"].as_u64()), (Some(3), Some(3)), "{name}: {s:#}");
@@ -84,15 +92,19 @@ fn loopback_rollout_pulls_on_every_node_and_reports() {
     let direct = scenario(&report, "direct")["egress_ratio"].as_f64().unwrap();
     assert!((direct - 3.0).abs() < 0.01, "direct egress ratio {direct}");
     // With agents the origin sends at least one copy and clearly less than three.
-    let dht = scenario(&report, "dht")["egress_ratio"].as_f64().unwrap();
-    assert!((0.99..2.5).contains(&dht), "dht egress ratio {dht}");
+    for &name in &ran[1..] {
+        let ratio = scenario(&report, name)["egress_ratio"].as_f64().unwrap();
+        assert!((0.99..2.5).contains(&ratio), "{name} egress ratio {ratio}");
+    }
     let speedup = scenario(&report, "direct")["speedup_vs_direct"].as_f64().unwrap();
     assert!((speedup - 1.0).abs() < 1e-9, "direct against itself: {speedup}");
 
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "not an SVG: {svg:.200}");
-    assert_eq!(svg.matches("<path d=\"M").count(), 2 + 2, "two axes and two CDF curves");
-    assert!(stdout.contains("| direct | 3/3 |") && stdout.contains("| dht | 3/3 |"), "table:\n{stdout}");
+    assert_eq!(svg.matches("<path d=\"M").count(), 2 + ran.len(), "two axes and a CDF curve per scenario");
+    for name in ran {
+        assert!(stdout.contains(&format!("| {name} | 3/3 |")), "table:\n{stdout}");
+    }
 }
 
 #[test]

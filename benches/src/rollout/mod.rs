@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long, default_value = "200mbit", value_parser = parse_rate)]
     pub origin_rate: Rate,
     /// Each node's link rate, both directions, e.g. 1gbit.
-    #[arg(long, default_value = "100mbit", value_parser = parse_rate)]
+    #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
     pub node_rate: Rate,
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,dht,tracker")]
@@ -327,17 +327,28 @@ pub async fn run(args: Args) -> Result<()> {
             let mut fleet = Fleet::start(&setup, *scenario).await?;
             let mark = egress_mark(net.as_ref(), &origin)?;
             eprintln!("run {}: {}: pulling", round + 1, scenario.name());
+            let cpu_before = report::cpu_ticks();
             let nodes = fleet.pull_all(&setup).await?;
+            let cpu = cpu_before.zip(report::cpu_ticks()).and_then(|(a, b)| report::cpu_shares(a, b));
             let (wire, payload) = egress_since(net.as_ref(), &origin, mark).await?;
-            let result = RunResult::new(nodes, wire, payload);
+            let mut result = RunResult::new(nodes, wire, payload);
+            result.cpu_busy = cpu.map(|c| c.0);
+            result.cpu_iowait = cpu.map(|c| c.1);
+            if let Some((from_origin, from_peers)) = fleet.agents_received(&setup).await {
+                result.agents_received_from_origin = Some(from_origin);
+                result.agents_received_from_peers = Some(from_peers);
+            }
             eprintln!(
-                "run {}: {}: {}/{} done, max {:.1} s, origin egress {:.3}× image ({} agents alive)",
+                "run {}: {}: {}/{} done, max {:.1} s, origin egress {:.3}× image, CPU busy {:.0}% \
+                 (iowait {:.0}%), {} agents alive",
                 round + 1,
                 scenario.name(),
                 result.completed(),
                 args.nodes,
                 result.max_s.unwrap_or(f64::NAN),
                 result.origin_egress_bytes as f64 / image_bytes as f64,
+                result.cpu_busy.unwrap_or(f64::NAN) * 100.0,
+                result.cpu_iowait.unwrap_or(f64::NAN) * 100.0,
                 fleet.agents_alive(),
             );
             if !result.errors.is_empty() {

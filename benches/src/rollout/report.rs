@@ -46,6 +46,14 @@ pub struct RunResult {
     pub origin_payload_bytes: u64,
     /// The egress figure the ratio uses: wire bytes where measured, else payload bytes.
     pub origin_egress_bytes: u64,
+    /// Share of the machine's CPU time that was busy (not idle, not I/O wait) during the pull.
+    pub cpu_busy: Option<f64>,
+    /// Share spent waiting for I/O.
+    pub cpu_iowait: Option<f64>,
+    /// What the agents say they received, summed (`shoal_received_bytes_total` by source): a
+    /// diagnostic next to the origin-side figure, never a substitute for it.
+    pub agents_received_from_origin: Option<f64>,
+    pub agents_received_from_peers: Option<f64>,
 }
 
 impl RunResult {
@@ -70,6 +78,10 @@ impl RunResult {
             origin_egress_bytes: origin_wire_bytes.unwrap_or(origin_payload_bytes),
             origin_wire_bytes,
             origin_payload_bytes,
+            cpu_busy: None,
+            cpu_iowait: None,
+            agents_received_from_origin: None,
+            agents_received_from_peers: None,
         }
     }
 
@@ -95,6 +107,7 @@ pub struct ScenarioResult {
     pub payload_ratio: Option<f64>,
     pub p99_over_t_min: Option<f64>,
     pub speedup_vs_direct: Option<f64>,
+    pub cpu_busy: Option<f64>,
     /// Nodes that completed, summed over runs, and how many pulls there were.
     pub completed: usize,
     pub pulls: usize,
@@ -115,6 +128,7 @@ impl ScenarioResult {
             payload_ratio: None,
             p99_over_t_min: None,
             speedup_vs_direct: None,
+            cpu_busy: None,
             completed: 0,
             pulls: 0,
         }
@@ -138,6 +152,7 @@ impl ScenarioResult {
             payload_ratio: payload.map(|p| p / image_bytes as f64),
             p99_over_t_min: p99.zip(t_min).map(|(p, t)| p / t),
             speedup_vs_direct: None,
+            cpu_busy: med(&|r| r.cpu_busy),
             completed: runs.iter().map(RunResult::completed).sum(),
             pulls: runs.iter().map(|r| r.node_seconds.len()).sum(),
             runs,
@@ -213,16 +228,16 @@ impl Report {
             self.runs_per_scenario,
         ));
         out.push_str(
-            "| scenario | nodes done | p50 s | p90 s | p99 s | max s | p99 / T_min | origin egress MiB | egress / image | speed-up vs direct |\n",
+            "| scenario | nodes done | p50 s | p90 s | p99 s | max s | p99 / T_min | origin egress MiB | egress / image | speed-up vs direct | CPU busy |\n",
         );
-        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for s in &self.scenarios {
             if let Some(why) = &s.skipped {
-                out.push_str(&format!("| {} | skipped: {why} | | | | | | | | |\n", s.scenario.name()));
+                out.push_str(&format!("| {} | skipped: {why} | | | | | | | | | |\n", s.scenario.name()));
                 continue;
             }
             out.push_str(&format!(
-                "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.scenario.name(),
                 s.completed,
                 s.pulls,
@@ -234,10 +249,29 @@ impl Report {
                 f(s.origin_egress_bytes.map(|b| mib(b as f64)), 1),
                 f(s.egress_ratio, 3),
                 f(s.speedup_vs_direct, 2),
+                s.cpu_busy.map_or("–".to_string(), |c| format!("{:.0}%", c * 100.0)),
             ));
         }
         out
     }
+}
+
+/// Cumulative CPU time from `/proc/stat` (all cores, in ticks): (total, idle, iowait).
+pub fn cpu_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total = v.iter().take(8).sum();
+    Some((total, *v.get(3)?, *v.get(4)?))
+}
+
+/// (busy share, iowait share) between two [`cpu_ticks`] readings.
+pub fn cpu_shares(before: (u64, u64, u64), after: (u64, u64, u64)) -> Option<(f64, f64)> {
+    let total = after.0.checked_sub(before.0).filter(|t| *t > 0)? as f64;
+    let idle = after.1.saturating_sub(before.1) as f64;
+    let iowait = after.2.saturating_sub(before.2) as f64;
+    Some(((total - idle - iowait) / total, iowait / total))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (proleptic Gregorian, UTC).

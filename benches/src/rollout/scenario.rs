@@ -122,6 +122,9 @@ async fn probe(bins: &Binaries, place: &Place, url: &str, timeout: Duration) -> 
 struct Service {
     daemon: Daemon,
     log: PathBuf,
+    /// Metrics URL as seen from the service's own place.
+    metrics_url: String,
+    place: Place,
     /// Registry API URL as the node's own `ctr` reaches it.
     url: String,
     /// `/ip4/<ip>/tcp/<port>/p2p/<id>`.
@@ -176,6 +179,8 @@ async fn start_agent(s: &Setup<'_>, i: usize, peers: &[String], flag: &str) -> R
     Ok(Service {
         daemon,
         log,
+        metrics_url,
+        place: place.clone(),
         url: format!("http://127.0.0.1:{api}"),
         p2p_addr: format!("/ip4/{}/tcp/{p2p}/p2p/{id}", place.ip()),
     })
@@ -205,6 +210,8 @@ async fn start_tracker(s: &Setup<'_>, binary: &Path) -> Result<Service> {
     Ok(Service {
         daemon,
         log,
+        metrics_url: format!("http://{http_addr}"),
+        place: place.clone(),
         url: format!("http://{http_addr}"),
         p2p_addr: format!("/ip4/{}/tcp/{p2p}/p2p/{id}", place.ip()),
     })
@@ -320,6 +327,29 @@ impl Fleet {
             out.push_str(&format!("--- agent {i} ---\n{}\n", a.log_tail()));
         }
         out
+    }
+
+    /// What the agents say they received, summed: (from the origin, from peers). `None` without
+    /// agents or if a scrape failed.
+    pub async fn agents_received(&self, s: &Setup<'_>) -> Option<(f64, f64)> {
+        if self.agents.is_empty() {
+            return None;
+        }
+        let scrapes = join_all(self.agents.iter().map(|a| {
+            let url = format!("{}/metrics", a.metrics_url);
+            async move { probe(s.bins, &a.place, &url, Duration::from_secs(5)).await }
+        }))
+        .await;
+        let (mut origin, mut peers) = (0.0, 0.0);
+        for text in scrapes {
+            let samples = shoal_tests::metrics::parse(&text.ok()?);
+            let get = |source| {
+                shoal_tests::metrics::sum(&samples, "shoal_received_bytes_total", &[("source", source)])
+            };
+            origin += get("origin").unwrap_or(0.0);
+            peers += get("peer").unwrap_or(0.0);
+        }
+        Some((origin, peers))
     }
 
     /// How many agents are still running (a crashed agent is a result worth reporting).
