@@ -1,0 +1,890 @@
+//! Everything the tracker knows, and every decision it makes, as one pure data structure.
+//!
+//! ## Why it is pure
+//!
+//! The tracker's value is in its decisions: which node fetches which piece from the origin,
+//! which peers a node should ask, when an assignee is given up on. Those decisions depend on
+//! time (deadness, stalls, load windows), so [`State`] takes `now: Instant` as a parameter
+//! and never reads a clock, touches the network or spawns a task. The unit tests below drive
+//! it through exact timelines; the server ([`crate::server`]) only locks it, calls a method,
+//! and sends the answer. A plain `Mutex` is enough: every call is short and never awaits
+//! (mini-redis `db.rs` makes the same argument).
+//!
+//! ## Soft state
+//!
+//! Nothing here is persisted. A restarted tracker starts empty, answers the first delta
+//! heartbeat of each node with `resync: true` (the node then sends its whole held set), and
+//! rebuilds each digest's picture from the next plan requests, which carry the full bitfield
+//! every time. Assignments are the only thing lost for good; agents treat the assigned list
+//! of every plan as authoritative, so an empty one after a restart is simply re-topped-up.
+//!
+//! ## Assignment rules (what agents rely on)
+//!
+//! - A digest's layout (size, piece size) is fixed by its first plan; a plan that disagrees
+//!   is refused.
+//! - A piece is assigned to at most one node at a time, and only while no live node holds it:
+//!   each piece leaves the origin once.
+//! - A node has at most [`BATCH`] pieces assigned; each plan tops it up with the lowest-index
+//!   pieces nobody holds and nobody is assigned.
+//! - An assignment is released when its assignee is dead (not seen for [`NODE_DEAD`]) or
+//!   stalled (assigned for more than [`STALL`] while its piece count has not grown for
+//!   [`STALL`]). The next plan from anyone picks the piece up again.
+//! - Only *live* holders count: a piece whose only holder died is fetched from the origin
+//!   again rather than waited for.
+//! - First-hand piece digests: the first attestation of a piece wins; a conflicting later one
+//!   is counted and ignored.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+use shoal_agent::swarm::tracker_protocol::{
+    Heartbeat, NodeCounters, Plan, PlanPeer, PlanRequest, PreheatJob, PreheatProgress, PreheatState,
+    TrackerResponse, MAX_PEER_ADDRS, MAX_PIECES, MAX_PLAN_DIGESTS, MAX_PREHEAT_JOBS, MAX_TEXT_BYTES,
+};
+use shoal_agent::types::Digest;
+
+/// A node not seen (no heartbeat, no plan) for this long is dead: its assignments are
+/// released and it is no longer handed out as a peer. Agents heartbeat every 2 s and plan
+/// every 0.5 s while downloading.
+pub const NODE_DEAD: Duration = Duration::from_secs(6);
+/// Dead nodes stay listed (as not alive) for this long, then are forgotten.
+pub const NODE_FORGET: Duration = Duration::from_secs(120);
+/// An assignee that has held an assignment this long without gaining a piece for this long
+/// loses it.
+pub const STALL: Duration = Duration::from_secs(10);
+/// Origin pieces assigned to one node at a time.
+pub const BATCH: usize = 4;
+/// Peers in one plan.
+pub const MAX_PEERS: usize = 16;
+/// How far back "how often was this node handed out as a peer" looks.
+pub const LOAD_WINDOW: Duration = Duration::from_secs(2);
+/// Digest states nobody planned for in this long are forgotten.
+pub const DIGEST_FORGET: Duration = Duration::from_secs(600);
+/// Nodes the tracker keeps at once; beyond that, unknown nodes are refused.
+pub const MAX_NODES: usize = 10_000;
+/// Digests the tracker keeps at once; beyond that, plans for new digests are refused.
+pub const MAX_DIGESTS: usize = 20_000;
+/// Complete digests remembered per node.
+pub const MAX_HELD_PER_NODE: usize = 100_000;
+/// Preheat jobs kept (the oldest finished ones are dropped first).
+pub const MAX_PREHEAT_JOBS_KEPT: usize = 256;
+/// History samples kept: one a second for ten minutes.
+pub const HISTORY_SAMPLES: usize = 600;
+/// Digests listed by [`State::digests_view`] (the most recently planned first).
+pub const MAX_DIGESTS_LISTED: usize = 200;
+
+type DigestBytes = [u8; 32];
+
+/// Counters of decisions since the tracker started, exported as metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub heartbeats: u64,
+    pub plans: u64,
+    pub refused: u64,
+    pub assignments: u64,
+    pub reassignments: u64,
+    pub attestation_conflicts: u64,
+    pub preheat_jobs: u64,
+}
+
+struct Node {
+    zone: Option<String>,
+    addrs: Vec<Multiaddr>,
+    last_seen: Instant,
+    counters: NodeCounters,
+    /// A full heartbeat arrived since this tracker learned of the node: `held` is its truth.
+    synced: bool,
+    held: HashSet<DigestBytes>,
+    downloading: Vec<DigestBytes>,
+    /// When this node was handed out as a peer in a plan, within [`LOAD_WINDOW`].
+    handed_out: VecDeque<Instant>,
+}
+
+impl Node {
+    fn new(now: Instant) -> Self {
+        Node {
+            zone: None,
+            addrs: Vec::new(),
+            last_seen: now,
+            counters: NodeCounters::default(),
+            synced: false,
+            held: HashSet::new(),
+            downloading: Vec::new(),
+            handed_out: VecDeque::new(),
+        }
+    }
+
+    fn alive(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_seen) <= NODE_DEAD
+    }
+
+    fn load(&mut self, now: Instant) -> usize {
+        while self.handed_out.front().is_some_and(|t| now.saturating_duration_since(*t) > LOAD_WINDOW) {
+            self.handed_out.pop_front();
+        }
+        self.handed_out.len()
+    }
+}
+
+struct Downloader {
+    have: Vec<u8>,
+    count: u32,
+    /// When `count` last grew.
+    last_gain: Instant,
+    last_plan: Instant,
+    complete: bool,
+}
+
+impl Downloader {
+    /// Whether its pieces are there to be fetched: it finished, or it is still planning.
+    fn active(&self, now: Instant) -> bool {
+        self.complete || now.saturating_duration_since(self.last_plan) <= NODE_DEAD
+    }
+}
+
+struct DigestState {
+    size: u64,
+    piece_size: u32,
+    pieces: u32,
+    last_plan: Instant,
+    downloaders: HashMap<PeerId, Downloader>,
+    assigned: BTreeMap<u32, (PeerId, Instant)>,
+    first_hand: BTreeMap<u32, DigestBytes>,
+    metainfo_complete: bool,
+}
+
+/// How far one node got with a preheat job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodePreheat {
+    /// `None`: not reported yet (pending).
+    progress: Option<PreheatProgress>,
+}
+
+impl NodePreheat {
+    fn finished(&self) -> bool {
+        matches!(&self.progress, Some(p) if p.state != PreheatState::Running)
+    }
+}
+
+struct PreheatJobState {
+    image: String,
+    registry: String,
+    repository: String,
+    manifest: DigestBytes,
+    nodes: BTreeMap<PeerId, NodePreheat>,
+}
+
+impl PreheatJobState {
+    fn finished(&self) -> bool {
+        self.nodes.values().all(NodePreheat::finished)
+    }
+}
+
+/// How many nodes a preheat goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeCount {
+    All,
+    Count(usize),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PreheatError {
+    #[error("no alive nodes to preheat on")]
+    NoAliveNodes,
+    #[error("a preheat needs at least one node")]
+    ZeroNodes,
+    #[error("{what} is longer than {MAX_TEXT_BYTES} bytes")]
+    TooLong { what: &'static str },
+}
+
+/// The tracker's soft state. See the module docs.
+pub struct State {
+    nodes: HashMap<PeerId, Node>,
+    digests: HashMap<DigestBytes, DigestState>,
+    preheats: BTreeMap<u64, PreheatJobState>,
+    next_preheat: u64,
+    /// Bytes counted by nodes that restarted (their counters went back) or were forgotten, so
+    /// cluster totals never go backwards.
+    retired: (u64, u64),
+    history: VecDeque<HistorySample>,
+    pub totals: Totals,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::new()
+    }
+}
+
+fn bit(bits: &[u8], i: u32) -> bool {
+    bits.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1)
+}
+
+fn count_bits(bits: &[u8]) -> u32 {
+    bits.iter().map(|b| b.count_ones()).sum()
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > MAX_TEXT_BYTES {
+        let mut end = MAX_TEXT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+fn digest_name(d: &DigestBytes) -> String {
+    Digest::from_sha256(*d).to_string()
+}
+
+impl State {
+    pub fn new() -> Self {
+        State {
+            nodes: HashMap::new(),
+            digests: HashMap::new(),
+            preheats: BTreeMap::new(),
+            next_preheat: 1,
+            retired: (0, 0),
+            history: VecDeque::new(),
+            totals: Totals::default(),
+        }
+    }
+
+    fn refuse(&mut self, why: String) -> TrackerResponse {
+        self.totals.refused += 1;
+        TrackerResponse::Refused(truncate(why))
+    }
+
+    /// Records that `peer` was seen; false if it is unknown and the tracker is full.
+    fn touch(&mut self, peer: PeerId, addrs: &[Multiaddr], now: Instant) -> bool {
+        if !self.nodes.contains_key(&peer) && self.nodes.len() >= MAX_NODES {
+            return false;
+        }
+        let node = self.nodes.entry(peer).or_insert_with(|| Node::new(now));
+        node.last_seen = now;
+        if !addrs.is_empty() {
+            node.addrs = addrs.iter().take(MAX_PEER_ADDRS).cloned().collect();
+        }
+        true
+    }
+
+    /// Answers a heartbeat.
+    pub fn heartbeat(
+        &mut self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        beat: &Heartbeat,
+        now: Instant,
+    ) -> TrackerResponse {
+        self.totals.heartbeats += 1;
+        if !self.touch(peer, addrs, now) {
+            return self.refuse(format!("the tracker already tracks {MAX_NODES} nodes"));
+        }
+        let node = self.nodes.get_mut(&peer).expect("touched above");
+        node.zone = beat.zone.clone().filter(|z| !z.is_empty());
+        let old = std::mem::replace(&mut node.counters, beat.counters.clone());
+        if beat.counters.origin_bytes < old.origin_bytes || beat.counters.peer_bytes < old.peer_bytes {
+            // The node restarted: keep what its previous run counted.
+            self.retired.0 += old.origin_bytes;
+            self.retired.1 += old.peer_bytes;
+        }
+        node.downloading = beat.downloading.clone();
+        let mut resync = false;
+        let mut gone: Vec<DigestBytes> = Vec::new();
+        if beat.full {
+            let held: HashSet<DigestBytes> = beat.held_added.iter().copied().collect();
+            gone.extend(node.held.difference(&held).copied());
+            node.held = held;
+            node.synced = true;
+        } else if !node.synced {
+            resync = true;
+        } else {
+            for d in &beat.held_removed {
+                if node.held.remove(d) {
+                    gone.push(*d);
+                }
+            }
+            for d in &beat.held_added {
+                if node.held.len() >= MAX_HELD_PER_NODE {
+                    tracing::warn!(%peer, "node holds more than {MAX_HELD_PER_NODE} digests; ignoring the rest");
+                    break;
+                }
+                node.held.insert(*d);
+            }
+        }
+        if beat.full {
+            // Digests the node finished through plans but no longer holds (evicted).
+            let held = &node.held;
+            for (d, state) in self.digests.iter_mut() {
+                if state.downloaders.get(&peer).is_some_and(|dl| dl.complete) && !held.contains(d) {
+                    state.downloaders.remove(&peer);
+                }
+            }
+        } else {
+            for d in gone {
+                if let Some(state) = self.digests.get_mut(&d) {
+                    if state.downloaders.get(&peer).is_some_and(|dl| dl.complete) {
+                        state.downloaders.remove(&peer);
+                    }
+                }
+            }
+        }
+
+        for report in &beat.preheat {
+            let Some(entry) = self.preheats.get_mut(&report.id).and_then(|job| job.nodes.get_mut(&peer))
+            else {
+                continue;
+            };
+            if !entry.finished() {
+                entry.progress = Some(report.clone());
+            }
+        }
+        let preheat: Vec<PreheatJob> = self
+            .preheats
+            .iter()
+            .filter(|(_, job)| job.nodes.get(&peer).is_some_and(|n| !n.finished()))
+            .take(MAX_PREHEAT_JOBS)
+            .map(|(id, job)| PreheatJob {
+                id: *id,
+                registry: job.registry.clone(),
+                repository: job.repository.clone(),
+                manifest: job.manifest,
+            })
+            .collect();
+        TrackerResponse::Heartbeat { resync, preheat }
+    }
+
+    /// Answers a plan request: records the requester's progress and attestations, releases
+    /// dead or stalled assignments, tops the requester up, and lists its best peers.
+    pub fn plan(
+        &mut self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        req: &PlanRequest,
+        now: Instant,
+    ) -> TrackerResponse {
+        self.totals.plans += 1;
+        let pieces = req.pieces();
+        // The codec validated this already; the state does not rely on it.
+        if req.piece_size == 0 || pieces > MAX_PIECES || req.have.len() as u64 != pieces.div_ceil(8) {
+            return self.refuse(format!("plan for {}: inconsistent piece layout", req.digest()));
+        }
+        let pieces = pieces as u32;
+        if !self.touch(peer, addrs, now) {
+            return self.refuse(format!("the tracker already tracks {MAX_NODES} nodes"));
+        }
+        if let Some(state) = self.digests.get(&req.digest) {
+            if state.size != req.size || state.piece_size != req.piece_size {
+                let why = format!(
+                    "plan for {}: size disagrees: the tracker knows {} bytes in pieces of {}, the request says {} \
+                     bytes in pieces of {}",
+                    req.digest(),
+                    state.size,
+                    state.piece_size,
+                    req.size,
+                    req.piece_size
+                );
+                return self.refuse(why);
+            }
+        } else if self.digests.len() >= MAX_DIGESTS {
+            return self.refuse(format!("the tracker already tracks {MAX_DIGESTS} digests"));
+        }
+        let nodes = &mut self.nodes;
+        let totals = &mut self.totals;
+        let state = self.digests.entry(req.digest).or_insert_with(|| DigestState {
+            size: req.size,
+            piece_size: req.piece_size,
+            pieces,
+            last_plan: now,
+            downloaders: HashMap::new(),
+            assigned: BTreeMap::new(),
+            first_hand: BTreeMap::new(),
+            metainfo_complete: false,
+        });
+        state.last_plan = now;
+
+        // The requester's progress.
+        let count = count_bits(&req.have);
+        let me = state.downloaders.entry(peer).or_insert_with(|| Downloader {
+            have: Vec::new(),
+            count: 0,
+            last_gain: now,
+            last_plan: now,
+            complete: false,
+        });
+        if count > me.count {
+            me.last_gain = now;
+        }
+        me.have = req.have.clone();
+        me.count = count;
+        me.last_plan = now;
+        me.complete |= req.complete;
+        let complete = me.complete;
+
+        // First-hand piece digests.
+        for (piece, sha) in &req.attest {
+            match state.first_hand.get(piece) {
+                None => {
+                    state.first_hand.insert(*piece, *sha);
+                }
+                Some(known) if known == sha => {}
+                Some(_) => {
+                    totals.attestation_conflicts += 1;
+                    tracing::warn!(%peer, digest = %req.digest(), piece, "conflicting piece digest attested; keeping the first");
+                }
+            }
+        }
+        if complete && state.first_hand.len() as u32 == pieces {
+            state.metainfo_complete = true;
+        }
+
+        // Which pieces a live node holds.
+        let holder_alive =
+            nodes.iter().any(|(id, n)| *id != peer && n.alive(now) && n.held.contains(&req.digest));
+        let mut held_any = vec![holder_alive; pieces as usize];
+        if !holder_alive {
+            for (id, dl) in &state.downloaders {
+                if !dl.active(now) || !nodes.get(id).is_some_and(|n| n.alive(now)) {
+                    continue;
+                }
+                if dl.complete {
+                    held_any.fill(true);
+                    break;
+                }
+                for (i, held) in held_any.iter_mut().enumerate() {
+                    *held |= bit(&dl.have, i as u32);
+                }
+            }
+        }
+
+        // Assignments: drop what is held now, release the dead and the stalled.
+        state.assigned.retain(|piece, _| !held_any[*piece as usize]);
+        let downloaders = &state.downloaders;
+        state.assigned.retain(|piece, (assignee, since)| {
+            let dead = !nodes.get(assignee).is_some_and(|n| n.alive(now));
+            let stalled = now.saturating_duration_since(*since) > STALL
+                && downloaders
+                    .get(assignee)
+                    .is_none_or(|dl| now.saturating_duration_since(dl.last_gain) > STALL);
+            if dead || stalled {
+                totals.reassignments += 1;
+                tracing::info!(%assignee, digest = %req.digest(), piece, dead, "origin piece released for reassignment");
+            }
+            !(dead || stalled)
+        });
+        if !complete {
+            let mut outstanding = state.assigned.values().filter(|(a, _)| *a == peer).count();
+            let mut piece = 0;
+            while outstanding < BATCH && piece < pieces {
+                if !held_any[piece as usize] && !state.assigned.contains_key(&piece) {
+                    state.assigned.insert(piece, (peer, now));
+                    totals.assignments += 1;
+                    outstanding += 1;
+                }
+                piece += 1;
+            }
+        }
+        let assigned: Vec<u32> =
+            state.assigned.iter().filter(|(_, (a, _))| *a == peer).map(|(piece, _)| *piece).collect();
+
+        // Peers: live nodes holding pieces the requester lacks.
+        let lacking: u32 = pieces - count;
+        let my_zone = nodes.get(&peer).and_then(|n| n.zone.clone());
+        let mut candidates: Vec<(bool, u32, usize, PeerId)> = Vec::new();
+        if lacking > 0 {
+            for (id, node) in nodes.iter_mut() {
+                if *id == peer || !node.alive(now) {
+                    continue;
+                }
+                let useful = if node.held.contains(&req.digest) {
+                    lacking
+                } else {
+                    match state.downloaders.get(id) {
+                        Some(dl) if dl.complete => lacking,
+                        Some(dl) if dl.active(now) => dl
+                            .have
+                            .iter()
+                            .zip(&req.have)
+                            .map(|(theirs, mine)| (theirs & !mine).count_ones())
+                            .sum(),
+                        _ => 0,
+                    }
+                };
+                if useful == 0 {
+                    continue;
+                }
+                let same_zone = my_zone.is_some() && node.zone == my_zone;
+                candidates.push((same_zone, useful, node.load(now), *id));
+            }
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+        candidates.truncate(MAX_PEERS);
+        let peers = candidates
+            .iter()
+            .filter_map(|(_, _, _, id)| {
+                let node = nodes.get_mut(id)?;
+                node.handed_out.push_back(now);
+                Some(PlanPeer {
+                    peer_id: id.to_bytes(),
+                    addrs: node.addrs.iter().take(MAX_PEER_ADDRS).map(|a| a.to_vec().into()).collect(),
+                })
+            })
+            .collect();
+
+        let piece_digests = state
+            .first_hand
+            .iter()
+            .filter(|(piece, _)| !bit(&req.have, **piece))
+            .take(MAX_PLAN_DIGESTS)
+            .map(|(piece, sha)| (*piece, *sha))
+            .collect();
+        TrackerResponse::Plan(Plan { peers, assigned, piece_digests })
+    }
+
+    /// Housekeeping, once a second: forgets long-dead nodes and idle digests, finishes the
+    /// preheat parts of forgotten nodes, and records a history sample at `unix_ms`.
+    pub fn tick(&mut self, now: Instant, unix_ms: u64) {
+        let forgotten: Vec<PeerId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.saturating_duration_since(n.last_seen) > NODE_DEAD + NODE_FORGET)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forgotten {
+            if let Some(node) = self.nodes.remove(&id) {
+                self.retired.0 += node.counters.origin_bytes;
+                self.retired.1 += node.counters.peer_bytes;
+            }
+            for state in self.digests.values_mut() {
+                state.downloaders.remove(&id);
+            }
+            for job in self.preheats.values_mut() {
+                if let Some(entry) = job.nodes.get_mut(&id) {
+                    if !entry.finished() {
+                        let mut progress = entry.progress.clone().unwrap_or(PreheatProgress {
+                            id: 0,
+                            blobs_done: 0,
+                            blobs_total: 0,
+                            bytes_done: 0,
+                            bytes_total: 0,
+                            state: PreheatState::Running,
+                        });
+                        progress.state = PreheatState::Failed("the node left the cluster".to_string());
+                        entry.progress = Some(progress);
+                    }
+                }
+            }
+            tracing::info!(peer = %id, "forgot a node not seen for {:?}", NODE_DEAD + NODE_FORGET);
+        }
+        self.digests.retain(|_, state| now.saturating_duration_since(state.last_plan) <= DIGEST_FORGET);
+        while self.preheats.len() > MAX_PREHEAT_JOBS_KEPT {
+            let oldest_finished = self.preheats.iter().find(|(_, job)| job.finished()).map(|(id, _)| *id);
+            let victim = oldest_finished.or_else(|| self.preheats.keys().next().copied());
+            match victim {
+                Some(id) => self.preheats.remove(&id),
+                None => break,
+            };
+        }
+        let (origin_bytes, peer_bytes) = self.byte_totals();
+        self.history.push_back(HistorySample { unix_ms, origin_bytes, peer_bytes });
+        while self.history.len() > HISTORY_SAMPLES {
+            self.history.pop_front();
+        }
+    }
+
+    /// Origin and peer bytes of the whole cluster since the tracker started (as reported).
+    fn byte_totals(&self) -> (u64, u64) {
+        self.nodes
+            .values()
+            .fold(self.retired, |(o, p), n| (o + n.counters.origin_bytes, p + n.counters.peer_bytes))
+    }
+
+    /// Starts a preheat job of `manifest` on `count` alive nodes (spread over zones) and
+    /// returns it. The resolution of the image reference is the caller's.
+    pub fn start_preheat(
+        &mut self,
+        image: &str,
+        registry: &str,
+        repository: &str,
+        manifest: DigestBytes,
+        count: NodeCount,
+        now: Instant,
+    ) -> Result<PreheatView, PreheatError> {
+        if count == NodeCount::Count(0) {
+            return Err(PreheatError::ZeroNodes);
+        }
+        if registry.len() > MAX_TEXT_BYTES {
+            return Err(PreheatError::TooLong { what: "the registry" });
+        }
+        if repository.len() > MAX_TEXT_BYTES {
+            return Err(PreheatError::TooLong { what: "the repository" });
+        }
+        // Round-robin over zones (sorted), peers sorted within each, so N nodes spread out.
+        let mut by_zone: BTreeMap<Option<&str>, Vec<PeerId>> = BTreeMap::new();
+        for (id, node) in &self.nodes {
+            if node.alive(now) {
+                by_zone.entry(node.zone.as_deref()).or_default().push(*id);
+            }
+        }
+        let alive: usize = by_zone.values().map(Vec::len).sum();
+        if alive == 0 {
+            return Err(PreheatError::NoAliveNodes);
+        }
+        let wanted = match count {
+            NodeCount::All => alive,
+            NodeCount::Count(n) => n.min(alive),
+        };
+        let mut queues: Vec<VecDeque<PeerId>> = by_zone
+            .into_values()
+            .map(|mut peers| {
+                peers.sort();
+                peers.into()
+            })
+            .collect();
+        let mut chosen = BTreeMap::new();
+        while chosen.len() < wanted {
+            for queue in queues.iter_mut() {
+                if chosen.len() < wanted {
+                    if let Some(id) = queue.pop_front() {
+                        chosen.insert(id, NodePreheat { progress: None });
+                    }
+                }
+            }
+        }
+        let id = self.next_preheat;
+        self.next_preheat += 1;
+        self.totals.preheat_jobs += 1;
+        self.preheats.insert(
+            id,
+            PreheatJobState {
+                image: image.to_string(),
+                registry: registry.to_string(),
+                repository: repository.to_string(),
+                manifest,
+                nodes: chosen,
+            },
+        );
+        Ok(self.preheat_view(id).expect("just inserted"))
+    }
+
+    // ----- views for the HTTP API -----
+
+    pub fn nodes_view(&self, now: Instant) -> Vec<NodeView> {
+        let mut nodes: Vec<NodeView> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| NodeView {
+                peer_id: id.to_string(),
+                zone: n.zone.clone(),
+                alive: n.alive(now),
+                addrs: n.addrs.iter().map(|a| a.to_string()).collect(),
+                last_seen_ms: now.saturating_duration_since(n.last_seen).as_millis() as u64,
+                held_digests: n.held.len(),
+                downloading: n.downloading.iter().map(digest_name).collect(),
+                origin_bytes: n.counters.origin_bytes,
+                peer_bytes: n.counters.peer_bytes,
+                sent_bytes: n.counters.sent_bytes,
+                cache_bytes: n.counters.cache_bytes,
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.zone.cmp(&b.zone).then_with(|| a.peer_id.cmp(&b.peer_id)));
+        nodes
+    }
+
+    pub fn digests_view(&self, now: Instant) -> Vec<DigestView> {
+        let mut digests: Vec<(&DigestBytes, &DigestState)> = self.digests.iter().collect();
+        digests.sort_by(|a, b| b.1.last_plan.cmp(&a.1.last_plan).then(a.0.cmp(b.0)));
+        digests
+            .into_iter()
+            .take(MAX_DIGESTS_LISTED)
+            .map(|(d, state)| {
+                let mut nodes: Vec<DigestNodeView> = state
+                    .downloaders
+                    .iter()
+                    .map(|(id, dl)| DigestNodeView {
+                        peer_id: id.to_string(),
+                        pieces: dl.count,
+                        complete: dl.complete,
+                        alive: self.nodes.get(id).is_some_and(|n| n.alive(now)),
+                        assigned: state.assigned.values().filter(|(a, _)| a == id).count(),
+                    })
+                    .collect();
+                nodes.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let in_flight = state.downloaders.values().any(|dl| !dl.complete && dl.active(now));
+                DigestView {
+                    digest: digest_name(d),
+                    size: state.size,
+                    piece_size: state.piece_size,
+                    pieces: state.pieces,
+                    assigned: state.assigned.len(),
+                    attested: state.first_hand.len(),
+                    metainfo_complete: state.metainfo_complete,
+                    in_flight,
+                    last_plan_ms: now.saturating_duration_since(state.last_plan).as_millis() as u64,
+                    nodes,
+                }
+            })
+            .collect()
+    }
+
+    pub fn summary(&self, now: Instant) -> SummaryView {
+        let (origin_bytes, peer_bytes) = self.byte_totals();
+        let moved = origin_bytes + peer_bytes;
+        SummaryView {
+            nodes: self.nodes.len(),
+            alive_nodes: self.nodes.values().filter(|n| n.alive(now)).count(),
+            digests: self.digests.len(),
+            digests_in_flight: self
+                .digests
+                .values()
+                .filter(|s| s.downloaders.values().any(|dl| !dl.complete && dl.active(now)))
+                .count(),
+            origin_bytes,
+            peer_bytes,
+            savings: if moved == 0 { 0.0 } else { peer_bytes as f64 / moved as f64 },
+        }
+    }
+
+    pub fn history(&self) -> Vec<HistorySample> {
+        self.history.iter().cloned().collect()
+    }
+
+    pub fn preheat_view(&self, id: u64) -> Option<PreheatView> {
+        let job = self.preheats.get(&id)?;
+        let nodes: Vec<PreheatNodeView> = job
+            .nodes
+            .iter()
+            .map(|(peer, entry)| {
+                let p = entry.progress.as_ref();
+                let (state, error) = match p.map(|p| &p.state) {
+                    None => ("pending", None),
+                    Some(PreheatState::Running) => ("running", None),
+                    Some(PreheatState::Done) => ("done", None),
+                    Some(PreheatState::Failed(why)) => ("failed", Some(why.clone())),
+                };
+                PreheatNodeView {
+                    peer_id: peer.to_string(),
+                    state,
+                    blobs_done: p.map_or(0, |p| p.blobs_done),
+                    blobs_total: p.map_or(0, |p| p.blobs_total),
+                    bytes_done: p.map_or(0, |p| p.bytes_done),
+                    bytes_total: p.map_or(0, |p| p.bytes_total),
+                    error,
+                }
+            })
+            .collect();
+        let state = if !job.finished() {
+            "running"
+        } else if nodes.iter().any(|n| n.state == "failed") {
+            "failed"
+        } else {
+            "done"
+        };
+        Some(PreheatView { id, image: job.image.clone(), manifest: digest_name(&job.manifest), state, nodes })
+    }
+
+    /// Every kept preheat job, the newest first.
+    pub fn preheats_view(&self) -> Vec<PreheatView> {
+        self.preheats.keys().rev().filter_map(|id| self.preheat_view(*id)).collect()
+    }
+
+    /// Numbers for the gauges: (nodes, alive nodes, digests).
+    pub fn gauges(&self, now: Instant) -> (usize, usize, usize) {
+        (self.nodes.len(), self.nodes.values().filter(|n| n.alive(now)).count(), self.digests.len())
+    }
+
+    /// Cluster origin and peer bytes (see [`State::summary`]).
+    pub fn bytes(&self) -> (u64, u64) {
+        self.byte_totals()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeView {
+    pub peer_id: String,
+    pub zone: Option<String>,
+    pub alive: bool,
+    pub addrs: Vec<String>,
+    pub last_seen_ms: u64,
+    pub held_digests: usize,
+    pub downloading: Vec<String>,
+    pub origin_bytes: u64,
+    pub peer_bytes: u64,
+    pub sent_bytes: u64,
+    pub cache_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DigestNodeView {
+    pub peer_id: String,
+    /// Verified pieces the node holds.
+    pub pieces: u32,
+    pub complete: bool,
+    pub alive: bool,
+    /// Origin pieces assigned to it now.
+    pub assigned: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DigestView {
+    pub digest: String,
+    pub size: u64,
+    pub piece_size: u32,
+    pub pieces: u32,
+    /// Origin pieces assigned now (to anyone).
+    pub assigned: usize,
+    /// Pieces with a first-hand digest.
+    pub attested: usize,
+    pub metainfo_complete: bool,
+    /// Some live node is still downloading it.
+    pub in_flight: bool,
+    pub last_plan_ms: u64,
+    pub nodes: Vec<DigestNodeView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryView {
+    pub nodes: usize,
+    pub alive_nodes: usize,
+    pub digests: usize,
+    pub digests_in_flight: usize,
+    pub origin_bytes: u64,
+    pub peer_bytes: u64,
+    /// peer / (origin + peer): the share of bytes the origin did not have to send.
+    pub savings: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistorySample {
+    pub unix_ms: u64,
+    pub origin_bytes: u64,
+    pub peer_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PreheatNodeView {
+    pub peer_id: String,
+    pub state: &'static str,
+    pub blobs_done: u32,
+    pub blobs_total: u32,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PreheatView {
+    pub id: u64,
+    pub image: String,
+    pub manifest: String,
+    /// `running` until every node reported done or failed; then `failed` if any failed.
+    pub state: &'static str,
+    pub nodes: Vec<PreheatNodeView>,
+}
+
+#[cfg(test)]
+mod tests;

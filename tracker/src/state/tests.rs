@@ -1,0 +1,424 @@
+//! Timelines through [`State`]: every decision the agents rely on, at exact instants.
+
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use shoal_agent::swarm::tracker_protocol::{
+    Heartbeat, NodeCounters, Plan, PlanRequest, PreheatProgress, PreheatState, TrackerResponse,
+};
+
+use super::*;
+
+const DIGEST: [u8; 32] = [7; 32];
+const PIECE: u32 = 1 << 20;
+
+fn peer() -> PeerId {
+    Keypair::generate_ed25519().public().to_peer_id()
+}
+
+fn addr(port: u16) -> Vec<Multiaddr> {
+    vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()]
+}
+
+/// A plan request for a `pieces`-piece blob holding `have`.
+fn request(pieces: u32, have: &[u32]) -> PlanRequest {
+    let mut bits = vec![0u8; pieces.div_ceil(8) as usize];
+    for &i in have {
+        bits[(i / 8) as usize] |= 1 << (i % 8);
+    }
+    PlanRequest {
+        digest: DIGEST,
+        size: u64::from(pieces) * u64::from(PIECE),
+        piece_size: PIECE,
+        have: bits,
+        attest: Vec::new(),
+        complete: have.len() as u32 == pieces,
+    }
+}
+
+fn plan(state: &mut State, who: PeerId, req: &PlanRequest, now: Instant) -> Plan {
+    match state.plan(who, &addr(1), req, now) {
+        TrackerResponse::Plan(plan) => plan,
+        other => panic!("expected a plan, got {other:?}"),
+    }
+}
+
+fn beat(state: &mut State, who: PeerId, beat: Heartbeat, now: Instant) -> (bool, Vec<u64>) {
+    match state.heartbeat(who, &addr(2), &beat, now) {
+        TrackerResponse::Heartbeat { resync, preheat } => (resync, preheat.iter().map(|j| j.id).collect()),
+        other => panic!("expected a heartbeat answer, got {other:?}"),
+    }
+}
+
+fn zone(name: &str) -> Heartbeat {
+    Heartbeat { zone: Some(name.to_string()), full: true, ..Heartbeat::default() }
+}
+
+fn peer_ids(plan: &Plan) -> Vec<PeerId> {
+    plan.peers.iter().map(|p| PeerId::from_bytes(&p.peer_id).unwrap()).collect()
+}
+
+#[test]
+fn simultaneous_starters_split_the_origin_pieces() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b, c) = (peer(), peer(), peer());
+    assert_eq!(plan(&mut state, a, &request(10, &[]), t).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(plan(&mut state, b, &request(10, &[]), t).assigned, vec![4, 5, 6, 7]);
+    assert_eq!(plan(&mut state, c, &request(10, &[]), t).assigned, vec![8, 9]);
+    // Asking again changes nothing: the list is authoritative and stable.
+    assert_eq!(plan(&mut state, a, &request(10, &[]), t).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(state.totals.assignments, 10);
+}
+
+/// Many nodes, each fetching its assigned pieces from the origin and one missing piece from
+/// a peer per round: every piece leaves the origin exactly once and everyone completes.
+#[test]
+fn each_piece_leaves_the_origin_once() {
+    let pieces = 37;
+    let start = Instant::now();
+    let mut state = State::new();
+    let nodes: Vec<PeerId> = (0..12).map(|_| peer()).collect();
+    let mut have: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
+    let mut origin_fetches = vec![0u32; pieces as usize];
+    for round in 0..200u64 {
+        let now = start + Duration::from_millis(500 * round);
+        let mut done = true;
+        for (n, id) in nodes.iter().enumerate() {
+            let complete = have[n].len() as u32 == pieces;
+            let mut req = request(pieces, &have[n]);
+            req.complete = complete;
+            let plan = plan(&mut state, *id, &req, now);
+            if complete {
+                continue;
+            }
+            done = false;
+            for &piece in &plan.assigned {
+                assert!(!have[n].contains(&piece), "assigned a piece it has");
+                origin_fetches[piece as usize] += 1;
+                have[n].push(piece);
+            }
+            // One piece from the best peer.
+            if let Some(best) = peer_ids(&plan).first() {
+                let m = nodes.iter().position(|x| x == best).unwrap();
+                if let Some(p) = have[m].clone().into_iter().find(|p| !have[n].contains(p)) {
+                    have[n].push(p);
+                }
+            }
+        }
+        if done {
+            assert!(origin_fetches.iter().all(|&f| f == 1), "{origin_fetches:?}");
+            assert_eq!(state.totals.assignments, u64::from(pieces));
+            assert_eq!(state.totals.reassignments, 0);
+            return;
+        }
+    }
+    panic!("not every node completed: {have:?}");
+}
+
+#[test]
+fn top_up_refills_to_the_batch_with_the_lowest_free_pieces() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b) = (peer(), peer());
+    assert_eq!(plan(&mut state, a, &request(12, &[]), t).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(plan(&mut state, b, &request(12, &[]), t).assigned, vec![4, 5, 6, 7]);
+    // A fetched 0 and 2: it keeps 1 and 3 and gets the two lowest free pieces.
+    assert_eq!(plan(&mut state, a, &request(12, &[0, 2]), t).assigned, vec![1, 3, 8, 9]);
+    // B holds 8 (from somewhere): A's assignment of 8 is dropped, not counted as a release.
+    let got = plan(&mut state, b, &request(12, &[8]), t).assigned;
+    assert_eq!(got, vec![4, 5, 6, 7]);
+    assert_eq!(plan(&mut state, a, &request(12, &[0, 2]), t).assigned, vec![1, 3, 9, 10]);
+    assert_eq!(state.totals.reassignments, 0);
+}
+
+#[test]
+fn a_dead_assignees_pieces_are_reassigned() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b) = (peer(), peer());
+    assert_eq!(plan(&mut state, a, &request(8, &[]), t).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(plan(&mut state, b, &request(8, &[]), t).assigned, vec![4, 5, 6, 7]);
+    // Just inside NODE_DEAD: A still owns its pieces.
+    let later = t + NODE_DEAD;
+    beat(&mut state, b, Heartbeat::default(), later);
+    assert_eq!(plan(&mut state, b, &request(8, &[4, 5, 6, 7]), later).assigned, Vec::<u32>::new());
+    // A is dead: B takes them over.
+    let later = t + NODE_DEAD + Duration::from_millis(1);
+    assert_eq!(plan(&mut state, b, &request(8, &[4, 5, 6, 7]), later).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(state.totals.reassignments, 4);
+    // Dead nodes are not handed out as peers either.
+    assert!(plan(&mut state, b, &request(8, &[4, 5, 6, 7]), later).peers.is_empty());
+}
+
+#[test]
+fn a_stalled_assignee_loses_its_pieces_but_a_progressing_one_keeps_them() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b) = (peer(), peer());
+    assert_eq!(plan(&mut state, a, &request(16, &[]), t).assigned, vec![0, 1, 2, 3]);
+    // A stays alive (heartbeats) but gains nothing.
+    for s in 1..=11 {
+        beat(&mut state, a, Heartbeat::default(), t + Duration::from_secs(s));
+    }
+    let at = t + STALL;
+    assert_eq!(plan(&mut state, b, &request(16, &[]), at).assigned, vec![4, 5, 6, 7], "not stalled yet");
+    let at = t + STALL + Duration::from_millis(1);
+    assert_eq!(plan(&mut state, b, &request(16, &[]), at).assigned, vec![4, 5, 6, 7], "B is full");
+    // B's batch is full, so the released pieces wait for the next planner: a third node.
+    let c = peer();
+    assert_eq!(plan(&mut state, c, &request(16, &[]), at).assigned, vec![0, 1, 2, 3]);
+    assert_eq!(state.totals.reassignments, 4);
+
+    // A node that keeps gaining pieces (from peers) keeps its origin assignment.
+    let mut state = State::new();
+    assert_eq!(plan(&mut state, a, &request(16, &[]), t).assigned, vec![0, 1, 2, 3]);
+    let mut have = Vec::new();
+    for s in 1..=12u32 {
+        have.push(16 - s);
+        plan(&mut state, a, &request(16, &have), t + Duration::from_secs(u64::from(s)));
+    }
+    let got = plan(&mut state, b, &request(16, &[]), t + Duration::from_secs(12)).assigned;
+    assert!(got.is_empty(), "A keeps 0..4 and holds the rest: {got:?}");
+    assert_eq!(state.totals.reassignments, 0);
+}
+
+#[test]
+fn a_plan_with_another_layout_is_refused() {
+    let t = Instant::now();
+    let mut state = State::new();
+    plan(&mut state, peer(), &request(4, &[]), t);
+    let mut bigger = request(5, &[]);
+    bigger.digest = DIGEST;
+    match state.plan(peer(), &[], &bigger, t) {
+        TrackerResponse::Refused(why) => assert!(why.contains("size disagrees"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let mut other_pieces = request(4, &[]);
+    other_pieces.piece_size = PIECE / 2;
+    other_pieces.have = vec![0];
+    assert!(matches!(state.plan(peer(), &[], &other_pieces, t), TrackerResponse::Refused(_)));
+    assert_eq!(state.totals.refused, 2);
+    // An inconsistent bitfield (the codec catches it first) is refused, not a panic.
+    let mut broken = request(4, &[]);
+    broken.have = vec![0; 9];
+    assert!(matches!(state.plan(peer(), &[], &broken, t), TrackerResponse::Refused(_)));
+}
+
+#[test]
+fn peers_come_same_zone_first_then_most_useful_then_least_loaded() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (p, rich_far, poor_near, none) = (peer(), peer(), peer(), peer());
+    beat(&mut state, p, zone("a"), t);
+    beat(&mut state, rich_far, zone("b"), t);
+    beat(&mut state, poor_near, zone("a"), t);
+    beat(&mut state, none, zone("a"), t);
+    plan(&mut state, rich_far, &request(8, &[0, 1, 2, 3, 4]), t);
+    plan(&mut state, poor_near, &request(8, &[0]), t);
+    plan(&mut state, none, &request(8, &[]), t);
+    let got = plan(&mut state, p, &request(8, &[]), t);
+    assert_eq!(
+        peer_ids(&got),
+        vec![poor_near, rich_far],
+        "same zone first; nodes with nothing useful left out"
+    );
+    assert_eq!(got.peers[0].addrs.len(), 1);
+
+    // Without a zone on the requester, the most useful peer comes first.
+    let q = peer();
+    let got = plan(&mut state, q, &request(8, &[]), t);
+    assert_eq!(peer_ids(&got), vec![rich_far, poor_near]);
+
+    // Equal usefulness: the peer handed out less in the last 2 s comes first.
+    let mut state = State::new();
+    let (x, y) = (peer(), peer());
+    plan(&mut state, x, &request(5, &[0, 1, 2, 3]), t);
+    plan(&mut state, y, &request(5, &[0, 1, 2, 3, 4]), t);
+    // Only y has piece 4: a node lacking just that is sent to y alone, loading it.
+    assert_eq!(peer_ids(&plan(&mut state, peer(), &request(5, &[0, 1, 2, 3]), t)), vec![y]);
+    // For a node lacking 0..4 both are equally useful: the less loaded x comes first.
+    // (The first requester holds 0..4 now too and was never handed out either.)
+    let got = peer_ids(&plan(&mut state, peer(), &request(5, &[4]), t));
+    assert_eq!(got.len(), 3);
+    assert!(got[..2].contains(&x), "{got:?}");
+    assert_eq!(got[2], y, "the loaded peer comes last");
+    // After the load window both are fresh again (and the earlier requesters are dead): the
+    // tie goes to peer-id order.
+    let later = t + NODE_DEAD.max(LOAD_WINDOW) + Duration::from_secs(1);
+    beat(&mut state, x, Heartbeat::default(), later);
+    beat(&mut state, y, Heartbeat::default(), later);
+    plan(&mut state, x, &request(5, &[0, 1, 2, 3]), later); // hands out y once more
+    plan(&mut state, y, &request(5, &[0, 1, 2, 3, 4]), later);
+    let later = later + LOAD_WINDOW + Duration::from_secs(1);
+    beat(&mut state, x, Heartbeat::default(), later);
+    beat(&mut state, y, Heartbeat::default(), later);
+    assert_eq!(peer_ids(&plan(&mut state, peer(), &request(5, &[4]), later)), vec![x.min(y), x.max(y)]);
+}
+
+#[test]
+fn heartbeats_resync_unknown_nodes_then_apply_deltas() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let n = peer();
+    let delta = Heartbeat {
+        held_added: vec![DIGEST],
+        counters: NodeCounters { origin_bytes: 10, peer_bytes: 30, ..NodeCounters::default() },
+        zone: Some("z1".into()),
+        ..Heartbeat::default()
+    };
+    assert_eq!(beat(&mut state, n, delta.clone(), t), (true, vec![]), "unknown node: resync");
+    let view = &state.nodes_view(t)[0];
+    assert_eq!((view.held_digests, view.origin_bytes, view.zone.as_deref()), (0, 10, Some("z1")));
+    let full = Heartbeat { full: true, held_added: vec![[1; 32], [2; 32]], ..delta.clone() };
+    assert_eq!(beat(&mut state, n, full, t).0, false);
+    assert_eq!(state.nodes_view(t)[0].held_digests, 2);
+    let delta = Heartbeat { held_added: vec![[3; 32]], held_removed: vec![[1; 32]], ..delta };
+    assert_eq!(beat(&mut state, n, delta, t).0, false);
+    assert_eq!(state.nodes_view(t)[0].held_digests, 2);
+    assert_eq!(state.summary(t).savings, 0.75);
+}
+
+#[test]
+fn holders_from_heartbeats_are_peers_and_block_assignment() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (h, p) = (peer(), peer());
+    beat(&mut state, h, Heartbeat { full: true, held_added: vec![DIGEST], ..Heartbeat::default() }, t);
+    let got = plan(&mut state, p, &request(6, &[]), t);
+    assert!(got.assigned.is_empty(), "a live node holds it all");
+    assert_eq!(peer_ids(&got), vec![h]);
+    // The holder dies: the origin is the only source left.
+    let later = t + NODE_DEAD + Duration::from_secs(1);
+    let got = plan(&mut state, p, &request(6, &[]), later);
+    assert_eq!(got.assigned, vec![0, 1, 2, 3]);
+    assert!(got.peers.is_empty());
+}
+
+#[test]
+fn first_attestations_win_and_complete_metainfo_is_kept() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b, c) = (peer(), peer(), peer());
+    let mut req = request(3, &[0, 1]);
+    req.attest = vec![(0, [10; 32]), (1, [11; 32])];
+    plan(&mut state, a, &req, t);
+    let mut req = request(3, &[2]);
+    req.attest = vec![(2, [12; 32]), (0, [99; 32])];
+    plan(&mut state, b, &req, t);
+    assert_eq!(state.totals.attestation_conflicts, 1);
+    // C lacks 1 and 2 only: it gets those digests, the first ones attested.
+    let got = plan(&mut state, c, &request(3, &[0]), t);
+    assert_eq!(got.piece_digests, vec![(1, [11; 32]), (2, [12; 32])]);
+    assert!(!state.digests_view(t)[0].metainfo_complete);
+    plan(&mut state, a, &request(3, &[0, 1, 2]), t);
+    let view = &state.digests_view(t)[0];
+    assert!(view.metainfo_complete);
+    assert_eq!((view.attested, view.pieces), (3, 3));
+}
+
+#[test]
+fn preheat_jobs_go_out_until_reported_finished() {
+    let t = Instant::now();
+    let mut state = State::new();
+    assert_eq!(
+        state.start_preheat("r/x:1", "r", "x", [1; 32], NodeCount::All, t).unwrap_err(),
+        PreheatError::NoAliveNodes
+    );
+    let nodes: Vec<PeerId> = (0..4).map(|_| peer()).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        beat(&mut state, *n, zone(if i % 2 == 0 { "a" } else { "b" }), t);
+    }
+    assert_eq!(
+        state.start_preheat("r/x:1", "r", "x", [1; 32], NodeCount::Count(0), t).unwrap_err(),
+        PreheatError::ZeroNodes
+    );
+    // Two nodes: one per zone.
+    let two = state.start_preheat("r/x:1", "r", "x", [1; 32], NodeCount::Count(2), t).unwrap();
+    let zones: Vec<Option<String>> = two
+        .nodes
+        .iter()
+        .map(|n| state.nodes_view(t).into_iter().find(|v| v.peer_id == n.peer_id).unwrap().zone)
+        .collect();
+    assert_eq!(zones.iter().filter(|z| z.as_deref() == Some("a")).count(), 1, "{zones:?}");
+    let all = state.start_preheat("r/x:1", "r", "x", [1; 32], NodeCount::All, t).unwrap();
+    assert_eq!(all.nodes.len(), 4);
+    assert_eq!(all.state, "running");
+
+    let n = nodes[0];
+    let (_, jobs) = beat(&mut state, n, Heartbeat::default(), t);
+    assert!(jobs.contains(&all.id));
+    let report = |state: PreheatState| PreheatProgress {
+        id: all.id,
+        blobs_done: 1,
+        blobs_total: 2,
+        bytes_done: 5,
+        bytes_total: 9,
+        state,
+    };
+    let running = Heartbeat { preheat: vec![report(PreheatState::Running)], ..Heartbeat::default() };
+    let (_, jobs) = beat(&mut state, n, running, t);
+    assert!(jobs.contains(&all.id), "running jobs are still delivered");
+    let done = Heartbeat { preheat: vec![report(PreheatState::Done)], ..Heartbeat::default() };
+    let (_, jobs) = beat(&mut state, n, done, t);
+    assert!(!jobs.contains(&all.id));
+    // A late "running" cannot reopen a finished part.
+    let running = Heartbeat { preheat: vec![report(PreheatState::Running)], ..Heartbeat::default() };
+    beat(&mut state, n, running, t);
+    let view = state.preheat_view(all.id).unwrap();
+    let mine = view.nodes.iter().find(|v| v.peer_id == n.to_string()).unwrap();
+    assert_eq!((mine.state, mine.bytes_done), ("done", 5));
+
+    // The others fail or disappear: the job ends failed.
+    let failed = Heartbeat {
+        preheat: vec![PreheatProgress {
+            state: PreheatState::Failed("manifest unknown".into()),
+            ..report(PreheatState::Running)
+        }],
+        ..Heartbeat::default()
+    };
+    beat(&mut state, nodes[1], failed, t);
+    let gone = t + NODE_DEAD + NODE_FORGET + Duration::from_secs(1);
+    beat(&mut state, n, Heartbeat::default(), gone);
+    state.tick(gone, 0);
+    let view = state.preheat_view(all.id).unwrap();
+    assert_eq!(view.state, "failed");
+    assert!(view.nodes.iter().any(|v| v.error.as_deref() == Some("the node left the cluster")));
+    assert_eq!(state.totals.preheat_jobs, 2);
+}
+
+#[test]
+fn tick_forgets_old_nodes_and_digests_and_keeps_totals_monotonic() {
+    let t = Instant::now();
+    let mut state = State::new();
+    let (a, b) = (peer(), peer());
+    let counters = |origin, peer| Heartbeat {
+        counters: NodeCounters { origin_bytes: origin, peer_bytes: peer, ..NodeCounters::default() },
+        ..Heartbeat::default()
+    };
+    beat(&mut state, a, counters(100, 0), t);
+    beat(&mut state, b, counters(0, 50), t);
+    plan(&mut state, a, &request(4, &[]), t);
+    state.tick(t, 1_000);
+    assert_eq!(state.bytes(), (100, 50));
+    // A restarts: its counters begin again, the cluster total does not go back.
+    beat(&mut state, a, counters(7, 0), t);
+    assert_eq!(state.bytes(), (107, 50));
+
+    let dead = t + NODE_DEAD + Duration::from_secs(1);
+    beat(&mut state, b, Heartbeat::default(), dead);
+    let view = state.nodes_view(dead);
+    assert!(!view.iter().find(|v| v.peer_id == a.to_string()).unwrap().alive, "listed, not alive");
+    let forget = t + NODE_DEAD + NODE_FORGET + Duration::from_secs(1);
+    beat(&mut state, b, Heartbeat::default(), forget);
+    state.tick(forget, 2_000);
+    assert_eq!(state.nodes_view(forget).len(), 1);
+    assert_eq!(state.bytes(), (107, 50), "bytes of restarted and forgotten nodes stay counted");
+    assert_eq!(state.digests_view(forget).len(), 1);
+    state.tick(t + DIGEST_FORGET + Duration::from_secs(1), 3_000);
+    assert!(state.digests_view(t).is_empty());
+    let history = state.history();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0], HistorySample { unix_ms: 1_000, origin_bytes: 100, peer_bytes: 50 });
+}
