@@ -9,6 +9,10 @@
 //! cargo build --release --bins && \
 //! SHOAL_AGENT_BIN=target/release/shoal-agent cargo run --release -p shoal-benches -- peer-path --size 1GiB
 //! ```
+//!
+//! `rollout`: N nodes pull one image at the same moment, each in its own shaped network
+//! namespace (or on loopback), for the `direct`, `dht` and `tracker` scenarios; origin egress
+//! and completion times against the physical limit (module [`rollout`], `benches/README.md`).
 
 use std::time::{Duration, Instant};
 
