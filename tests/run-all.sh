@@ -10,6 +10,8 @@ missing=()
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
 command -v skopeo >/dev/null || missing+=(skopeo)
+# Headless Chromium loads the tracker's dashboard in tests/tracker.rs.
+command -v chromium >/dev/null || missing+=(chromium)
 # deploy/validate.sh installs kubernetes-validate into a virtualenv.
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -18,6 +18,8 @@
 //! - [`pull`]: a client's pull over HTTP (every blob at once, digests checked), origin content GETs.
 //! - [`proxy`]: throttling / corrupting TCP proxy for slow and lying origins.
 //! - [`skopeo`]: skopeo as a pull client through a `registries.conf` mirror.
+//! - [`tracker`]: the `shoal-tracker` binary as a process (API, metrics, restart with the same
+//!   peer id), and a raw tracker-protocol client with its own libp2p identity.
 //! - [`process`]: kill-on-drop daemons and bounded one-shot commands.
 //! - [`util`]: ports, binaries, hashing, bounded polling, the HTTP client.
 
@@ -30,6 +32,7 @@ pub mod process;
 pub mod proxy;
 pub mod pull;
 pub mod skopeo;
+pub mod tracker;
 pub mod util;
 
 pub use agent::{agent_binary, run_agent_expecting_exit, Agent, AgentOptions};
@@ -38,4 +41,5 @@ pub use image::{Blob, Image, ImageKind, ImageSpec, ManifestInfo};
 pub use origin::{AccessEntry, AccessLogExt, Origin};
 pub use process::{CmdOutput, Daemon};
 pub use proxy::{FaultyProxy, ProxyConfig};
+pub use tracker::{run_tracker_expecting_exit, tracker_binary, Tracker, TrackerClient, TrackerOptions};
 pub use util::{dead_url, digest_of, free_port, http_client, poll_until, MANIFEST_ACCEPT};

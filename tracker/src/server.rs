@@ -57,9 +57,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The state, for one short decision or view. A panic while holding it cannot leave a
-    /// decision half made (each method completes or panics before mutating), so a poisoned
-    /// lock is taken over rather than propagated.
+    /// The state, for one short decision or view. A poisoned lock is taken over rather than
+    /// propagated: a panic inside a decision leaves at worst one node's or one digest's soft
+    /// state partly updated, which the next announcements correct; refusing every later
+    /// request would be worse.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

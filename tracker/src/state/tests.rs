@@ -272,10 +272,10 @@ fn heartbeats_resync_unknown_nodes_then_apply_deltas() {
     let view = &state.nodes_view(t)[0];
     assert_eq!((view.held_digests, view.origin_bytes, view.zone.as_deref()), (0, 10, Some("z1")));
     let full = Heartbeat { full: true, held_added: vec![[1; 32], [2; 32]], ..delta.clone() };
-    assert_eq!(beat(&mut state, n, full, t).0, false);
+    assert!(!beat(&mut state, n, full, t).0);
     assert_eq!(state.nodes_view(t)[0].held_digests, 2);
     let delta = Heartbeat { held_added: vec![[3; 32]], held_removed: vec![[1; 32]], ..delta };
-    assert_eq!(beat(&mut state, n, delta, t).0, false);
+    assert!(!beat(&mut state, n, delta, t).0);
     assert_eq!(state.nodes_view(t)[0].held_digests, 2);
     assert_eq!(state.summary(t).savings, 0.75);
 }
