@@ -233,3 +233,69 @@ async fn tick(shared: Arc<Shared>, stopped: impl Future<Output = ()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::config::TrackerArgs;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: tracker\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    /// Bound listeners in, shutdown future in: serves on port 0, stops when told, and a second
+    /// start on the same fixed P2P port is refused instead of sharing it.
+    #[tokio::test]
+    async fn serves_until_shutdown_and_refuses_a_taken_p2p_port() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p2p_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let args = |cache: &std::path::Path| {
+            TrackerArgs::try_parse_from([
+                "shoal-tracker".to_string(),
+                "--http-listen=127.0.0.1:0".to_string(),
+                format!("--p2p-listen=/ip4/127.0.0.1/tcp/{p2p_port}"),
+                format!("--cache-dir={}", cache.display()),
+            ])
+            .unwrap()
+            .into_config()
+            .unwrap()
+        };
+        let tracker = Tracker::start(args(dir.path())).await.expect("start");
+        let addr = tracker.http_addr().unwrap();
+        let peer_id = tracker.peer_id().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(tracker.run(async move {
+            let _ = stopped.await;
+        }));
+
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let status = get(addr, "/status").await;
+        assert!(status.contains(&format!("\"peer_id\":\"{peer_id}\"")), "{status}");
+        let summary = get(addr, "/api/v1/summary").await;
+        assert!(summary.contains("\"alive_nodes\":0"), "{summary}");
+        let missing = get(addr, "/api/v1/nope").await;
+        assert!(missing.starts_with("HTTP/1.1 404") && missing.contains("\"error\""), "{missing}");
+
+        let other = tempfile::tempdir().expect("tempdir");
+        match Tracker::start(args(other.path())).await {
+            Err(TrackerError::P2pListen { .. }) => {}
+            Err(e) => panic!("wrong error for a taken P2P port: {e}"),
+            Ok(_) => panic!("a second tracker started on a taken P2P port"),
+        }
+
+        stop.send(()).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), running).await.expect("stops in time");
+        assert!(result.expect("no panic").is_ok());
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after shutdown");
+    }
+}
