@@ -60,6 +60,8 @@ pub const BATCH: usize = 4;
 pub const MAX_PEERS: usize = 16;
 /// How far back "how often was this node handed out as a peer" looks.
 pub const LOAD_WINDOW: Duration = Duration::from_secs(2);
+/// Hand-outs remembered per node within [`LOAD_WINDOW`] (a bound, far above real rates).
+const MAX_LOAD_ENTRIES: usize = 4096;
 /// Digest states nobody planned for in this long are forgotten.
 pub const DIGEST_FORGET: Duration = Duration::from_secs(600);
 /// Nodes the tracker keeps at once; beyond that, unknown nodes are refused.
@@ -438,7 +440,9 @@ impl State {
                 }
             }
         }
-        if complete && state.first_hand.len() as u32 == pieces {
+        // Complete metainfo: every piece attested first-hand and the whole blob verified by
+        // someone (attestations may trail the first completion by a plan or two).
+        if state.first_hand.len() as u32 == pieces && state.downloaders.values().any(|dl| dl.complete) {
             state.metainfo_complete = true;
         }
 
@@ -527,7 +531,9 @@ impl State {
             .iter()
             .filter_map(|(_, _, _, id)| {
                 let node = nodes.get_mut(id)?;
-                node.handed_out.push_back(now);
+                if node.handed_out.len() < MAX_LOAD_ENTRIES {
+                    node.handed_out.push_back(now);
+                }
                 Some(PlanPeer {
                     peer_id: id.to_bytes(),
                     addrs: node.addrs.iter().take(MAX_PEER_ADDRS).map(|a| a.to_vec().into()).collect(),

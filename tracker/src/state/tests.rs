@@ -316,6 +316,18 @@ fn first_attestations_win_and_complete_metainfo_is_kept() {
     let view = &state.digests_view(t)[0];
     assert!(view.metainfo_complete);
     assert_eq!((view.attested, view.pieces), (3, 3));
+
+    // The last attestation may arrive after the first node completed.
+    let mut state = State::new();
+    let mut req = request(2, &[0]);
+    req.attest = vec![(0, [1; 32])];
+    plan(&mut state, a, &req, t);
+    plan(&mut state, b, &request(2, &[0, 1]), t);
+    assert!(!state.digests_view(t)[0].metainfo_complete, "piece 1 not attested yet");
+    let mut req = request(2, &[0, 1]);
+    req.attest = vec![(1, [2; 32])];
+    plan(&mut state, a, &req, t);
+    assert!(state.digests_view(t)[0].metainfo_complete);
 }
 
 #[test]
