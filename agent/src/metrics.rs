@@ -63,6 +63,14 @@ pub struct Metrics {
     pub connected_peers: Gauge,
     pub dht_lookups: Counter,
     pub dht_lookup_seconds: Counter<f64, AtomicU64>,
+    pub tracker_plans: Family<OutcomeLabels, Counter>,
+    pub origin_pieces_unplanned: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `answered` or `unanswered`.
+    pub outcome: &'static str,
 }
 
 impl Metrics {
@@ -156,7 +164,22 @@ impl Metrics {
             "Total time of DHT provider lookups (divide by shoal_dht_lookups_total for the mean)",
             dht_lookup_seconds.clone(),
         );
+        let tracker_plans = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tracker_plans",
+            "Plan requests of downloads to a tracker, by outcome (answered, unanswered)",
+            tracker_plans.clone(),
+        );
+        let origin_pieces_unplanned = Counter::default();
+        registry.register(
+            "origin_pieces_unplanned",
+            "Origin pieces fetched while a tracker was online but no fresh plan assigned them \
+             (its answers were late, or a piece blocked the stream too long)",
+            origin_pieces_unplanned.clone(),
+        );
         Metrics {
+            tracker_plans,
+            origin_pieces_unplanned,
             registry,
             peer_sent_bytes,
             connected_peers,

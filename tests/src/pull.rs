@@ -13,22 +13,59 @@ pub fn url(agent: &Agent, origin: &Origin, repo: &str, kind: &str, reference: &s
 }
 
 /// Pulls `image` through `agent` over HTTP like a client would: resolve the tag, then every
-/// manifest and blob by digest, all blobs at once. Checks every body's sha256.
+/// manifest and blob by digest (of every platform), all blobs at once. Checks every body's
+/// sha256.
 pub async fn pull(agent: &Agent, origin: &Origin, image: &Image) -> Result<(), String> {
+    let mut wanted: Vec<(&str, String)> =
+        image.manifests().map(|m| ("manifests", m.digest.clone())).collect();
+    wanted.extend(image.blobs.iter().map(|b| ("blobs", b.digest.clone())));
+    get_all(agent, origin, image, wanted).await
+}
+
+/// Pulls what a node of `platform` (e.g. `linux/amd64`) pulls: the tag, the top manifest,
+/// the platform's manifest when the image is an index, and that manifest's config and layers.
+pub async fn pull_platform(
+    agent: &Agent,
+    origin: &Origin,
+    image: &Image,
+    platform: &str,
+) -> Result<(), String> {
+    let mut wanted: Vec<(&str, String)> = Vec::new();
+    let mut manifest = None;
+    for m in image.manifests() {
+        if m.platform.is_none() || m.platform.as_deref() == Some(platform) {
+            wanted.push(("manifests", m.digest.clone()));
+        }
+        if m.platform.as_deref() == Some(platform) || (m.platform.is_none() && !image.kind.is_list()) {
+            manifest = Some(m);
+        }
+    }
+    let manifest = manifest.ok_or_else(|| format!("the image has no manifest for {platform}"))?;
+    let doc: serde_json::Value = serde_json::from_slice(&manifest.bytes).map_err(|e| e.to_string())?;
+    let descriptors = doc["layers"].as_array().into_iter().flatten().chain(std::iter::once(&doc["config"]));
+    for d in descriptors {
+        let digest = d["digest"].as_str().ok_or("a descriptor without a digest")?;
+        wanted.push(("blobs", digest.to_string()));
+    }
+    get_all(agent, origin, image, wanted).await
+}
+
+/// HEADs the tag, then GETs every `(kind, digest)` at once and checks each body's sha256.
+async fn get_all(
+    agent: &Agent,
+    origin: &Origin,
+    image: &Image,
+    wanted: Vec<(&str, String)>,
+) -> Result<(), String> {
     let client = http_client();
     let tag = url(agent, origin, &image.repo, "manifests", &image.tag);
     let resp = client.head(&tag).header("accept", MANIFEST_ACCEPT).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("HEAD {tag}: {}", resp.status()));
     }
-    let mut urls: Vec<(String, String)> = image
-        .manifests()
-        .map(|m| (url(agent, origin, &image.repo, "manifests", &m.digest), m.digest.clone()))
-        .collect();
-    urls.extend(
-        image.blobs.iter().map(|b| (url(agent, origin, &image.repo, "blobs", &b.digest), b.digest.clone())),
-    );
-    let results = join_all(urls.into_iter().map(|(u, digest)| {
+    let urls =
+        wanted.into_iter().map(|(kind, digest)| (url(agent, origin, &image.repo, kind, &digest), digest));
+    let results = join_all(urls.map(|(u, digest)| {
         let client = client.clone();
         async move {
             let mut resp = client
@@ -67,4 +104,3 @@ pub fn content_gets(origin: &Origin, mark: usize) -> Vec<String> {
         .map(|e| format!("{} {} {}", e.method, e.path, e.bytes))
         .collect()
 }
-

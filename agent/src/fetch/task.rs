@@ -67,8 +67,10 @@ const PLAN_POLL: Duration = Duration::from_millis(500);
 /// Shortest gap between two plan requests.
 const PLAN_MIN_GAP: Duration = Duration::from_millis(50);
 /// A plan older than this no longer decides origin fetches: the tracker is gone, and the
-/// download falls back to rendezvous owners.
-const PLAN_STALE: Duration = Duration::from_secs(3);
+/// download falls back to rendezvous owners. Generous, because a node whose answers are
+/// merely late (a starved CPU) must not fetch what the tracker gave to others; the tracker
+/// itself gives a silent node's pieces away after 6 s.
+const PLAN_STALE: Duration = Duration::from_secs(10);
 
 /// What the jobs of a download report to its loop.
 enum Event {
@@ -532,6 +534,7 @@ impl Fetcher {
                 if !mine(i) {
                     tracing::debug!(%digest, piece = i, "taking over a stalled piece from the origin");
                 }
+                let unplanned = self.net.has_coordinator() && !(coordinated && mine(i));
                 let max_span = if downloaders.is_empty() || coordinated { MAX_SPAN } else { SHARED_SPAN };
                 let mut end = i + 1;
                 while end < n
@@ -542,6 +545,10 @@ impl Fetcher {
                     && !peers.values().any(|s| s.have.get(end))
                 {
                     end += 1;
+                }
+                if unplanned {
+                    METRICS.origin_pieces_unplanned.inc_by(u64::from(end - i));
+                    tracing::info!(%digest, pieces = ?(i..end), coordinated, ?waited, "origin fetch outside the tracker's plan");
                 }
                 (i..end).for_each(|k| in_flight[k as usize] = true);
                 origin_jobs += 1;

@@ -20,7 +20,7 @@ use super::tracker_protocol::{PlanRequest, TrackerRequest, TrackerResponse, MAX_
 use super::{Bootstrap, SwarmConfig, SwarmError, SwarmStats};
 use crate::fetch::net::{Network, NodeId, PeerError, PeerHave, Plan, PlanReport};
 use crate::fetch::Fetcher;
-use crate::metrics::METRICS;
+use crate::metrics::{OutcomeLabels, METRICS};
 use crate::pieces::Bitfield;
 use crate::ratelimit::RateLimiter;
 use crate::types::Digest;
@@ -140,43 +140,10 @@ impl Network for SwarmNetwork {
         });
         let addressed = self.addressed.clone();
         Box::pin(async move {
-            let tracker = tracker_for(&digest, &client.trackers().await)?;
-            let plan = match client.tracker_request(tracker, request).await {
-                Ok(TrackerResponse::Plan(plan)) => plan,
-                Ok(TrackerResponse::Refused(why)) => {
-                    tracing::warn!(%digest, %why, "the tracker refused a plan request");
-                    return None;
-                }
-                Ok(other) => {
-                    tracing::debug!(%digest, ?other, "unexpected tracker answer to a plan request");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::debug!(%digest, error = %e, "plan request failed");
-                    return None;
-                }
-            };
-            let mut peers = Vec::with_capacity(plan.peers.len());
-            for p in plan.peers {
-                let Ok(peer) = PeerId::from_bytes(&p.peer_id) else { continue };
-                if peer == me {
-                    continue;
-                }
-                let fresh = {
-                    let mut seen = addressed.lock().expect("addressed lock");
-                    if seen.len() >= MAX_ADDRESSED {
-                        seen.clear();
-                    }
-                    seen.insert(peer)
-                };
-                if fresh {
-                    for addr in p.addrs.iter().filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
-                        let _ = client.add_address(peer, addr).await;
-                    }
-                }
-                peers.push(NodeId::new(&peer.to_bytes()));
-            }
-            Some(Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests })
+            let plan = ask_plan(&client, &addressed, me, digest, request).await;
+            let outcome = if plan.is_some() { "answered" } else { "unanswered" };
+            METRICS.tracker_plans.get_or_create(&OutcomeLabels { outcome }).inc();
+            plan
         })
     }
 
@@ -258,6 +225,53 @@ impl Network for SwarmNetwork {
             }
         })
     }
+}
+
+/// Sends a plan request to the tracker of `digest`; `None` without an answer.
+async fn ask_plan(
+    client: &Client,
+    addressed: &Mutex<HashSet<PeerId>>,
+    me: PeerId,
+    digest: Digest,
+    request: TrackerRequest,
+) -> Option<Plan> {
+    let tracker = tracker_for(&digest, &client.trackers().await)?;
+    let plan = match client.tracker_request(tracker, request).await {
+        Ok(TrackerResponse::Plan(plan)) => plan,
+        Ok(TrackerResponse::Refused(why)) => {
+            tracing::warn!(%digest, %why, "the tracker refused a plan request");
+            return None;
+        }
+        Ok(other) => {
+            tracing::debug!(%digest, ?other, "unexpected tracker answer to a plan request");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(%digest, error = %e, "plan request failed");
+            return None;
+        }
+    };
+    let mut peers = Vec::with_capacity(plan.peers.len());
+    for p in plan.peers {
+        let Ok(peer) = PeerId::from_bytes(&p.peer_id) else { continue };
+        if peer == me {
+            continue;
+        }
+        let fresh = {
+            let mut seen = addressed.lock().expect("addressed lock");
+            if seen.len() >= MAX_ADDRESSED {
+                seen.clear();
+            }
+            seen.insert(peer)
+        };
+        if fresh {
+            for addr in p.addrs.iter().filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
+                let _ = client.add_address(peer, addr).await;
+            }
+        }
+        peers.push(NodeId::new(&peer.to_bytes()));
+    }
+    Some(Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests })
 }
 
 /// How this node answers peers.
