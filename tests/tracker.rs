@@ -192,9 +192,8 @@ async fn bad_input_gets_clear_errors_and_the_tracker_keeps_serving() {
 /// (the swarm's `tracker_requests_failed`), so an operator sees a misbehaving client.
 ///
 /// libp2p-request-response 0.30 emits no `InboundFailure` when `read_request` fails (it only
-/// logs at debug level), so the count must come from the agent's `TrackerCodec` itself.
+/// logs at debug level), so the count comes from the `TrackerCodec` itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the agent's TrackerCodec to count its read failures (libp2p reports none)"]
 async fn malformed_requests_are_counted() {
     let tracker = Tracker::start(TrackerOptions::new()).await.unwrap();
     let mut client = TrackerClient::connect(&tracker.p2p_addr()).await.unwrap();

@@ -11,7 +11,7 @@ use libp2p::{identify, kad, StreamProtocol};
 
 use super::protocol::{PieceCodec, PROTOCOL};
 use super::tracker_protocol::{TrackerCodec, TRACKER_PROTOCOL};
-use super::{Role, SwarmConfig};
+use super::{Role, SwarmConfig, SwarmStats};
 
 /// Kademlia under a private name, so a Shoal node never answers or joins a public DHT.
 pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");
@@ -39,7 +39,7 @@ pub(crate) struct Behaviour {
 }
 
 impl Behaviour {
-    pub(crate) fn new(keypair: &Keypair, config: &SwarmConfig) -> Self {
+    pub(crate) fn new(keypair: &Keypair, config: &SwarmConfig, stats: std::sync::Arc<SwarmStats>) -> Self {
         let local_peer_id = keypair.public().to_peer_id();
 
         let store_config = MemoryStoreConfig {
@@ -86,7 +86,7 @@ impl Behaviour {
             request_response::Config::default().with_request_timeout(config.request_timeout),
         );
         let tracker = request_response::Behaviour::with_codec(
-            TrackerCodec,
+            TrackerCodec { stats },
             [(TRACKER_PROTOCOL, tracker_support)],
             request_response::Config::default().with_request_timeout(config.request_timeout),
         );

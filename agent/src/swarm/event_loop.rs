@@ -664,8 +664,8 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                // Malformed or oversized requests end here (the codec refused them).
-                self.stats.tracker_requests_failed.fetch_add(1, Ordering::Relaxed);
+                // Timeouts and closed connections; malformed requests never get here (the
+                // codec counts them, libp2p drops them silently).
                 tracing::debug!(%peer, %error, "a tracker request failed");
             }
             request_response::Event::ResponseSent { .. } => {}

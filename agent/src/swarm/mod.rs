@@ -290,7 +290,8 @@ pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
     let local_peer_id = keypair.public().to_peer_id();
 
     let transport = build_transport(&keypair, psk, config.dial_timeout)?;
-    let behaviour = behaviour::Behaviour::new(&keypair, &config);
+    let stats = Arc::new(SwarmStats::default());
+    let behaviour = behaviour::Behaviour::new(&keypair, &config, stats.clone());
     let swarm_config =
         libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
     let mut swarm = Swarm::new(transport, behaviour, local_peer_id, swarm_config);
@@ -300,7 +301,6 @@ pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
             .map_err(|e| SwarmError::Listen { addr: addr.clone(), reason: transport_error(e) })?;
     }
 
-    let stats = Arc::new(SwarmStats::default());
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (inbound_tx, inbound) = mpsc::channel(config.inbound_queue);
     let (tracker_tx, tracker_inbound) = mpsc::channel(config.inbound_queue);

@@ -300,7 +300,10 @@ pub fn decode_tracker_response(bytes: &[u8]) -> Result<TrackerResponse, Protocol
 
 /// The request-response codec of the tracker protocol.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct TrackerCodec;
+pub(crate) struct TrackerCodec {
+    /// Counts requests that could not be read (libp2p drops those without an event).
+    pub(crate) stats: std::sync::Arc<super::SwarmStats>,
+}
 
 fn invalid_data(e: ProtocolError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -315,8 +318,15 @@ impl libp2p::request_response::Codec for TrackerCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let bytes = read_capped(io, MAX_TRACKER_MESSAGE_BYTES).await?;
-        decode_tracker_request(&bytes).map_err(invalid_data)
+        let request = match read_capped(io, MAX_TRACKER_MESSAGE_BYTES).await {
+            Ok(bytes) => decode_tracker_request(&bytes).map_err(invalid_data),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &request {
+            self.stats.tracker_requests_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "refused a malformed tracker request");
+        }
+        request
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<TrackerResponse>
