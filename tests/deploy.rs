@@ -1,10 +1,10 @@
 //! The deploy kit against the real binaries: every metric the Grafana dashboard queries is
-//! exported by a running agent.
+//! exported by a running agent (or, for `shoal_tracker_` metrics, a running tracker).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use shoal_tests::{Agent, AgentOptions};
+use shoal_tests::{Agent, AgentOptions, Tracker, TrackerOptions};
 
 /// Every `shoal_...` name in the dashboard's `expr` fields.
 fn dashboard_metrics() -> BTreeSet<String> {
@@ -70,14 +70,24 @@ fn exported(text: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grafana_dashboard_queries_only_exported_agent_metrics() {
+async fn grafana_dashboard_queries_only_exported_metrics() {
     let queried = dashboard_metrics();
-    assert!(queried.len() >= 5, "the dashboard should chart the agent: {queried:?}");
+    let (tracker_queried, agent_queried): (BTreeSet<String>, BTreeSet<String>) =
+        queried.into_iter().partition(|m| m.starts_with("shoal_tracker_"));
+    assert!(agent_queried.len() >= 5, "the dashboard should chart the agent: {agent_queried:?}");
+    assert!(tracker_queried.len() >= 4, "the dashboard should chart the tracker: {tracker_queried:?}");
+
     let agent = Agent::start(AgentOptions::new()).await.expect("start agent");
-    let text = agent.metrics_text().await.expect("scrape /metrics");
-    let exported = exported(&text);
-    let missing: Vec<&String> = queried.iter().filter(|m| !exported.contains(*m)).collect();
+    let text = agent.metrics_text().await.expect("scrape the agent's /metrics");
+    let names = exported(&text);
+    let missing: Vec<&String> = agent_queried.iter().filter(|m| !names.contains(*m)).collect();
     assert!(missing.is_empty(), "the dashboard queries metrics no agent exports: {missing:?}\n{text}");
+
+    let tracker = Tracker::start(TrackerOptions::new()).await.expect("start tracker");
+    let text = tracker.metrics_text().await.expect("scrape the tracker's /metrics");
+    let names = exported(&text);
+    let missing: Vec<&String> = tracker_queried.iter().filter(|m| !names.contains(*m)).collect();
+    assert!(missing.is_empty(), "the dashboard queries metrics no tracker exports: {missing:?}\n{text}");
 }
 
 /// `shoal-agent containerd-config` against a real containerd: the hosts.toml it writes sends

@@ -141,7 +141,7 @@ async fn twenty_agents_with_a_tracker_cost_the_origin_one_copy() {
     for a in &agents {
         unplanned += a.metric_value("shoal_origin_pieces_unplanned_total", &[]).await.unwrap().unwrap_or(0.0);
         unanswered += a
-            .metric_value("shoal_tracker_plans_total", &[("outcome", "unanswered")])
+            .metric_value("shoal_plan_requests_total", &[("outcome", "unanswered")])
             .await
             .unwrap()
             .unwrap_or(0.0);

@@ -166,7 +166,7 @@ impl Metrics {
         );
         let tracker_plans = Family::<OutcomeLabels, Counter>::default();
         registry.register(
-            "tracker_plans",
+            "plan_requests",
             "Plan requests of downloads to a tracker, by outcome (answered, unanswered)",
             tracker_plans.clone(),
         );
