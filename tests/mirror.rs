@@ -959,6 +959,11 @@ async fn cli_rejects_bad_configuration() {
         &[&[&port], &["in use", "listen", "bind"]],
     )
     .await;
+
+    // P2P port already in use (libp2p alone would share it through SO_REUSEPORT).
+    let mut args = run_args(&free_addr(), &free_addr(), &tmp.path().join("c4"));
+    args.extend(["--p2p-listen".into(), format!("/ip4/127.0.0.1/tcp/{port}")]);
+    expect_cli_failure(args, "--p2p-listen on a port in use", &[&[&port], &["in use", "listen"]]).await;
     drop(taken);
 }
 

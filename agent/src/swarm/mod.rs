@@ -296,6 +296,9 @@ pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
         libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
     let mut swarm = Swarm::new(transport, behaviour, local_peer_id, swarm_config);
     for addr in &config.listen {
+        check_port_free(addr)?;
+    }
+    for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| SwarmError::Listen { addr: addr.clone(), reason: transport_error(e) })?;
@@ -308,6 +311,24 @@ pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
     let client = Client::new(command_tx, local_peer_id, stats.clone());
     let event_loop = EventLoop::new(swarm, command_rx, inbound_tx, tracker_tx, stats, &config);
     Ok(Parts { client, inbound, tracker_inbound, event_loop })
+}
+
+/// Fails if a fixed TCP port of `addr` is taken. libp2p binds with `SO_REUSEPORT`, so a second
+/// process on the same port would start "fine" and share the first one's connections; a
+/// plain bind without that option tells the truth (and is closed at once).
+fn check_port_free(addr: &Multiaddr) -> Result<(), SwarmError> {
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    match parts.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => std::net::TcpListener::bind((ip, port))
+            .map(drop)
+            .map_err(|e| SwarmError::Listen { addr: addr.clone(), reason: e.to_string() }),
+        _ => Ok(()),
+    }
 }
 
 fn transport_error(e: libp2p::TransportError<std::io::Error>) -> String {
