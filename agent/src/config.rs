@@ -229,7 +229,8 @@ impl Default for Upstreams {
 }
 
 impl Upstreams {
-    pub(crate) fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
+    /// Adds (or replaces) one `REGISTRY=URL` mapping, as `--upstream` gives it.
+    pub fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
         let (registry, url) =
             spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
         let registry: Registry =

@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser as _;
 use shoal_agent::config::{LogFormat, Upstreams};
 use shoal_agent::swarm::SwarmConfig;
 use shoal_agent::types::Registry;
@@ -118,42 +117,23 @@ fn origin_settings(
     upstreams: &[String],
     default_registry: &str,
 ) -> Result<(Upstreams, Registry), ConfigError> {
-    #[derive(clap::Parser)]
-    struct AgentFlags {
-        #[command(flatten)]
-        run: shoal_agent::config::RunArgs,
-    }
-    let mut argv: Vec<String> = [
-        "shoal-agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--cache-max-bytes",
-        "1GiB",
-        "--peer-concurrency",
-        "1",
-        "--no-p2p",
-        "--default-registry",
-        default_registry,
-    ]
-    .map(str::to_string)
-    .to_vec();
-    if upstreams.is_empty() {
-        // An explicit empty list is impossible; an unmentioned registry keeps its default.
-        argv.extend(["--upstream".to_string(), "docker.io=https://registry-1.docker.io".to_string()]);
-    }
+    // The agent's own parsing, so both binaries read `--upstream` and `--default-registry`
+    // the same way.
+    let mut parsed = Upstreams::default();
     for spec in upstreams {
-        argv.extend(["--upstream".to_string(), spec.clone()]);
+        parsed.insert_spec(spec)?;
     }
-    let flags = AgentFlags::try_parse_from(&argv)
-        .map_err(|e| shoal_agent::config::ConfigError::UpstreamSyntax(format!("{argv:?}: {}", e.kind())))?;
-    let config = flags.run.into_config()?;
-    Ok((config.upstreams, config.default_registry))
+    let registry = default_registry.parse().map_err(|source| shoal_agent::config::ConfigError::Registry {
+        flag: "default-registry",
+        source,
+    })?;
+    Ok((parsed, registry))
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
