@@ -123,10 +123,9 @@ fn origin_settings(
     for spec in upstreams {
         parsed.insert_spec(spec)?;
     }
-    let registry = default_registry.parse().map_err(|source| shoal_agent::config::ConfigError::Registry {
-        flag: "default-registry",
-        source,
-    })?;
+    let registry = default_registry
+        .parse()
+        .map_err(|source| shoal_agent::config::ConfigError::Registry { flag: "default-registry", source })?;
     Ok((parsed, registry))
 }
 
