@@ -65,6 +65,7 @@ pub struct Metrics {
     pub dht_lookup_seconds: Counter<f64, AtomicU64>,
     pub tracker_plans: Family<OutcomeLabels, Counter>,
     pub origin_pieces_unplanned: Counter,
+    pub origin_pieces_taken_over: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,7 +178,15 @@ impl Metrics {
              (its answers were late, or a piece blocked the stream too long)",
             origin_pieces_unplanned.clone(),
         );
+        let origin_pieces_taken_over = Counter::default();
+        registry.register(
+            "origin_pieces_taken_over",
+            "Origin pieces fetched although another node owned them (it stalled, or it blocked \
+             the stream too long), without a tracker",
+            origin_pieces_taken_over.clone(),
+        );
         Metrics {
+            origin_pieces_taken_over,
             tracker_plans,
             origin_pieces_unplanned,
             registry,

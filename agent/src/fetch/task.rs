@@ -517,9 +517,10 @@ impl Fetcher {
                 let take = if mine(i) {
                     true
                 } else if coordinated {
-                    // The tracker reassigns stalled pieces itself; this is only the safety
-                    // valve for a piece that blocks the stream far too long.
-                    waited > cfg.owner_stall * 4
+                    // The tracker gives every piece nobody holds to exactly one node and
+                    // reassigns it when that node stalls or dies. A safety valve here would
+                    // only duplicate origin traffic on slow links, where waiting is normal.
+                    false
                 } else {
                     let owner = origin_owner(&digest, i, &owners).expect("owners include us");
                     let owner_stalled = peers.get(owner).is_none_or(|s| now - s.last_gain > cfg.owner_stall);
@@ -545,6 +546,9 @@ impl Fetcher {
                     && !peers.values().any(|s| s.have.get(end))
                 {
                     end += 1;
+                }
+                if !coordinated && !mine(i) {
+                    METRICS.origin_pieces_taken_over.inc_by(u64::from(end - i));
                 }
                 if unplanned {
                     METRICS.origin_pieces_unplanned.inc_by(u64::from(end - i));

@@ -334,13 +334,14 @@ pub async fn run(args: Args) -> Result<()> {
             let mut result = RunResult::new(nodes, wire, payload);
             result.cpu_busy = cpu.map(|c| c.0);
             result.cpu_iowait = cpu.map(|c| c.1);
-            if let Some((from_origin, from_peers)) = fleet.agents_received(&setup).await {
+            if let Some((from_origin, from_peers, unowned)) = fleet.agents_received(&setup).await {
                 result.agents_received_from_origin = Some(from_origin);
                 result.agents_received_from_peers = Some(from_peers);
+                result.agents_unowned_origin_pieces = Some(unowned);
             }
             eprintln!(
                 "run {}: {}: {}/{} done, max {:.1} s, origin egress {:.3}× image, CPU busy {:.0}% \
-                 (iowait {:.0}%), {} agents alive",
+                 (iowait {:.0}%), {} agents alive, {} origin pieces taken over or unplanned",
                 round + 1,
                 scenario.name(),
                 result.completed(),
@@ -350,6 +351,7 @@ pub async fn run(args: Args) -> Result<()> {
                 result.cpu_busy.unwrap_or(f64::NAN) * 100.0,
                 result.cpu_iowait.unwrap_or(f64::NAN) * 100.0,
                 fleet.agents_alive(),
+                result.agents_unowned_origin_pieces.map_or("no".to_string(), |n| n.to_string()),
             );
             if !result.errors.is_empty() {
                 eprintln!("failures:\n  {}\n{}", result.errors.join("\n  "), fleet.diagnostics());

@@ -54,6 +54,9 @@ pub struct RunResult {
     /// diagnostic next to the origin-side figure, never a substitute for it.
     pub agents_received_from_origin: Option<f64>,
     pub agents_received_from_peers: Option<f64>,
+    /// Origin pieces the agents fetched although another node owned them (takeovers) or
+    /// outside a tracker plan: where duplicate origin bytes come from.
+    pub agents_unowned_origin_pieces: Option<f64>,
 }
 
 impl RunResult {
@@ -82,6 +85,7 @@ impl RunResult {
             cpu_iowait: None,
             agents_received_from_origin: None,
             agents_received_from_peers: None,
+            agents_unowned_origin_pieces: None,
         }
     }
 

@@ -329,9 +329,10 @@ impl Fleet {
         out
     }
 
-    /// What the agents say they received, summed: (from the origin, from peers). `None` without
+    /// What the agents say, summed: (bytes from the origin, bytes from peers, origin pieces
+    /// taken over from a stalled owner or fetched outside a tracker plan). `None` without
     /// agents or if a scrape failed.
-    pub async fn agents_received(&self, s: &Setup<'_>) -> Option<(f64, f64)> {
+    pub async fn agents_received(&self, s: &Setup<'_>) -> Option<(f64, f64, f64)> {
         if self.agents.is_empty() {
             return None;
         }
@@ -340,7 +341,7 @@ impl Fleet {
             async move { probe(s.bins, &a.place, &url, Duration::from_secs(5)).await }
         }))
         .await;
-        let (mut origin, mut peers) = (0.0, 0.0);
+        let (mut origin, mut peers, mut unowned) = (0.0, 0.0, 0.0);
         for text in scrapes {
             let samples = shoal_tests::metrics::parse(&text.ok()?);
             let get = |source| {
@@ -348,8 +349,11 @@ impl Fleet {
             };
             origin += get("origin").unwrap_or(0.0);
             peers += get("peer").unwrap_or(0.0);
+            for name in ["shoal_origin_pieces_taken_over_total", "shoal_origin_pieces_unplanned_total"] {
+                unowned += shoal_tests::metrics::sum(&samples, name, &[]).unwrap_or(0.0);
+            }
         }
-        Some((origin, peers))
+        Some((origin, peers, unowned))
     }
 
     /// How many agents are still running (a crashed agent is a result worth reporting).
