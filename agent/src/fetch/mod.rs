@@ -105,7 +105,7 @@ impl Default for FetchConfig {
             peer_concurrency: 16,
             per_peer_concurrency: 4,
             origin_concurrency: 4,
-            owner_stall: Duration::from_secs(15),
+            owner_stall: Duration::from_secs(30),
             max_download_rate: None,
         }
     }
