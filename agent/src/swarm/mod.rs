@@ -136,7 +136,7 @@ impl SwarmConfig {
             key_path,
             swarm_key: None,
             dial_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             max_message_bytes: MAX_RESPONSE_BYTES,
             inbound_queue: 64,
         }
