@@ -85,7 +85,7 @@ impl Metrics {
         };
         Metrics {
             nodes: gauge(&mut registry, "nodes", "Nodes the tracker lists (alive or recently dead)"),
-            alive_nodes: gauge(&mut registry, "alive_nodes", "Nodes seen within the last 6 s"),
+            alive_nodes: gauge(&mut registry, "alive_nodes", "Nodes seen within the last 10 s"),
             digests: gauge(&mut registry, "digests", "Digests with download state on the tracker"),
             connected_peers: gauge(&mut registry, "connected_peers", "Peers with an open swarm connection"),
             tracker_requests: counter(&mut registry, "requests", "Tracker-protocol requests received"),
