@@ -34,7 +34,7 @@
 //!
 //! ```no_run
 //! # async fn demo(config: shoal_agent::swarm::SwarmConfig) -> Result<(), Box<dyn std::error::Error>> {
-//! let (client, mut inbound, event_loop) = shoal_agent::swarm::new(config)?;
+//! let shoal_agent::swarm::Parts { client, mut inbound, event_loop, .. } = shoal_agent::swarm::new(config)?;
 //! tokio::spawn(event_loop.run(std::future::pending()));
 //! // A serving task answers from the store:
 //! let server = client.clone();
