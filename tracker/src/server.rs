@@ -35,8 +35,8 @@ pub enum TrackerError {
     CacheDir { path: String, source: std::io::Error },
     #[error("cannot listen on {addr} (--http-listen): {source}")]
     HttpListen { addr: SocketAddr, source: std::io::Error },
-    #[error("cannot listen on {addr} (--p2p-listen): {source}")]
-    P2pListen { addr: String, source: std::io::Error },
+    #[error("cannot listen on {addr} (--p2p-listen): {reason}")]
+    P2pListen { addr: String, reason: String },
     #[error("{0}")]
     Swarm(#[from] swarm::SwarmError),
     #[error("--registry-auth-file: {0}")]
@@ -95,14 +95,20 @@ impl Tracker {
         let http = TcpListener::bind(config.http_listen)
             .await
             .map_err(|source| TrackerError::HttpListen { addr: config.http_listen, source })?;
-        check_p2p_ports(&config.swarm.listen)?;
         let credentials = match &config.registry_auth_file {
             Some(path) => CredentialStore::load(path).map_err(|e| TrackerError::AuthFile(e.to_string()))?,
             None => CredentialStore::default(),
         };
         let origin = Origin::new(config.upstreams.clone(), credentials)
             .map_err(|e| TrackerError::Origin(e.to_string()))?;
-        let swarm::Parts { client, inbound, tracker_inbound, event_loop } = swarm::new(config.swarm.clone())?;
+        // swarm::new refuses a P2P port another process holds; name the flag.
+        let swarm::Parts { client, inbound, tracker_inbound, event_loop } = swarm::new(config.swarm.clone())
+            .map_err(|e| match e {
+                swarm::SwarmError::Listen { addr, reason } => {
+                    TrackerError::P2pListen { addr: addr.to_string(), reason }
+                }
+                other => other.into(),
+            })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             metrics: Metrics::new(),
@@ -163,28 +169,6 @@ impl Tracker {
             Err(e) => Err(TrackerError::Http(std::io::Error::other(e))),
         }
     }
-}
-
-/// Fails if a fixed P2P port is taken. libp2p binds its listeners with `SO_REUSEPORT`, so a
-/// second process on the same port would start "fine" and share (steal) the first one's
-/// connections; a plain bind without that option tells the truth.
-fn check_p2p_ports(listen: &[swarm::Multiaddr]) -> Result<(), TrackerError> {
-    use libp2p::multiaddr::Protocol;
-    for addr in listen {
-        let mut parts = addr.iter();
-        let ip: std::net::IpAddr = match parts.next() {
-            Some(Protocol::Ip4(ip)) => ip.into(),
-            Some(Protocol::Ip6(ip)) => ip.into(),
-            _ => continue,
-        };
-        if let Some(Protocol::Tcp(port)) = parts.next() {
-            if port != 0 {
-                std::net::TcpListener::bind((ip, port))
-                    .map_err(|source| TrackerError::P2pListen { addr: addr.to_string(), source })?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Answers tracker requests, one decision at a time.
