@@ -14,28 +14,11 @@ use tempfile::TempDir;
 
 use crate::metrics;
 use crate::process::{run_bounded, CmdOutput, Daemon};
-use crate::util::{free_port, http_client, poll_until, tail_file, workspace_dir};
+use crate::util::{free_port, http_client, poll_until, tail_file, workspace_binary};
 
 /// Path of the agent binary (see module docs); an error telling how to build it if missing.
 pub fn agent_binary() -> Result<PathBuf> {
-    let path = if let Some(p) = std::env::var_os("SHOAL_AGENT_BIN") {
-        PathBuf::from(p)
-    } else {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .unwrap_or_else(|| workspace_dir().join("target"));
-        target.join("debug").join("shoal-agent")
-    };
-    if !path.is_file() {
-        bail!(
-            "agent binary {} not found: run `cargo build --bins` in {} first \
-             (or set SHOAL_AGENT_BIN)",
-            path.display(),
-            workspace_dir().display()
-        );
-    }
-    Ok(path)
+    workspace_binary("shoal-agent", "SHOAL_AGENT_BIN")
 }
 
 /// How to start an agent. Start from [`AgentOptions::new`] and chain.

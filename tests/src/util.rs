@@ -48,6 +48,29 @@ pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests crate has a parent dir").to_path_buf()
 }
 
+/// A binary of this workspace: `$<env_var>` if set, else `$CARGO_TARGET_DIR/debug/<name>` (if
+/// that variable is an absolute path), else `<workspace>/target/debug/<name>`; an error telling
+/// how to build it if missing. The harness never builds binaries itself.
+pub fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    let path = if let Some(p) = std::env::var_os(env_var) {
+        PathBuf::from(p)
+    } else {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| workspace_dir().join("target"));
+        target.join("debug").join(name)
+    };
+    if !path.is_file() {
+        bail!(
+            "{name} binary {} not found: run `cargo build --bins` in {} first (or set {env_var})",
+            path.display(),
+            workspace_dir().display()
+        );
+    }
+    Ok(path)
+}
+
 /// Finds an executable on PATH (or the usual Debian locations); a clear error if missing.
 pub fn find_binary(name: &str, debian_package: &str) -> Result<PathBuf> {
     let mut dirs: Vec<PathBuf> =
