@@ -295,16 +295,7 @@ impl libp2p::request_response::Codec for PieceCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let bytes = read_capped(io, self.max_response_bytes).await?;
-        if bytes.is_empty() {
-            // The responder closed the stream without answering (its handler dropped the
-            // request); not a malformed message.
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer closed the stream without answering",
-            ));
-        }
-        decode_response(&bytes, self.max_response_bytes).map_err(invalid_data)
+        read_response(io, self.max_response_bytes).await
     }
 
     async fn write_request<T>(
@@ -329,10 +320,115 @@ impl libp2p::request_response::Codec for PieceCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let bytes = encode_response(&response, self.max_response_bytes)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        io.write_all(&bytes).await
+        write_response(io, &response, self.max_response_bytes).await
     }
+}
+
+/// Longest `Piece` header: the variant (a one-byte varint), the index (a `u32` varint, at most
+/// 5 bytes) and the data length (a `u64` varint, at most 9 bytes).
+const PIECE_HEADER_MAX: usize = 15;
+
+/// The bytes bincode writes before a `Piece`'s data: `encode_response(Piece { index, data })`
+/// is exactly `piece_header(index, data.len()) ++ data` (pinned by a test).
+fn piece_header(index: u32, len: usize) -> Result<Vec<u8>, ProtocolError> {
+    encode_capped(&(PIECE_VARIANT, index, len as u64), PIECE_HEADER_MAX)
+}
+
+/// `PieceResponse::Piece`'s variant index in bincode's encoding (declaration order).
+const PIECE_VARIANT: u32 = 1;
+
+/// Writes a response; a piece's data goes to the stream as it is, without first being copied
+/// into an encoding buffer (the bytes on the wire are those of [`encode_response`]).
+pub(crate) async fn write_response<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    response: &PieceResponse,
+    limit: usize,
+) -> io::Result<()> {
+    let invalid_input = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+    let PieceResponse::Piece { index, data } = response else {
+        return io.write_all(&encode_response(response, limit).map_err(invalid_input)?).await;
+    };
+    response.validate().map_err(invalid_input)?;
+    let header = piece_header(*index, data.len()).map_err(invalid_input)?;
+    let limit = limit.min(MAX_RESPONSE_BYTES);
+    if header.len() + data.len() > limit {
+        return Err(invalid_input(ProtocolError::TooLarge { len: header.len() + data.len(), limit }));
+    }
+    io.write_all(&header).await?;
+    io.write_all(data).await
+}
+
+/// Reads and validates one response, the whole stream, at most `limit` bytes (clamped to
+/// [`MAX_RESPONSE_BYTES`]); accepts exactly what [`decode_response`] accepts.
+///
+/// A piece, the message that carries nearly all the bytes, is read straight into a buffer of
+/// its announced length (once the length is checked against the limit), which becomes the
+/// message's `data`: no growing buffer, no second copy while decoding. Every other message is
+/// read whole and decoded by [`decode_response`].
+pub(crate) async fn read_response<T: AsyncRead + Unpin>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<PieceResponse> {
+    let limit = limit.min(MAX_RESPONSE_BYTES);
+    let mut head = [0u8; PIECE_HEADER_MAX];
+    let mut got = 0;
+    while got < head.len() {
+        match io.read(&mut head[got..]).await? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got == 0 {
+        // The responder closed the stream without answering (its handler dropped the
+        // request); not a malformed message.
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the stream without answering",
+        ));
+    }
+    let piece = bincode::serde::decode_from_slice::<(u32, u32, u64), _>(&head[..got], CONFIG);
+    let Ok(((PIECE_VARIANT, index, len), header_len)) = piece else {
+        // Not a piece (or not even a header): read the rest and decode the whole.
+        let mut bytes = head[..got].to_vec();
+        if got == head.len() {
+            let rest = limit.saturating_sub(got) as u64 + 1;
+            io.take(rest).read_to_end(&mut bytes).await?;
+            if bytes.len() > limit {
+                return Err(invalid_data(ProtocolError::TooLarge { len: bytes.len(), limit }));
+            }
+        }
+        return decode_response(&bytes, limit).map_err(invalid_data);
+    };
+    let total = (header_len as u64).saturating_add(len);
+    if total > limit as u64 {
+        return Err(invalid_data(ProtocolError::TooLarge {
+            len: total.min(usize::MAX as u64) as usize,
+            limit,
+        }));
+    }
+    if len > MAX_PIECE_BYTES as u64 {
+        return Err(invalid_data(ProtocolError::TooLarge { len: len as usize, limit: MAX_PIECE_BYTES }));
+    }
+    let len = len as usize;
+    let already = got - header_len;
+    if already > len {
+        return Err(invalid_data(ProtocolError::TrailingBytes(already - len)));
+    }
+    let mut data = vec![0u8; len];
+    data[..already].copy_from_slice(&head[header_len..got]);
+    io.read_exact(&mut data[already..]).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            invalid_data(ProtocolError::Decode(format!("piece of {len} bytes cut short")))
+        }
+        _ => e,
+    })?;
+    let mut extra = [0u8; 1];
+    if io.read(&mut extra).await? != 0 {
+        return Err(invalid_data(ProtocolError::Invalid(format!("bytes after a piece of {len} bytes"))));
+    }
+    let response = PieceResponse::Piece { index, data };
+    response.validate().map_err(invalid_data)?;
+    Ok(response)
 }
 
 #[cfg(test)]
@@ -411,11 +507,92 @@ mod tests {
             prop_assert!(decode_response(&bytes[..cut], MAX_RESPONSE_BYTES).is_err());
         }
 
+        /// The streaming reader accepts exactly what the slice decoder accepts, with the same
+        /// result, whatever the bytes: valid, cut short, with bytes after, or garbage; and
+        /// however the stream splits them into reads.
+        #[test]
+        fn stream_reader_agrees_with_decoder(
+            response in response_strategy(),
+            garbage in proptest::collection::vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+            step in 1usize..32,
+        ) {
+            let valid = encode_response(&response, MAX_RESPONSE_BYTES).unwrap();
+            let cases = [
+                valid.clone(),
+                valid[..cut.index(valid.len())].to_vec(),
+                [valid.as_slice(), &[0], &garbage[..garbage.len().min(3)]].concat(),
+                garbage.clone(),
+                [&valid[..valid.len().min(4)], garbage.as_slice()].concat(),
+            ];
+            for bytes in cases {
+                let streamed = block_on(read_response(&mut Trickle { bytes: &bytes, step }, MAX_RESPONSE_BYTES));
+                match decode_response(&bytes, MAX_RESPONSE_BYTES) {
+                    Ok(decoded) => prop_assert_eq!(streamed.unwrap(), decoded),
+                    Err(_) => prop_assert!(streamed.is_err(), "streamed {:?} from {}", streamed, hex(&bytes)),
+                }
+            }
+        }
+
+        /// The writer puts on the wire exactly the bytes of `encode_response`.
+        #[test]
+        fn stream_writer_matches_encoder(response in response_strategy()) {
+            let mut out = Vec::new();
+            block_on(write_response(&mut out, &response, MAX_RESPONSE_BYTES)).unwrap();
+            prop_assert_eq!(out, encode_response(&response, MAX_RESPONSE_BYTES).unwrap());
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_request(&bytes);
             let _ = decode_response(&bytes, MAX_RESPONSE_BYTES);
         }
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(future)
+    }
+
+    /// A stream that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    /// The streaming reader's own checks: limits before allocation, truncation, trailing
+    /// bytes, and a closed stream.
+    #[test]
+    fn stream_reader_bad_input() {
+        let read = |bytes: &[u8], limit| block_on(read_response(&mut Trickle { bytes, step: 7 }, limit));
+        let invalid = |r: io::Result<PieceResponse>| r.unwrap_err().kind() == io::ErrorKind::InvalidData;
+        let ok = encode_response(&PieceResponse::Piece { index: 0, data: vec![7; 100] }, 1000).unwrap();
+        assert!(read(&ok, 1000).is_ok());
+        assert!(invalid(read(&ok, 50)), "over the reader's limit");
+        assert!(invalid(read(&ok[..ok.len() - 1], 1000)), "cut short");
+        assert!(invalid(read(&[ok.as_slice(), &[0]].concat(), 1000)), "a byte after the piece");
+        // A piece claiming 17 MiB, more than any piece may be: refused from its header.
+        let forged = [[1u8, 0, 252].as_slice(), &(17u32 << 20).to_le_bytes()].concat();
+        assert!(invalid(read(&forged, MAX_RESPONSE_BYTES)));
+        // u64::MAX bytes.
+        let forged = [[1u8, 0, 253].as_slice(), &[0xff; 8]].concat();
+        assert!(invalid(read(&forged, MAX_RESPONSE_BYTES)));
+        // Nothing at all: the responder dropped the request.
+        assert_eq!(read(&[], 1000).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // A large non-piece answer past the limit.
+        assert!(invalid(read(&[0; 2000], 1000)));
     }
 
     fn hex(bytes: &[u8]) -> String {
