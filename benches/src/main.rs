@@ -46,6 +46,10 @@ enum Command {
         /// Smallest piece size for every agent (bytes), to compare piece-size policies.
         #[arg(long)]
         min_piece_size: Option<u64>,
+        /// Seconds every measured agent waits, once ready, before its download: both paths
+        /// then start from the same memory state (see `settle` in the source).
+        #[arg(long, default_value = "3")]
+        settle_secs: u64,
     },
     /// N nodes pull one image at once: origin egress and completion times per scenario
     /// (`direct`, `dht`, `tracker`), in shaped network namespaces or on loopback.
@@ -105,7 +109,27 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece: Option<u64>) -> Result<()> {
+/// Waits before a measured download so that both paths start from the same memory state.
+///
+/// On a VM whose balloon driver reports free pages to the host (this project's CI machines
+/// do), pages freed by the previous round's agent go back to the host about a second later,
+/// and writing the page cache into fresh pages costs several times more: `dd` of 1 GiB takes
+/// 0.2 s right after deleting a 1 GiB file, 0.75-0.9 s after waiting 1-3 s. The origin path
+/// used to start its download at once and reuse the previous round's pages, while the peer
+/// path first waits for its connections and got fresh ones: the ratio then measured the
+/// host's memory, not Shoal. A node pulling an image writes into fresh pages, so both paths
+/// wait for that state.
+async fn settle(secs: u64) {
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+}
+
+async fn peer_path(
+    size: u64,
+    peer_counts: Vec<usize>,
+    rounds: usize,
+    min_piece: Option<u64>,
+    settle_secs: u64,
+) -> Result<()> {
     let origin = Origin::start().await?;
     let image =
         origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/blob", "v1").layers(&[size])).await?;
@@ -121,12 +145,16 @@ async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece:
         seeds.push(a);
     }
     let mib = size as f64 / 1048576.0;
-    println!("blob {mib:.0} MiB, {} rounds, agent {}", rounds, shoal_tests::agent_binary()?.display());
+    println!(
+        "blob {mib:.0} MiB, {rounds} rounds, {settle_secs} s settle before each download, agent {}",
+        shoal_tests::agent_binary()?.display()
+    );
     let mut origin_times = Vec::new();
     let mut peer_times: Vec<Vec<f64>> = vec![Vec::new(); peer_counts.len()];
     for round in 0..rounds {
         // Origin path: a fresh agent with no peers.
         let solo = Agent::start(agent_options(&origin, min_piece).arg("--no-p2p")).await?;
+        settle(settle_secs).await;
         let t = fetch(&solo, &origin, &image).await?;
         println!("round {round}: origin        {:8.1} MiB/s", mib / t);
         origin_times.push(t);
@@ -145,6 +173,7 @@ async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece:
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            settle(settle_secs).await;
             let mark = origin.access_log().len();
             let t = fetch(&fresh, &origin, &image).await?;
             let origin_bytes = origin.access_log_since(mark).blob_get_bytes();
@@ -169,14 +198,14 @@ async fn peer_path(size: u64, peer_counts: Vec<usize>, rounds: usize, min_piece:
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::PeerPath { size, peers, rounds, min_piece_size } => {
+        Command::PeerPath { size, peers, rounds, min_piece_size, settle_secs } => {
             if std::env::var_os("SHOAL_AGENT_BIN").is_none() {
                 let release = shoal_tests::util::workspace_dir().join("target/release/shoal-agent");
                 if release.is_file() {
                     std::env::set_var("SHOAL_AGENT_BIN", release);
                 }
             }
-            peer_path(size, peers, rounds.max(1), min_piece_size).await
+            peer_path(size, peers, rounds.max(1), min_piece_size, settle_secs).await
         }
         Command::Rollout(args) => rollout::main(args).await,
         Command::Probe { url, timeout_ms } => rollout::probe(&url, Duration::from_millis(timeout_ms)).await,
