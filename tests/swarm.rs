@@ -140,6 +140,37 @@ async fn corrupting_peer_is_banned_and_others_complete() {
     }
 }
 
+/// A peer that lies about a blob's size (a consistent `Have` answer for a blob 1 MiB longer)
+/// cannot make another node fetch the wrong length: providers that disagree are settled by a
+/// HEAD at the origin, the liar is banned, and the pull completes from the honest peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_lying_about_size_is_settled_by_the_origin_and_banned() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/size", "v1").layers(&[3 << 20, 200_000]))
+        .await
+        .unwrap();
+    // Agent 0 is honest, agent 1 lies about every size, agent 2 pulls last.
+    let agents =
+        cluster(&origin, 3, |i| if i == 1 { vec!["--fault-lie-about-size".into()] } else { vec![] }).await;
+    pull(&agents[0], &origin, &image).await.expect("pull on the honest agent");
+    // The liar learns the true sizes from agent 0 (its own answers are the only lie).
+    pull(&agents[1], &origin, &image).await.expect("pull on the lying agent");
+    let mark = origin.access_log().len();
+    pull(&agents[2], &origin, &image).await.expect("the third agent completes with correct data");
+    let gets = content_gets(&origin, mark);
+    assert!(gets.is_empty(), "the dispute cost the origin content GETs: {gets:#?}");
+    let bans = metric(&agents[2], "shoal_peer_bans_total", &[]).await;
+    assert!(bans >= 1.0, "the liar was not banned (bans {bans})");
+    assert_eq!(metric(&agents[0], "shoal_peer_bans_total", &[]).await, 0.0);
+    for blob in &image.blobs {
+        let stored =
+            agents[2].cache_dir().join("blobs/sha256").join(blob.digest.trim_start_matches("sha256:"));
+        let data = std::fs::read(&stored).expect("blob in the cache");
+        assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&data))), blob.digest);
+    }
+}
+
 /// 4. The only peer holding an image dies mid-transfer: every other node completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_killed_mid_transfer_costs_only_a_retry() {

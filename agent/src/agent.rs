@@ -98,9 +98,13 @@ impl Agent {
             max_uploads: 8,
             upload_limit: Arc::new(RateLimiter::new(p2p_config.max_upload_rate)),
             corrupt_uploads: p2p_config.corrupt_uploads,
+            lie_about_size: p2p_config.lie_about_size,
         };
         if p2p_config.corrupt_uploads {
             tracing::warn!("fault injection: every piece sent to peers is corrupted");
+        }
+        if p2p_config.lie_about_size {
+            tracing::warn!("fault injection: every size told to peers is 1 MiB too long");
         }
         tokio::spawn(p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve));
         if !p2p_config.trackers.is_empty() {

@@ -119,6 +119,12 @@ pub struct RunArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_corrupt_uploads: bool,
+
+    /// Test-only fault injection: `Have` answers claim every blob is 1 MiB longer than it is
+    /// (a consistent answer, complete, with honest digests for the real pieces).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_lie_about_size: bool,
 }
 
 /// Settings of the swarm and the piece exchange.
@@ -133,6 +139,7 @@ pub struct P2pConfig {
     pub peer_concurrency: usize,
     pub max_upload_rate: Option<u64>,
     pub corrupt_uploads: bool,
+    pub lie_about_size: bool,
 }
 
 /// The validated configuration the agent runs with.
@@ -175,9 +182,9 @@ impl RunArgs {
             }
         }
         #[cfg(feature = "fault-injection")]
-        let corrupt_uploads = self.fault_corrupt_uploads;
+        let (corrupt_uploads, lie_about_size) = (self.fault_corrupt_uploads, self.fault_lie_about_size);
         #[cfg(not(feature = "fault-injection"))]
-        let corrupt_uploads = false;
+        let (corrupt_uploads, lie_about_size) = (false, false);
         let p2p = (!self.no_p2p).then(|| P2pConfig {
             listen: self.p2p_listen.clone(),
             bootstrap: self.bootstrap.clone(),
@@ -187,6 +194,7 @@ impl RunArgs {
             peer_concurrency: self.peer_concurrency,
             max_upload_rate: self.max_upload_rate,
             corrupt_uploads,
+            lie_about_size,
         });
         Ok(Config {
             p2p,

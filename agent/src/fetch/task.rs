@@ -5,7 +5,8 @@
 //!
 //! 1. Announce the digest at once, so nodes that start at the same moment see each other,
 //!    then ask the network who provides it and what each provider holds.
-//! 2. Size: from a provider, else a HEAD at the origin (no bytes move).
+//! 2. Size: from the providers when they agree, else a HEAD at the origin (no bytes move),
+//!    which also bans every provider that named another size.
 //! 3. Until every piece is verified, each round walks the missing pieces from the watermark
 //!    (the first window rotated per node, so peers do not all ask the same source for the same
 //!    piece at once):
@@ -152,6 +153,36 @@ impl Coordination {
     }
 }
 
+/// What the peers that answered a `Have` say about a blob's size. Only answers whose piece
+/// size fits their size under our layout policy count.
+#[derive(Debug)]
+enum SizeClaim {
+    /// Nobody named a size: the origin tells it.
+    Unknown,
+    /// Every answer that names a size names this one.
+    Agreed(PeerHave),
+    /// Answers disagree: the origin decides; without it, the size most peers name (ties go to
+    /// a peer that holds the whole blob).
+    Disputed { majority: PeerHave },
+}
+
+impl SizeClaim {
+    fn of(answers: &[(NodeId, Result<PeerHave, PeerError>)]) -> SizeClaim {
+        let valid: Vec<&PeerHave> = answers
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .filter(|h| Layout::for_size(h.size).piece_size == h.piece_size)
+            .collect();
+        let Some(first) = valid.first() else { return SizeClaim::Unknown };
+        if valid.iter().all(|h| h.size == first.size) {
+            return SizeClaim::Agreed((*first).clone());
+        }
+        let votes = |size: u64| valid.iter().filter(|h| h.size == size).count();
+        let majority = valid.iter().max_by_key(|h| (votes(h.size), h.complete)).expect("not empty");
+        SizeClaim::Disputed { majority: (*majority).clone() }
+    }
+}
+
 /// What we know of one peer during a download.
 struct PeerState {
     have: Bitfield,
@@ -226,14 +257,12 @@ impl Fetcher {
         // Who has it, and how big is it?
         let providers = self.live_providers(digest).await;
         let mut answers = self.ask_have(providers, digest).await;
-        let sized = |answers: &[(NodeId, Result<PeerHave, PeerError>)]| {
-            answers.iter().find_map(|(_, r)| {
-                r.as_ref().ok().filter(|h| Layout::for_size(h.size).piece_size == h.piece_size).cloned()
-            })
-        };
-        let mut known = sized(&answers);
+        let mut claim = SizeClaim::of(&answers);
         // With a tracker, its plans split the origin fetches from the first one on.
-        if known.is_none() && self.net.settle_delay() > Duration::ZERO && !self.net.has_coordinator() {
+        if matches!(claim, SizeClaim::Unknown)
+            && self.net.settle_delay() > Duration::ZERO
+            && !self.net.has_coordinator()
+        {
             // Nobody holds it yet. Nodes that start at the same moment announce at the same
             // moment: wait for their records, then read the provider set again, so the
             // origin pieces are split among everyone from the first request on.
@@ -242,15 +271,30 @@ impl Fetcher {
             let asked: Vec<NodeId> = answers.iter().map(|(p, _)| p.clone()).collect();
             let fresh: Vec<NodeId> = again.into_iter().filter(|p| !asked.contains(p)).collect();
             answers.extend(self.ask_have(fresh, digest).await);
-            known = sized(&answers);
+            claim = SizeClaim::of(&answers);
         }
-        let (total, mut media_type) = match known {
-            Some(h) => (h.size, h.media_type),
-            None => {
-                self.origin
-                    .content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept)
-                    .await?
-            }
+        let head =
+            || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
+        let (total, mut media_type) = match claim {
+            SizeClaim::Agreed(h) => (h.size, h.media_type),
+            SizeClaim::Unknown => head().await?,
+            // A digest has one size: someone lies (or is broken). The origin settles it
+            // without sending a byte, and whoever contradicts it is banned.
+            SizeClaim::Disputed { majority } => match head().await {
+                Ok((size, media_type)) => {
+                    for (peer, answer) in &answers {
+                        if answer.as_ref().is_ok_and(|h| h.size != size) {
+                            self.ban(peer, "claimed a size the origin contradicts");
+                        }
+                    }
+                    (size, media_type)
+                }
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, size = majority.size,
+                        "peers disagree on the size and the origin cannot settle it: taking the size most name");
+                    (majority.size, majority.media_type)
+                }
+            },
         };
         if source.kind == Kind::Blob {
             media_type = None;
@@ -974,6 +1018,50 @@ async fn sniff_media_type(partial: &Partial, total: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(peer: u8, size: u64, complete: bool) -> (NodeId, Result<PeerHave, PeerError>) {
+        let layout = Layout::for_size(size);
+        let mut have = Bitfield::new(layout.pieces());
+        if complete {
+            (0..layout.pieces()).for_each(|i| have.set(i));
+        }
+        let info = PeerHave {
+            size,
+            piece_size: layout.piece_size,
+            have,
+            piece_digests: Vec::new(),
+            complete,
+            media_type: None,
+        };
+        (NodeId::new(&[peer]), Ok(info))
+    }
+
+    #[test]
+    fn size_claims_agree_or_are_disputed() {
+        let size = |c: SizeClaim| match c {
+            SizeClaim::Unknown => None,
+            SizeClaim::Agreed(h) => Some(("agreed", h.size)),
+            SizeClaim::Disputed { majority } => Some(("disputed", majority.size)),
+        };
+        assert_eq!(size(SizeClaim::of(&[])), None);
+        let lacks = (NodeId::new(&[9]), Err(PeerError::Lacks));
+        assert_eq!(size(SizeClaim::of(std::slice::from_ref(&lacks))), None);
+        let agreed = [answer(1, 5 << 20, true), lacks.clone(), answer(2, 5 << 20, false)];
+        assert_eq!(size(SizeClaim::of(&agreed)), Some(("agreed", 5 << 20)));
+        // A piece size our policy would not pick for that size does not count.
+        let mut odd = answer(3, 1 << 30, true);
+        if let Ok(h) = &mut odd.1 {
+            h.piece_size = 4096;
+        }
+        assert_eq!(size(SizeClaim::of(&[odd.clone(), answer(1, 7, true)])), Some(("agreed", 7)));
+        let two_to_one = [answer(1, 100, true), answer(2, 999, true), answer(3, 999, false)];
+        assert_eq!(size(SizeClaim::of(&two_to_one)), Some(("disputed", 999)));
+        // A tie goes to the peer holding the whole blob.
+        let tie = [answer(1, 100, false), answer(2, 999, true)];
+        assert_eq!(size(SizeClaim::of(&tie)), Some(("disputed", 999)));
+        let tie = [answer(1, 100, true), answer(2, 999, false)];
+        assert_eq!(size(SizeClaim::of(&tie)), Some(("disputed", 100)));
+    }
 
     /// An origin that ignores `Range` answers from byte 0 in several chunks: the reader skips
     /// exactly the bytes before `start`, across chunk boundaries.

@@ -282,6 +282,8 @@ pub struct ServeOptions {
     pub upload_limit: Arc<RateLimiter>,
     /// Test-only fault injection: flip a byte of every piece sent.
     pub corrupt_uploads: bool,
+    /// Test-only fault injection: claim every blob is 1 MiB longer than it is.
+    pub lie_about_size: bool,
 }
 
 /// Answers inbound piece requests until the swarm stops. Only local, verified pieces are
@@ -299,7 +301,11 @@ pub async fn serve_peers(
             PieceRequest::Have { digest } => {
                 tokio::spawn(async move {
                     let asker = NodeId::new(&peer.to_bytes());
-                    let response = match fetcher.have(&Digest::from_sha256(digest), Some(asker)).await {
+                    let mut have = fetcher.have(&Digest::from_sha256(digest), Some(asker)).await;
+                    if options.lie_about_size {
+                        have = have.map(lie_about_size);
+                    }
+                    let response = match have {
                         Some(h) => PieceResponse::Have(HaveInfo {
                             size: h.size,
                             piece_size: h.piece_size,
@@ -339,6 +345,19 @@ pub async fn serve_peers(
             }
         }
     }
+}
+
+/// The fault `--fault-lie-about-size` injects: a consistent, complete answer for a blob 1 MiB
+/// longer than it is, attesting the real pieces honestly.
+fn lie_about_size(mut have: PeerHave) -> PeerHave {
+    let layout = crate::pieces::Layout::for_size(have.size + (1 << 20));
+    have.size = layout.size;
+    have.piece_size = layout.piece_size;
+    have.have = crate::pieces::Bitfield::new(layout.pieces());
+    (0..layout.pieces()).for_each(|i| have.have.set(i));
+    have.piece_digests.retain(|(i, _)| *i < layout.pieces());
+    have.complete = true;
+    have
 }
 
 /// Copies the swarm's counters into the Prometheus metrics every `period`, until the
