@@ -171,6 +171,48 @@ async fn peer_lying_about_size_is_settled_by_the_origin_and_banned() {
     }
 }
 
+/// The only holder lies about a blob that is a whole number of pieces long (claims one
+/// piece more): every real piece checks out, so the lie shows only when the origin cannot
+/// supply the extra piece. That attempt fails; the origin then contradicts the size, the liar
+/// is banned, and the client's retry completes from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_peer_lying_about_size_is_found_out_when_the_pull_fails() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::OciManifest, "swarm/lone-liar", "v1").layers(&[2 << 20]))
+        .await
+        .unwrap();
+    let agents =
+        cluster(&origin, 2, |i| if i == 0 { vec!["--fault-lie-about-size".into()] } else { vec![] }).await;
+    pull(&agents[0], &origin, &image).await.expect("pull on the lying agent");
+    let layer = image.blobs.iter().find(|b| b.size == 2 << 20).expect("the 2 MiB layer");
+    let blob_url = url(&agents[1], &origin, &image.repo, "blobs", &layer.digest);
+    let client = http_client();
+    let mut attempts = Vec::new();
+    let mut body = None;
+    for _ in 0..4 {
+        let result = async {
+            let resp = client.get(&blob_url).send().await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            resp.bytes().await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(bytes) => {
+                body = Some(bytes);
+                break;
+            }
+            Err(e) => attempts.push(e),
+        }
+    }
+    let body = body.unwrap_or_else(|| panic!("no attempt completed: {attempts:?}"));
+    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), layer.digest);
+    let bans = metric(&agents[1], "shoal_peer_bans_total", &[]).await;
+    assert!(bans >= 1.0, "the liar was not banned (bans {bans}; failed attempts {attempts:?})");
+}
+
 /// 4. The only peer holding an image dies mid-transfer: every other node completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_killed_mid_transfer_costs_only_a_retry() {

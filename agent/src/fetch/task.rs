@@ -6,7 +6,8 @@
 //! 1. Announce the digest at once, so nodes that start at the same moment see each other,
 //!    then ask the network who provides it and what each provider holds.
 //! 2. Size: from the providers when they agree, else a HEAD at the origin (no bytes move),
-//!    which also bans every provider that named another size.
+//!    which also bans every provider that named another size. A download that fails on a
+//!    size only peers named asks the origin too, and bans them if it disagrees.
 //! 3. Until every piece is verified, each round walks the missing pieces from the watermark
 //!    (the first window rotated per node, so peers do not all ask the same source for the same
 //!    piece at once):
@@ -275,8 +276,14 @@ impl Fetcher {
         }
         let head =
             || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
+        // Set when the size is only the peers' word: if the download then fails, the origin
+        // is asked whether they lied.
+        let mut size_from_peers = false;
         let (total, mut media_type) = match claim {
-            SizeClaim::Agreed(h) => (h.size, h.media_type),
+            SizeClaim::Agreed(h) => {
+                size_from_peers = true;
+                (h.size, h.media_type)
+            }
             SizeClaim::Unknown => head().await?,
             // A digest has one size: someone lies (or is broken). The origin settles it
             // without sending a byte, and whoever contradicts it is banned.
@@ -292,6 +299,7 @@ impl Fetcher {
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, size = majority.size,
                         "peers disagree on the size and the origin cannot settle it: taking the size most name");
+                    size_from_peers = true;
                     (majority.size, majority.media_type)
                 }
             },
@@ -300,6 +308,11 @@ impl Fetcher {
             media_type = None;
         }
         let layout = Layout::for_size(total);
+        let claimed_size: Vec<NodeId> = answers
+            .iter()
+            .filter(|(_, a)| size_from_peers && a.as_ref().is_ok_and(|h| h.size == total))
+            .map(|(p, _)| p.clone())
+            .collect();
 
         let mut peers: HashMap<NodeId, PeerState> = HashMap::new();
         let mut downloaders: BTreeSet<NodeId> = BTreeSet::new();
@@ -387,6 +400,18 @@ impl Fetcher {
                 Ok(())
             }
             Err(e) => {
+                // A lie about the size that every piece survives (a blob a whole number of
+                // pieces long, claimed longer) shows only as a failure: check it, so the next
+                // attempt does not believe the same peers.
+                if !claimed_size.is_empty() {
+                    if let Ok((size, _)) = head().await {
+                        if size != total {
+                            for peer in &claimed_size {
+                                self.ban(peer, "claimed a size the origin contradicts");
+                            }
+                        }
+                    }
+                }
                 if matches!(e, FetchError::DigestMismatch { .. }) {
                     partial.discard().await;
                 } else {
