@@ -5,11 +5,10 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use sha2::{Digest as _, Sha256};
 use shoal_tests::pull::{content_gets, pull, url};
 use shoal_tests::{
-    dead_url, http_client, poll_until, write_hosts_toml, AccessLogExt, Agent, AgentOptions, Containerd,
-    FaultyProxy, ImageKind, ImageSpec, Origin, ProxyConfig,
+    dead_url, digest_of, http_client, poll_until, write_hosts_toml, AccessLogExt, Agent, AgentOptions,
+    Containerd, FaultyProxy, Image, ImageKind, ImageSpec, Origin, ProxyConfig,
 };
 
 /// Starts `n` agents; the first is the others' bootstrap peer.
@@ -34,6 +33,15 @@ async fn cluster(origin: &Origin, n: usize, extra: impl Fn(usize) -> Vec<String>
 
 async fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     agent.metric_value(name, labels).await.expect("scrape /metrics").unwrap_or(0.0)
+}
+
+/// Every blob of `image` is complete in `agent`'s cache, with the origin's bytes.
+fn assert_cache_holds_image(agent: &Agent, image: &Image) {
+    for blob in &image.blobs {
+        let stored = agent.cache_dir().join("blobs/sha256").join(blob.digest.trim_start_matches("sha256:"));
+        let data = std::fs::read(&stored).expect("blob in the cache");
+        assert_eq!(digest_of(&data), blob.digest);
+    }
 }
 
 /// 1. Pull on A, then on B: B's bytes come from A; the origin sees only B's tag HEAD.
@@ -132,11 +140,7 @@ async fn corrupting_peer_is_banned_and_others_complete() {
     assert!(rejected >= 1.0 && bans >= 1.0, "rejected {rejected}, bans {bans}");
     // Everything the honest agents stored is what the origin has.
     for a in &agents[1..] {
-        for blob in &image.blobs {
-            let stored = a.cache_dir().join("blobs/sha256").join(blob.digest.trim_start_matches("sha256:"));
-            let data = std::fs::read(&stored).expect("blob in the cache");
-            assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&data))), blob.digest);
-        }
+        assert_cache_holds_image(a, &image);
     }
 }
 
@@ -163,12 +167,7 @@ async fn peer_lying_about_size_is_settled_by_the_origin_and_banned() {
     let bans = metric(&agents[2], "shoal_peer_bans_total", &[]).await;
     assert!(bans >= 1.0, "the liar was not banned (bans {bans})");
     assert_eq!(metric(&agents[0], "shoal_peer_bans_total", &[]).await, 0.0);
-    for blob in &image.blobs {
-        let stored =
-            agents[2].cache_dir().join("blobs/sha256").join(blob.digest.trim_start_matches("sha256:"));
-        let data = std::fs::read(&stored).expect("blob in the cache");
-        assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&data))), blob.digest);
-    }
+    assert_cache_holds_image(&agents[2], &image);
 }
 
 /// The only holder lies about a blob that is a whole number of pieces long (claims one
@@ -185,7 +184,7 @@ async fn lone_peer_lying_about_size_is_found_out_when_the_pull_fails() {
     let agents =
         cluster(&origin, 2, |i| if i == 0 { vec!["--fault-lie-about-size".into()] } else { vec![] }).await;
     pull(&agents[0], &origin, &image).await.expect("pull on the lying agent");
-    let layer = image.blobs.iter().find(|b| b.size == 2 << 20).expect("the 2 MiB layer");
+    let layer = image.largest_layer();
     let blob_url = url(&agents[1], &origin, &image.repo, "blobs", &layer.digest);
     let client = http_client();
     let mut attempts = Vec::new();
@@ -208,7 +207,7 @@ async fn lone_peer_lying_about_size_is_found_out_when_the_pull_fails() {
         }
     }
     let body = body.unwrap_or_else(|| panic!("no attempt completed: {attempts:?}"));
-    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), layer.digest);
+    assert_eq!(digest_of(&body), layer.digest);
     let bans = metric(&agents[1], "shoal_peer_bans_total", &[]).await;
     assert!(bans >= 1.0, "the liar was not banned (bans {bans}; failed attempts {attempts:?})");
 }
@@ -283,7 +282,7 @@ async fn restart_resumes_verified_pieces() {
     let resp = client.get(&blob_url).timeout(Duration::from_secs(60)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let body = resp.bytes().await.unwrap();
-    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), layer.digest);
+    assert_eq!(digest_of(&body), layer.digest);
     let resumed = metric(&agent, "shoal_pieces_resumed_total", &[]).await;
     assert!(resumed >= 8.0, "resumed {resumed} pieces");
     let sent = origin.access_log().blob_get_bytes_for(&layer.digest);
