@@ -276,15 +276,21 @@ impl Fetcher {
         }
         let head =
             || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
-        // Set when the size is only the peers' word: if the download then fails, the origin
-        // is asked whether they lied.
-        let mut size_from_peers = false;
-        let (total, mut media_type) = match claim {
-            SizeClaim::Agreed(h) => {
-                size_from_peers = true;
-                (h.size, h.media_type)
+        // The peers whose word the size is, when it is only their word: if the download then
+        // fails, the origin is asked whether they lied.
+        let named = |size: u64| -> Vec<NodeId> {
+            answers
+                .iter()
+                .filter(|(_, a)| a.as_ref().is_ok_and(|h| h.size == size))
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        let (total, mut media_type, claimed_size) = match claim {
+            SizeClaim::Agreed(h) => (h.size, h.media_type, named(h.size)),
+            SizeClaim::Unknown => {
+                let (size, media_type) = head().await?;
+                (size, media_type, Vec::new())
             }
-            SizeClaim::Unknown => head().await?,
             // A digest has one size: someone lies (or is broken). The origin settles it
             // without sending a byte, and whoever contradicts it is banned.
             SizeClaim::Disputed { majority } => match head().await {
@@ -294,13 +300,12 @@ impl Fetcher {
                             self.ban(peer, "claimed a size the origin contradicts");
                         }
                     }
-                    (size, media_type)
+                    (size, media_type, Vec::new())
                 }
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, size = majority.size,
                         "peers disagree on the size and the origin cannot settle it: taking the size most name");
-                    size_from_peers = true;
-                    (majority.size, majority.media_type)
+                    (majority.size, majority.media_type, named(majority.size))
                 }
             },
         };
@@ -308,11 +313,6 @@ impl Fetcher {
             media_type = None;
         }
         let layout = Layout::for_size(total);
-        let claimed_size: Vec<NodeId> = answers
-            .iter()
-            .filter(|(_, a)| size_from_peers && a.as_ref().is_ok_and(|h| h.size == total))
-            .map(|(p, _)| p.clone())
-            .collect();
 
         let mut peers: HashMap<NodeId, PeerState> = HashMap::new();
         let mut downloaders: BTreeSet<NodeId> = BTreeSet::new();

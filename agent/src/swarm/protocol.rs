@@ -267,11 +267,22 @@ pub(crate) async fn read_capped<T: AsyncRead + Unpin + Send>(
     limit: usize,
 ) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    io.take(limit as u64 + 1).read_to_end(&mut buf).await?;
+    read_rest_capped(io, &mut buf, limit).await?;
+    Ok(buf)
+}
+
+/// [`read_capped`] after the first `buf.len()` bytes were already read into `buf`.
+async fn read_rest_capped<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<()> {
+    let room = limit.saturating_sub(buf.len()) as u64 + 1;
+    io.take(room).read_to_end(buf).await?;
     if buf.len() > limit {
         return Err(invalid_data(ProtocolError::TooLarge { len: buf.len(), limit }));
     }
-    Ok(buf)
+    Ok(())
 }
 
 fn invalid_data(e: ProtocolError) -> io::Error {
@@ -391,11 +402,7 @@ pub(crate) async fn read_response<T: AsyncRead + Unpin>(
         // Not a piece (or not even a header): read the rest and decode the whole.
         let mut bytes = head[..got].to_vec();
         if got == head.len() {
-            let rest = limit.saturating_sub(got) as u64 + 1;
-            io.take(rest).read_to_end(&mut bytes).await?;
-            if bytes.len() > limit {
-                return Err(invalid_data(ProtocolError::TooLarge { len: bytes.len(), limit }));
-            }
+            read_rest_capped(io, &mut bytes, limit).await?;
         }
         return decode_response(&bytes, limit).map_err(invalid_data);
     };
