@@ -65,10 +65,12 @@ impl Agent {
             max_download_rate: config.max_download_rate,
             ..FetchConfig::default()
         };
+        let access =
+            Arc::new(crate::access::Access::new(config.registries.clone(), config.auth_offline_grace));
         let readiness = Readiness::default();
         let Some(p2p_config) = &config.p2p else {
             let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), fetch_config);
-            let api = Api::new(fetcher, origin, config.default_registry.clone());
+            let api = Api::new(fetcher, origin, config.default_registry.clone(), access);
             return Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: None });
         };
         let swarm_config = p2p::config_from_flags(
@@ -118,7 +120,7 @@ impl Agent {
             ));
         }
         p2p::export_stats(client.stats(), std::time::Duration::from_millis(500));
-        let api = Api::new(fetcher, origin, config.default_registry.clone());
+        let api = Api::new(fetcher, origin, config.default_registry.clone(), access);
         Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: Some(swarm_loop) })
     }
 

@@ -69,6 +69,21 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
 
+    /// Do not mirror the built-in registries (docker.io, ghcr.io, quay.io, registry.k8s.io)
+    /// unless `--upstream` names them.
+    #[arg(long, env = "SHOAL_NO_DEFAULT_REGISTRIES")]
+    pub no_default_registries: bool,
+
+    /// Mirror any registry a client names (`?ns=` or a host path prefix), not only the
+    /// configured ones. The agent then connects to hosts clients choose.
+    #[arg(long, env = "SHOAL_MIRROR_ANY_REGISTRY")]
+    pub mirror_any_registry: bool,
+
+    /// While the origin is unreachable, serve cached private content to a client whose
+    /// credentials the origin accepted for it within this window, e.g. 10m (0: refuse).
+    #[arg(long, env = "SHOAL_AUTH_OFFLINE_GRACE", default_value = "0", value_parser = parse_duration)]
+    pub auth_offline_grace: std::time::Duration,
+
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -152,6 +167,9 @@ pub struct Config {
     pub upstreams: Upstreams,
     pub default_registry: Registry,
     pub registry_auth_file: Option<PathBuf>,
+    /// The registries mirrored (`--upstream`, the built-in defaults, `--mirror-any-registry`).
+    pub registries: crate::access::RegistryList,
+    pub auth_offline_grace: std::time::Duration,
     /// `None` with `--no-p2p`.
     pub p2p: Option<P2pConfig>,
     pub max_download_rate: Option<u64>,
@@ -163,9 +181,19 @@ impl RunArgs {
             return Err(ConfigError::CacheTooSmall(self.cache_max_bytes));
         }
         let mut upstreams = Upstreams::default();
+        let mut listed: std::collections::BTreeSet<Registry> = if self.no_default_registries {
+            Default::default()
+        } else {
+            upstreams.0.keys().cloned().collect()
+        };
         for spec in &self.upstreams {
-            upstreams.insert_spec(spec)?;
+            listed.insert(upstreams.insert_spec(spec)?);
         }
+        let registries = if self.mirror_any_registry {
+            crate::access::RegistryList::Any
+        } else {
+            crate::access::RegistryList::Only(listed)
+        };
         let default_registry = self
             .default_registry
             .parse()
@@ -206,6 +234,8 @@ impl RunArgs {
             upstreams,
             default_registry,
             registry_auth_file: self.registry_auth_file,
+            registries,
+            auth_offline_grace: self.auth_offline_grace,
         })
     }
 }
@@ -238,7 +268,7 @@ impl Default for Upstreams {
 
 impl Upstreams {
     /// Adds (or replaces) one `REGISTRY=URL` mapping, as `--upstream` gives it.
-    pub fn insert_spec(&mut self, spec: &str) -> Result<(), ConfigError> {
+    pub fn insert_spec(&mut self, spec: &str) -> Result<Registry, ConfigError> {
         let (registry, url) =
             spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
         let registry: Registry =
@@ -249,14 +279,29 @@ impl Upstreams {
             Some(h) if !h.is_empty() && !h.contains('/') => {}
             _ => return Err(ConfigError::UpstreamUrl(spec.to_string())),
         }
-        self.0.insert(registry, url.to_string());
-        Ok(())
+        self.0.insert(registry.clone(), url.to_string());
+        Ok(registry)
     }
 
     /// The base URL (scheme and authority, no trailing slash) of a registry's origin.
     pub fn url(&self, registry: &Registry) -> String {
         self.0.get(registry).cloned().unwrap_or_else(|| format!("https://{registry}"))
     }
+}
+
+/// Parses a duration: seconds (`30`), or a number with `s`, `m` or `h` (`90s`, `10m`, `1h`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("{s:?}: use s, m or h, e.g. 10m")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
@@ -338,6 +383,26 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.upstreams.url(&docker), "http://127.0.0.1:1");
         assert_eq!(cfg.upstreams.url(&"a.b".parse().unwrap()), "https://c.d");
+    }
+
+    #[test]
+    fn registry_list() {
+        let on = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().run.into_config().unwrap().registries
+        };
+        let (docker, mine): (Registry, Registry) =
+            ("docker.io".parse().unwrap(), "r.test:5000".parse().unwrap());
+        let cfg = on(&["--upstream", "r.test:5000=http://127.0.0.1:1"]);
+        assert!(cfg.allows(&docker) && cfg.allows(&mine));
+        assert!(!cfg.allows(&"169.254.169.254".parse().unwrap()));
+        let cfg = on(&["--upstream", "r.test:5000=http://127.0.0.1:1", "--no-default-registries"]);
+        assert!(!cfg.allows(&docker) && cfg.allows(&mine));
+        assert!(on(&["--mirror-any-registry"]).allows(&"evil.example".parse().unwrap()));
+        assert_eq!(parse_duration("10m"), Ok(std::time::Duration::from_secs(600)));
+        assert_eq!(parse_duration("0"), Ok(std::time::Duration::ZERO));
+        assert!(parse_duration("soon").is_err() && parse_duration("5d").is_err());
     }
 
     #[test]

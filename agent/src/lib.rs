@@ -9,6 +9,8 @@
 //! - [`config`]: the `run` flags (each also `SHOAL_<FLAG>`), defaults, validation.
 //! - [`types`]: validated digests, repository names, tags and registry hosts.
 //! - [`registry`]: the `/v2/` HTTP API: routing, registry selection, tags, `Range`, OCI errors.
+//! - [`access`]: the registry list, and the origin-backed check of each client's right to read
+//!   private content, with its short-lived decision cache.
 //! - [`origin`]: the upstream registry client: tag HEADs, content GETs, token and Basic auth.
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.
@@ -21,6 +23,7 @@
 //! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
 //! - [`agent`]: wiring: open the store, bind the listeners, run until shutdown.
 
+pub mod access;
 pub mod agent;
 pub mod config;
 pub mod containerd_config;

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub tracker_plans: Family<OutcomeLabels, Counter>,
     pub origin_pieces_unplanned: Counter,
     pub origin_pieces_taken_over: Counter,
+    pub auth_checks: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -165,6 +166,13 @@ impl Metrics {
             "Total time of DHT provider lookups (divide by shoal_dht_lookups_total for the mean)",
             dht_lookup_seconds.clone(),
         );
+        let auth_checks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "auth_checks",
+            "Access checks of registry requests, by outcome: allowed or denied by the origin, \
+             cached (a recent decision), origin_unreachable",
+            auth_checks.clone(),
+        );
         let tracker_plans = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "plan_requests",
@@ -188,6 +196,7 @@ impl Metrics {
         Metrics {
             origin_pieces_taken_over,
             tracker_plans,
+            auth_checks,
             origin_pieces_unplanned,
             registry,
             peer_sent_bytes,
@@ -227,6 +236,11 @@ impl Metrics {
     /// Content bytes received from `source` (`origin` or `peer`) since start.
     pub fn received_from(&self, source: &'static str) -> u64 {
         self.received_bytes.get_or_create(&SourceLabels { source }).get()
+    }
+
+    /// One access check (see `access`): `allowed`, `denied`, `cached`, `origin_unreachable`.
+    pub fn auth_check(&self, outcome: &'static str) {
+        self.auth_checks.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     pub fn served(&self, source: &'static str, bytes: u64) {

@@ -20,6 +20,8 @@
 //! - [`skopeo`]: skopeo as a pull client through a `registries.conf` mirror.
 //! - [`tracker`]: the `shoal-tracker` binary as a process (API, metrics, restart with the same
 //!   peer id), and a raw tracker-protocol client with its own libp2p identity.
+//! - [`token`]: a Docker token service (ES256 JWTs distribution's `auth: token` accepts) for
+//!   token-auth origins with public and private repositories.
 //! - [`process`]: kill-on-drop daemons and bounded one-shot commands.
 //! - [`util`]: ports, binaries, hashing, bounded polling, the HTTP client.
 
@@ -32,6 +34,7 @@ pub mod process;
 pub mod proxy;
 pub mod pull;
 pub mod skopeo;
+pub mod token;
 pub mod tracker;
 pub mod util;
 

@@ -166,9 +166,32 @@ impl Origin {
         Origin::start_with(Some((self.storage_dir(), format!("{user}:{hash}\n"))), auth).await
     }
 
+    /// A second registry serving this one's storage with distribution's token auth: tokens
+    /// from `tokens` decide who pulls which repository. Push to `self`, pull from the view.
+    pub async fn token_view(&self, tokens: &crate::token::TokenServer) -> Result<Origin> {
+        let origin = Origin::start_with_files(
+            Some((self.storage_dir(), String::new())),
+            &tokens.registry_auth_config(),
+            &[("token.pem", tokens.cert_pem())],
+        )
+        .await?;
+        Ok(origin)
+    }
+
     async fn start_with(shared: Option<(PathBuf, String)>, extra_config: &str) -> Result<Origin> {
+        Origin::start_with_files(shared, extra_config, &[]).await
+    }
+
+    async fn start_with_files(
+        shared: Option<(PathBuf, String)>,
+        extra_config: &str,
+        files: &[(&str, &str)],
+    ) -> Result<Origin> {
         let binary = find_binary("docker-registry", "docker-registry")?;
         let dir = tempfile::Builder::new().prefix("shoal-origin-").tempdir()?;
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text)?;
+        }
         let port = free_port();
         let storage = match &shared {
             Some((storage, htpasswd)) => {

@@ -6,8 +6,9 @@
 //! [`OriginError::Unreachable`] allows the last known tag and a retry, the rest are reported.
 
 pub mod auth;
+mod client_auth;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::config::Upstreams;
 use crate::metrics::METRICS;
 use crate::types::{Digest, Registry, RepoName, Tag};
 use auth::{Challenge, CredentialStore, TokenCache, TokenResponse};
+pub use client_auth::{AccessAnswer, As};
 
 /// Manifests larger than this are refused (the OCI spec lets registries refuse over 4 MiB).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -97,6 +99,10 @@ pub struct Origin {
     tokens: Mutex<TokenCache>,
     /// Registries that asked for Basic auth; we send credentials up front from then on.
     basic: Mutex<HashSet<Registry>>,
+    /// Anonymous tokens for access checks, apart from the node's own tokens.
+    anonymous_tokens: Mutex<TokenCache>,
+    /// Client credentials the origin accepted, lent to downloads ([`Origin::lend`]).
+    lent: Mutex<HashMap<(Registry, RepoName), (String, Instant)>>,
 }
 
 impl Origin {
@@ -107,7 +113,15 @@ impl Origin {
             .user_agent(concat!("shoal-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| OriginError::Protocol(format!("building the HTTP client: {e}")))?;
-        Ok(Origin { http, upstreams, credentials, tokens: Mutex::default(), basic: Mutex::default() })
+        Ok(Origin {
+            http,
+            upstreams,
+            credentials,
+            tokens: Mutex::default(),
+            basic: Mutex::default(),
+            anonymous_tokens: Mutex::default(),
+            lent: Mutex::default(),
+        })
     }
 
     fn url(&self, registry: &Registry, repo: &RepoName, kind: Kind, reference: &str) -> String {
@@ -243,7 +257,13 @@ impl Origin {
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response, OriginError> {
         let scope = format!("repository:{repo}:pull");
-        let mut authorization = self.cached_authorization(registry, &scope);
+        // Without node credentials for the registry, a client's lent credential for the
+        // repository goes first (an anonymous token would not open a private repository).
+        let lent = match self.credentials.get(registry.as_str()) {
+            None => self.lent_authorization(registry, repo),
+            Some(_) => None,
+        };
+        let mut authorization = lent.or_else(|| self.cached_authorization(registry, &scope));
         for attempt in 0..2 {
             let mut req = build(&self.http);
             if let Some(value) = &authorization {

@@ -10,10 +10,13 @@ use crate::types::ParseError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
     BlobUnknown,
+    Denied,
     DigestInvalid,
     ManifestUnknown,
     NameInvalid,
+    NameUnknown,
     RangeInvalid,
+    Unauthorized,
     Unsupported,
     Unknown,
 }
@@ -22,9 +25,12 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::BlobUnknown => "BLOB_UNKNOWN",
+            Code::Denied => "DENIED",
             Code::DigestInvalid => "DIGEST_INVALID",
             Code::ManifestUnknown => "MANIFEST_UNKNOWN",
             Code::NameInvalid => "NAME_INVALID",
+            Code::NameUnknown => "NAME_UNKNOWN",
+            Code::Unauthorized => "UNAUTHORIZED",
             Code::RangeInvalid => "RANGE_INVALID",
             Code::Unsupported => "UNSUPPORTED",
             Code::Unknown => "UNKNOWN",

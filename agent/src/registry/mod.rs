@@ -9,6 +9,11 @@
 //! Tags are resolved at the origin on every request ([`Origin::resolve_tag`]); the last known
 //! answer is used only while the origin is unreachable, marked by the [`STALE_HEADER`].
 //! Digests are served by [`Fetcher`]: the store, or the one download in flight.
+//!
+//! Before any content is served, [`Access`] decides whether this client may read it (see
+//! `access`): registries not on the list get 404 at once, private content needs credentials
+//! the origin accepts. Client-facing error messages name no internal address and carry no
+//! error chain; the log has the details.
 
 pub mod error;
 mod range;
@@ -25,6 +30,7 @@ use futures_util::StreamExt;
 use lru::LruCache;
 use tokio::net::TcpListener;
 
+use crate::access::{Access, Grant, Identity, Refusal};
 use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
 use crate::metrics::{RequestLabels, METRICS};
 use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
@@ -41,15 +47,22 @@ pub struct Api {
     fetcher: Arc<Fetcher>,
     origin: Arc<Origin>,
     default_registry: Registry,
+    access: Arc<Access>,
     last_known_tags: Mutex<LruCache<(Registry, RepoName, Tag), Resolved>>,
 }
 
 impl Api {
-    pub fn new(fetcher: Arc<Fetcher>, origin: Arc<Origin>, default_registry: Registry) -> Arc<Self> {
+    pub fn new(
+        fetcher: Arc<Fetcher>,
+        origin: Arc<Origin>,
+        default_registry: Registry,
+        access: Arc<Access>,
+    ) -> Arc<Self> {
         Arc::new(Api {
             fetcher,
             origin,
             default_registry,
+            access,
             last_known_tags: Mutex::new(LruCache::new(NonZeroUsize::new(TAG_MEMORY).expect("non-zero"))),
         })
     }
@@ -137,6 +150,7 @@ async fn dispatch(
     route: Route<'_>,
 ) -> Result<Response, ApiError> {
     let readonly = method == Method::GET || method == Method::HEAD;
+    let who = api.access.identity(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
     match route {
         Route::Base if readonly => {
             Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
@@ -144,11 +158,12 @@ async fn dispatch(
         Route::Manifest { name, reference } if readonly => {
             let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
             let reference: Reference = reference.parse()?;
-            api.manifest(method, headers, registry, repo, reference).await
+            api.manifest(method, headers, registry, repo, reference, &who).await
         }
         Route::Blob { name, digest } if readonly => {
             let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
             let digest: Digest = digest.parse()?;
+            api.authorize(&registry, &repo, Kind::Blob, &digest.to_string(), "", &who).await?;
             let source = Source { registry, repo, kind: Kind::Blob, accept: String::new() };
             api.content(method, headers, digest, source, None).await
         }
@@ -169,6 +184,13 @@ impl Api {
                 _ => (self.default_registry.clone(), name),
             },
         };
+        if !self.access.allows_registry(&registry) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::NameUnknown,
+                format!("registry {registry} is not mirrored here"),
+            ));
+        }
         let mut repo: RepoName = repo.parse()?;
         // Docker Hub's official images live under library/.
         if registry.as_str() == "docker.io" && !repo.as_str().contains('/') {
@@ -184,12 +206,18 @@ impl Api {
         registry: Registry,
         repo: RepoName,
         reference: Reference,
+        who: &Identity,
     ) -> Result<Response, ApiError> {
         let accept = accept_union(headers);
         let tag = match reference {
             Reference::Digest(digest) => {
-                let source =
-                    Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+                let all = with_manifest_types(&accept);
+                let grant =
+                    self.authorize(&registry, &repo, Kind::Manifest, &digest.to_string(), &all, who).await?;
+                let source = Source { registry, repo, kind: Kind::Manifest, accept: all };
+                if method == Method::GET {
+                    self.grant_references(&digest, &source, who, grant.until).await;
+                }
                 return self.content(method, headers, digest, source, None).await;
             }
             Reference::Tag(tag) => tag,
@@ -201,7 +229,14 @@ impl Api {
             accept.clone()
         };
         let key = (registry.clone(), repo.clone(), tag.clone());
-        let (resolved, stale) = match self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await {
+        let grant =
+            self.authorize(&registry, &repo, Kind::Manifest, tag.as_str(), &forward_accept, who).await?;
+        // The access check's HEAD usually resolved the tag already.
+        let checked = match grant.resolved {
+            Some(resolved) => Ok((resolved, None)),
+            None => self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await,
+        };
+        let (resolved, stale) = match checked {
             Ok((resolved, body)) => {
                 if let Some(body) = body {
                     if let Err(e) =
@@ -239,12 +274,87 @@ impl Api {
         } else {
             let source =
                 Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
+            self.access.grant(
+                &source.registry,
+                &source.repo,
+                who,
+                [resolved.digest.to_string()],
+                grant.until,
+            );
+            self.grant_references(&resolved.digest, &source, who, grant.until).await;
             self.content(method, headers, resolved.digest, source, Some(&resolved.media_type)).await?
         };
         if stale {
             resp.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("origin unreachable"));
         }
         Ok(resp)
+    }
+
+    /// Whether `who` may read `reference` of `repo` (see `access`), as an API error if not.
+    async fn authorize(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        kind: Kind,
+        reference: &str,
+        accept: &str,
+        who: &Identity,
+    ) -> Result<Grant, ApiError> {
+        let unknown = if kind == Kind::Manifest { Code::ManifestUnknown } else { Code::BlobUnknown };
+        self.access.check(&self.origin, registry, repo, kind, reference, accept, who).await.map_err(
+            |refusal| match refusal {
+                Refusal::Challenge(challenge) => {
+                    let mut e = ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        Code::Unauthorized,
+                        "authentication required: the origin does not serve this repository anonymously",
+                    );
+                    if let Ok(value) = HeaderValue::from_str(&challenge) {
+                        e.headers.push((header::WWW_AUTHENTICATE, value));
+                    }
+                    e
+                }
+                Refusal::Denied => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    Code::Denied,
+                    "the origin does not accept these credentials for this repository",
+                ),
+                Refusal::NotFound => ApiError::new(StatusCode::NOT_FOUND, unknown, "not found at the origin"),
+                Refusal::Unreachable => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    unknown,
+                    "the origin is unreachable, and this content is not known to be public",
+                ),
+            },
+        )
+    }
+
+    /// Lets `who` read what the manifest `digest` references, for as long as it may read the
+    /// manifest. Waits for the manifest (small) to be stored; failures are left to serving.
+    async fn grant_references(
+        &self,
+        digest: &Digest,
+        source: &Source,
+        who: &Identity,
+        until: std::time::Instant,
+    ) {
+        for _ in 0..2 {
+            match self.fetcher.lookup(digest, source) {
+                Lookup::Cached(entry, guard) => {
+                    let size = entry.size.min(crate::origin::MAX_MANIFEST_BYTES) as usize;
+                    if let Ok(bytes) = self.fetcher.store().read_blob_at(&guard, 0, size).await {
+                        let refs = crate::access::referenced_digests(&bytes);
+                        self.access.grant(&source.registry, &source.repo, who, refs, until);
+                    }
+                    return;
+                }
+                Lookup::Downloading(dl) => {
+                    if dl.finished().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Serves content by digest: from the store, or by joining (or starting) its download.
@@ -348,18 +458,30 @@ fn body(stream: BlobStream, digest: Digest) -> Body {
 fn origin_error(code: Code, e: &OriginError) -> ApiError {
     // 404 (not 5xx) so that containerd falls back to the next host, which is right for
     // every origin-side failure: the origin itself, with containerd's own credentials, may work.
+    // The details (addresses, resolver and TLS errors) go to the log, not to the client.
     let message = match e {
-        OriginError::NotFound(what) => format!("{what} not found at the origin"),
-        other => other.to_string(),
+        OriginError::NotFound(_) => "not found at the origin",
+        OriginError::Denied(_) => "the origin refused access",
+        OriginError::Unreachable(_) => "the origin is unreachable",
+        OriginError::Protocol(_) => "the origin answered unexpectedly",
     };
+    if !matches!(e, OriginError::NotFound(_)) {
+        tracing::warn!(error = %e, "origin request failed");
+    }
     ApiError::new(StatusCode::NOT_FOUND, code, message)
 }
 
 fn fetch_error(code: Code, e: &FetchError) -> ApiError {
     match e {
         FetchError::Origin(o) => origin_error(code, o),
-        FetchError::DigestMismatch { .. } | FetchError::NoSource(..) => {
-            ApiError::new(StatusCode::NOT_FOUND, code, e.to_string())
+        FetchError::DigestMismatch { .. } => ApiError::new(StatusCode::NOT_FOUND, code, e.to_string()),
+        FetchError::NoSource(..) => {
+            tracing::warn!(error = %e, "no source for a download");
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                code,
+                "no peer holds it and the origin cannot be asked for it",
+            )
         }
         FetchError::Store(_) | FetchError::Read(_) => internal(e.to_string()),
     }
@@ -367,7 +489,7 @@ fn fetch_error(code: Code, e: &FetchError) -> ApiError {
 
 fn internal(message: String) -> ApiError {
     tracing::error!(%message, "internal error");
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Unknown, message)
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Unknown, "internal error (see the agent's log)")
 }
 
 /// Every media type in every `Accept` header the client sent (clients send several lines),

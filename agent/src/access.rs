@@ -1,0 +1,458 @@
+//! Who may read what: the registry list, and the per-request access check for content of
+//! repositories the origin does not serve anonymously.
+//!
+//! Why: the cache and the swarm hold bytes that some client once had the right to read. A
+//! node must not hand them to a process that has no such right, whether the bytes are in the
+//! local store, on a peer, or still at the origin. The origin is the only authority on that
+//! right, so the agent asks it, with the client's own credentials, and remembers the answer
+//! briefly:
+//!
+//! - A request with no `Authorization` is checked with the agent's own anonymous `HEAD` for
+//!   that repository and object (never with the node's credentials). 2xx: the object is
+//!   public. 401/403: the client gets 401 with a challenge built from the origin's own
+//!   (Bearer realm, service and `repository:<name>:pull`, or Basic), which leads containerd
+//!   to fetch a token from the origin's token service (or send Basic) and retry.
+//! - A request with `Authorization` (Basic, or a token the origin issued) is checked with a
+//!   `HEAD` at the origin carrying exactly that value (Basic is exchanged for a token where
+//!   the origin uses tokens). 2xx: allowed. 401/403: 403 `DENIED`. A token for one
+//!   repository opens no other: the decision is per repository and object.
+//! - Decisions are kept at most [`DECISION_TTL`] and never past a JWT's `exp`, keyed by an
+//!   HMAC-SHA256 of the `Authorization` value under a random per-process key, so the cache
+//!   holds no credential and a memory dump tells nothing about other processes' keys.
+//! - A manifest served to an allowed client grants the same client, for the same time, the
+//!   objects it references (child manifests, config, layers): one origin `HEAD` per tag and
+//!   client per minute covers a whole image.
+//! - Origin unreachable: objects last seen public are served (as the last known tag is);
+//!   private ones are refused, unless the same credential was allowed within
+//!   `--auth-offline-grace` (default 0: refused).
+//!
+//! Registries: only the configured ones (`--upstream`, the built-in defaults unless
+//! `--no-default-registries`, and `--default-registry`) are mirrored; any other gets 404 before
+//! any connection is made, unless `--mirror-any-registry`.
+
+use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use lru::LruCache;
+use sha2::{Digest as _, Sha256};
+
+use crate::metrics::METRICS;
+use crate::origin::auth::Challenge;
+use crate::origin::{As, Kind, Origin, OriginError, Resolved};
+use crate::types::{Registry, RepoName};
+
+/// Longest time a decision is reused without asking the origin again.
+pub const DECISION_TTL: Duration = Duration::from_secs(60);
+/// How long "this repository needs credentials" is remembered (saves the anonymous HEAD).
+const PRIVATE_TTL: Duration = Duration::from_secs(60);
+/// Remembered decisions (also the memory used while the origin is unreachable).
+const DECISION_MEMORY: usize = 32_768;
+/// Lent credentials outlive a Basic decision this long (a download of a large layer runs
+/// longer than one decision); tokens are lent until they expire.
+const BASIC_LEND: Duration = Duration::from_secs(600);
+
+/// Which registries are mirrored.
+#[derive(Debug, Clone)]
+pub enum RegistryList {
+    Any,
+    Only(BTreeSet<Registry>),
+}
+
+impl RegistryList {
+    pub fn allows(&self, registry: &Registry) -> bool {
+        match self {
+            RegistryList::Any => true,
+            RegistryList::Only(set) => set.contains(registry),
+        }
+    }
+}
+
+/// Who a request is from, as far as access goes.
+pub struct Identity {
+    /// The `Authorization` value, if any.
+    authorization: Option<String>,
+    /// HMAC of it; all zero for anonymous.
+    key: [u8; 32],
+    /// A JWT's `exp`, if the value is a Bearer JWT.
+    expires: Option<Instant>,
+}
+
+impl Identity {
+    pub fn is_anonymous(&self) -> bool {
+        self.authorization.is_none()
+    }
+}
+
+/// What a refused request gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401 with this `WWW-Authenticate` value.
+    Challenge(String),
+    /// Credentials were presented and the origin refused them for this object.
+    Denied,
+    /// The origin says there is no such object in this repository.
+    NotFound,
+    /// The origin could not be asked, and nothing remembered allows it.
+    Unreachable,
+}
+
+/// An allowed request: until when the decision holds, and, for a tag checked just now, what
+/// the origin resolved it to.
+pub struct Grant {
+    pub until: Instant,
+    pub resolved: Option<Resolved>,
+}
+
+#[derive(Clone, Hash, PartialEq, Eq)]
+struct DecisionKey {
+    registry: Registry,
+    repo: RepoName,
+    /// A tag or a digest (a tag never contains ':').
+    reference: String,
+    who: [u8; 32],
+}
+
+#[derive(Clone, Copy)]
+struct Decision {
+    until: Instant,
+    checked: Instant,
+}
+
+pub struct Access {
+    key: [u8; 32],
+    registries: RegistryList,
+    offline_grace: Duration,
+    decisions: Mutex<LruCache<DecisionKey, Decision>>,
+    /// Repositories whose anonymous check failed, with the challenge to send.
+    private: Mutex<LruCache<(Registry, RepoName), (String, Instant)>>,
+}
+
+impl Access {
+    pub fn new(registries: RegistryList, offline_grace: Duration) -> Self {
+        let memory = NonZeroUsize::new(DECISION_MEMORY).expect("non-zero");
+        Access {
+            key: rand::random(),
+            registries,
+            offline_grace,
+            decisions: Mutex::new(LruCache::new(memory)),
+            private: Mutex::new(LruCache::new(memory)),
+        }
+    }
+
+    pub fn allows_registry(&self, registry: &Registry) -> bool {
+        self.registries.allows(registry)
+    }
+
+    /// The identity of a request with this `Authorization` header value.
+    pub fn identity(&self, authorization: Option<&str>) -> Identity {
+        let authorization = authorization.map(str::trim).filter(|v| !v.is_empty());
+        match authorization {
+            None => Identity { authorization: None, key: [0; 32], expires: None },
+            Some(value) => Identity {
+                key: hmac_sha256(&self.key, value.as_bytes()),
+                expires: jwt_expiry(value),
+                authorization: Some(value.to_string()),
+            },
+        }
+    }
+
+    /// May `who` read `reference` (a tag or digest) of `repo`? Asks the origin unless a
+    /// recent decision answers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn check(
+        &self,
+        origin: &Origin,
+        registry: &Registry,
+        repo: &RepoName,
+        kind: Kind,
+        reference: &str,
+        accept: &str,
+        who: &Identity,
+    ) -> Result<Grant, Refusal> {
+        let now = Instant::now();
+        let key = |who: [u8; 32]| DecisionKey {
+            registry: registry.clone(),
+            repo: repo.clone(),
+            reference: reference.to_string(),
+            who,
+        };
+        let fresh = |k: &DecisionKey| {
+            let mut decisions = self.decisions.lock().expect("decision lock");
+            decisions.get(k).copied().filter(|d| d.until > now)
+        };
+        // Public, or allowed for this very credential, recently.
+        for k in [key([0; 32]), key(who.key)] {
+            if let Some(d) = fresh(&k) {
+                METRICS.auth_check("cached");
+                return Ok(Grant { until: d.until, resolved: None });
+            }
+        }
+        if who.is_anonymous() {
+            let known_private = {
+                let mut private = self.private.lock().expect("private lock");
+                private.get(&(registry.clone(), repo.clone())).filter(|(_, until)| *until > now).cloned()
+            };
+            if let Some((challenge, _)) = known_private {
+                METRICS.auth_check("denied");
+                return Err(Refusal::Challenge(challenge));
+            }
+        }
+        let as_who = match &who.authorization {
+            None => As::Anonymous,
+            Some(value) => As::Client(value),
+        };
+        let answer = match origin.check_access(registry, repo, kind, reference, accept, as_who).await {
+            Ok(answer) => answer,
+            Err(e) => return self.offline(registry, repo, reference, who, &e),
+        };
+        let status = answer.status;
+        if status.is_success() {
+            METRICS.auth_check("allowed");
+            let mut until = now + DECISION_TTL;
+            for expiry in [who.expires, answer.token_expires].into_iter().flatten() {
+                until = until.min(expiry);
+            }
+            if let Some(authorization) = answer.authorization {
+                let lend_until = answer.token_expires.or(who.expires).unwrap_or(now + BASIC_LEND);
+                origin.lend(registry, repo, authorization, lend_until);
+            }
+            let mut grant = Grant { until, resolved: answer.resolved };
+            self.remember(registry, repo, reference, who, &mut grant);
+            return Ok(grant);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            // The origin let us in and has no such object: nothing to serve, whatever the cache
+            // holds under that digest for another repository.
+            METRICS.auth_check("denied");
+            return Err(Refusal::NotFound);
+        }
+        METRICS.auth_check("denied");
+        if !who.is_anonymous() {
+            tracing::info!(%registry, %repo, reference, %status, "the origin refused the client's credentials");
+            return Err(Refusal::Denied);
+        }
+        let challenge = client_challenge(answer.challenge.as_ref(), registry, repo);
+        self.private
+            .lock()
+            .expect("private lock")
+            .put((registry.clone(), repo.clone()), (challenge.clone(), now + PRIVATE_TTL));
+        Err(Refusal::Challenge(challenge))
+    }
+
+    /// Records a decision for `reference` (and, for a resolved tag, its digest).
+    fn remember(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        reference: &str,
+        who: &Identity,
+        grant: &mut Grant,
+    ) {
+        let mut references = vec![reference.to_string()];
+        if let Some(resolved) = &grant.resolved {
+            references.push(resolved.digest.to_string());
+        }
+        self.grant(registry, repo, who, references, grant.until);
+    }
+
+    /// Allows `who` to read `references` of `repo` until `until` (the objects a manifest it
+    /// may read names).
+    pub fn grant(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        who: &Identity,
+        references: impl IntoIterator<Item = String>,
+        until: Instant,
+    ) {
+        let checked = Instant::now();
+        let mut decisions = self.decisions.lock().expect("decision lock");
+        for reference in references {
+            let k = DecisionKey { registry: registry.clone(), repo: repo.clone(), reference, who: who.key };
+            decisions.put(k, Decision { until, checked });
+        }
+    }
+
+    /// The origin could not be asked: what was last known decides.
+    fn offline(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        reference: &str,
+        who: &Identity,
+        e: &OriginError,
+    ) -> Result<Grant, Refusal> {
+        METRICS.auth_check("origin_unreachable");
+        let now = Instant::now();
+        let mut decisions = self.decisions.lock().expect("decision lock");
+        let k = |who: [u8; 32]| DecisionKey {
+            registry: registry.clone(),
+            repo: repo.clone(),
+            reference: reference.to_string(),
+            who,
+        };
+        if decisions.get(&k([0; 32])).is_some() {
+            tracing::warn!(%registry, %repo, reference, error = %e,
+                "origin unreachable: serving an object last seen public");
+            return Ok(Grant { until: now, resolved: None });
+        }
+        if !who.is_anonymous() && !self.offline_grace.is_zero() {
+            let expired_token = who.expires.is_some_and(|exp| exp <= now);
+            if let Some(d) = decisions.get(&k(who.key)) {
+                if !expired_token && now.saturating_duration_since(d.checked) <= self.offline_grace {
+                    tracing::warn!(%registry, %repo, reference, error = %e,
+                        "origin unreachable: serving private content within --auth-offline-grace");
+                    return Ok(Grant { until: now, resolved: None });
+                }
+            }
+        }
+        tracing::warn!(%registry, %repo, reference, error = %e,
+            "origin unreachable: refusing content it has not shown this client may read");
+        Err(Refusal::Unreachable)
+    }
+}
+
+/// The challenge a client gets: the origin's token service for exactly this repository, or
+/// Basic where the origin uses Basic.
+fn client_challenge(origin: Option<&Challenge>, registry: &Registry, repo: &RepoName) -> String {
+    match origin {
+        Some(Challenge::Bearer { realm, service, .. }) => {
+            let mut out = format!("Bearer realm=\"{}\"", quote(realm));
+            if let Some(service) = service {
+                out.push_str(&format!(",service=\"{}\"", quote(service)));
+            }
+            out.push_str(&format!(",scope=\"repository:{repo}:pull\""));
+            out
+        }
+        Some(Challenge::Basic) | None => format!("Basic realm=\"{registry}\""),
+    }
+}
+
+fn quote(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// HMAC-SHA256 (RFC 2104), written out: sha2 is already here, and this is all we need.
+fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(key);
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// The `exp` of a `Bearer <JWT>` value, as an `Instant` (unverified: the origin verifies the
+/// token; this only bounds how long a decision about it is kept).
+fn jwt_expiry(authorization: &str) -> Option<Instant> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let payload = token.trim().split('.').nth(1)?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now_unix)))
+}
+
+/// Digests a manifest (or index) references: `manifests[]`, `config`, `layers[]`.
+pub fn referenced_digests(manifest: &[u8]) -> Vec<String> {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(manifest) else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut take = |d: &serde_json::Value| {
+        if let Some(s) = d.get("digest").and_then(|v| v.as_str()) {
+            if s.parse::<crate::types::Digest>().is_ok() {
+                out.push(s.to_string());
+            }
+        }
+    };
+    for list in ["manifests", "layers"] {
+        for item in value.get(list).and_then(|v| v.as_array()).into_iter().flatten() {
+            take(item);
+        }
+    }
+    if let Some(config) = value.get("config") {
+        take(config);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc4231() {
+        // RFC 4231 test case 2 uses a 4-byte key: zero-padded to 32 bytes it is the same key.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        let mac = hmac_sha256(&key, b"what do ya want for nothing?");
+        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn identities_are_keyed_and_hold_no_secret() {
+        let a = Access::new(RegistryList::Any, Duration::ZERO);
+        let b = Access::new(RegistryList::Any, Duration::ZERO);
+        let (x, y) = (a.identity(Some("Basic dTpw")), a.identity(Some("Basic dTpx")));
+        assert_ne!(x.key, y.key);
+        assert_eq!(x.key, a.identity(Some("Basic dTpw")).key);
+        assert_ne!(x.key, b.identity(Some("Basic dTpw")).key, "the key is per process");
+        assert!(a.identity(None).is_anonymous() && a.identity(Some(" ")).is_anonymous());
+    }
+
+    #[test]
+    fn jwt_expiry_bounds_decisions() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{}}}"#, now + 20));
+        let exp = jwt_expiry(&format!("Bearer e30.{payload}.sig")).unwrap();
+        let left = exp.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(20) && left >= Duration::from_secs(18), "{left:?}");
+        assert!(jwt_expiry("Bearer opaque").is_none());
+        assert!(jwt_expiry("Basic dTpw").is_none());
+    }
+
+    #[test]
+    fn challenges_name_one_repository() {
+        let registry: Registry = "reg.test".parse().unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let bearer = Challenge::Bearer {
+            realm: "https://auth.test/token".into(),
+            service: Some("reg".into()),
+            scope: Some("repository:other:pull,push".into()),
+        };
+        assert_eq!(
+            client_challenge(Some(&bearer), &registry, &repo),
+            r#"Bearer realm="https://auth.test/token",service="reg",scope="repository:team/app:pull""#
+        );
+        assert_eq!(client_challenge(Some(&Challenge::Basic), &registry, &repo), r#"Basic realm="reg.test""#);
+    }
+
+    #[test]
+    fn manifests_reference_their_parts() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let m = format!(
+            r#"{{"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"bad"}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        assert_eq!(referenced_digests(m.as_bytes()), vec![d('b'), d('a')]);
+        let index = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d('c'));
+        assert_eq!(referenced_digests(index.as_bytes()), vec![d('c')]);
+        assert!(referenced_digests(b"not json").is_empty());
+    }
+
+    #[test]
+    fn registry_list() {
+        let only = RegistryList::Only(["a.test".parse().unwrap()].into_iter().collect());
+        assert!(only.allows(&"a.test".parse().unwrap()));
+        assert!(!only.allows(&"169.254.169.254".parse().unwrap()));
+        assert!(RegistryList::Any.allows(&"b.test".parse().unwrap()));
+    }
+}
