@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use shoal_tests::pull::{content_gets, pull, url};
 use shoal_tests::{
     dead_url, digest_of, http_client, poll_until, write_hosts_toml, AccessLogExt, Agent, AgentOptions,
-    Containerd, FaultyProxy, Image, ImageKind, ImageSpec, Origin, ProxyConfig,
+    Containerd, FaultyProxy, Image, ImageKind, ImageSpec, Origin, ProxyConfig, MANIFEST_ACCEPT,
 };
 
 /// Starts `n` agents; the first is the others' bootstrap peer.
@@ -338,6 +338,11 @@ async fn containerd_pulls_from_a_peer_while_the_origin_is_down() {
         .unwrap();
     let agents = cluster(&origin, 2, |_| vec![]).await;
     pull(&agents[0], &origin, &image).await.expect("pull on A");
+    // B must have seen the image public at the origin (one anonymous tag check, no content):
+    // with the origin down, content never shown public is refused, as it may be private.
+    let tag = url(&agents[1], &origin, &image.repo, "manifests", &image.tag);
+    let resp = http_client().head(&tag).header("accept", MANIFEST_ACCEPT).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "B's tag check");
     origin.stop();
     let ctd = Containerd::start().await.unwrap();
     let hosts = ctd.scratch_dir("hosts").unwrap();
