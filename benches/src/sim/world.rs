@@ -111,7 +111,7 @@ impl Ord for Queued {
 enum Job {
     None,
     Piece { dl: u32, piece: u32, peer: u32 },
-    Origin { dl: u32, next: u32, end: u32 },
+    Origin { dl: u32, first: u32, next: u32, end: u32 },
     Direct { dl: u32 },
 }
 
@@ -197,7 +197,8 @@ impl Layer {
         (start + self.piece_size).min(self.size) - start.min(self.size)
     }
     fn range_bytes(&self, first: u32, end: u32) -> u64 {
-        (first..end).map(|i| self.piece_len(i)).sum()
+        (u64::from(end) * self.piece_size).min(self.size)
+            - (u64::from(first) * self.piece_size).min(self.size)
     }
     /// A stand-in for the piece's sha256 (the simulator moves no bytes): unique per piece.
     fn piece_digest(&self, i: u32) -> [u8; 32] {
@@ -569,21 +570,32 @@ impl World {
                             self.feed(dl, Input::Verified { piece, from: Some(peer) });
                         }
                     }
-                    Job::Origin { dl, next, end } => {
+                    Job::Origin { dl, first, mut next, end } => {
+                        // Every piece boundary the flow has passed (a late milestone may have
+                        // passed several).
                         let layer = self.layer_of(dl) as usize;
-                        if next + 1 < end {
-                            let milestone = done + self.layers[layer].piece_len(next + 1) as f64;
+                        let mut through = Vec::new();
+                        while next < end
+                            && self.layers[layer].range_bytes(first, next + 1) as f64 <= done + 0.5
+                        {
+                            through.push(next);
+                            next += 1;
+                        }
+                        if next < end {
+                            let milestone = self.layers[layer].range_bytes(first, next + 1) as f64;
                             self.net.next_milestone(id, milestone, now, &mut self.wakes);
-                            self.jobs[id as usize] = Job::Origin { dl, next: next + 1, end };
+                            self.jobs[id as usize] = Job::Origin { dl, first, next, end };
                         } else {
                             self.net.stop(id, now, &mut self.wakes);
                             self.jobs[id as usize] = Job::None;
                         }
-                        if self.dl_alive(dl) {
-                            self.feed(dl, Input::Verified { piece: next, from: None });
-                            if next + 1 >= end {
-                                self.feed(dl, Input::OriginDone { unfinished: Vec::new() });
+                        for piece in through {
+                            if self.dl_alive(dl) {
+                                self.feed(dl, Input::Verified { piece, from: None });
                             }
+                        }
+                        if next >= end && self.dl_alive(dl) {
+                            self.feed(dl, Input::OriginDone { unfinished: Vec::new() });
                         }
                     }
                 }
@@ -681,7 +693,7 @@ impl World {
                 let first_len = layer.piece_len(first);
                 let me = self.node_of(dl);
                 let origin = self.origin;
-                self.start_flow(origin, me, total, first_len, Job::Origin { dl, next: first, end });
+                self.start_flow(origin, me, total, first_len, Job::Origin { dl, first, next: first, end });
             }
             Ev::PlanReq { dl, attest, complete } => {
                 if !self.alive[self.node_of(dl) as usize] {
