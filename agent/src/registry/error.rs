@@ -14,6 +14,7 @@ pub enum Code {
     ManifestUnknown,
     NameInvalid,
     RangeInvalid,
+    TooManyRequests,
     Unsupported,
     Unknown,
 }
@@ -26,6 +27,7 @@ impl Code {
             Code::ManifestUnknown => "MANIFEST_UNKNOWN",
             Code::NameInvalid => "NAME_INVALID",
             Code::RangeInvalid => "RANGE_INVALID",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Unsupported => "UNSUPPORTED",
             Code::Unknown => "UNKNOWN",
         }
