@@ -36,6 +36,14 @@ impl PieceMap {
         }
     }
 
+    /// Marks piece `index` not verified (its digest slot is zeroed).
+    pub fn unset(&mut self, index: u32) {
+        if let Some(slot) = self.digests.get_mut(index as usize) {
+            *slot = [0; 32];
+            self.verified.unset(index);
+        }
+    }
+
     /// Bytes from 0 that are verified and contiguous.
     pub fn watermark(&self) -> u64 {
         let first_missing = self.verified.first_missing();

@@ -11,11 +11,15 @@
 //! into the store (readers keep their open file) or deleted, and every reader's stream ends
 //! with an error.
 //!
-//! The piece scheduling (who to ask for which piece, origin ownership, verification and
-//! bans) is in [`task`]; the network it asks is behind [`net::Network`].
+//! The decisions of a download (who to ask for which piece, origin ownership, takeover,
+//! repair) are the pure [`scheduler`]; who fetches from the origin without a tracker is
+//! [`herd`]; [`task`] is the I/O shell that runs a scheduler; the network it asks is behind
+//! [`net::Network`].
 
+pub mod herd;
 mod meta;
 pub mod net;
+pub mod scheduler;
 mod task;
 
 use std::collections::{HashMap, HashSet};
@@ -109,10 +113,12 @@ impl Default for FetchConfig {
     }
 }
 
-/// What the task shares with readers and with peers asking for pieces.
+/// What the task shares with readers and with peers asking for pieces. The scheduler owns
+/// the piece map: `Have` answers and piece serving read it, so peers are served exactly what
+/// they are told.
 struct Shared {
     partial: Partial,
-    map: PieceMap,
+    sched: scheduler::Scheduler,
     media_type: Option<String>,
 }
 
@@ -260,11 +266,12 @@ impl Fetcher {
             }
             let shared = dl.shared.lock().await;
             if let Some(s) = shared.as_ref() {
+                let map = s.sched.map();
                 return Some(PeerHave {
-                    size: s.map.layout.size,
-                    piece_size: s.map.layout.piece_size,
-                    have: s.map.verified.clone(),
-                    piece_digests: s.map.attested(),
+                    size: map.layout.size,
+                    piece_size: map.layout.piece_size,
+                    have: map.verified.clone(),
+                    piece_digests: map.attested(),
                     complete: false,
                     media_type: s.media_type.clone(),
                 });
@@ -289,13 +296,23 @@ impl Fetcher {
         if let Some(dl) = dl {
             let shared = dl.shared.lock().await;
             if let Some(s) = shared.as_ref() {
-                if !s.map.verified.get(index) {
+                let map = s.sched.map();
+                if !map.verified.get(index) {
                     return None;
                 }
-                let (start, end) = s.map.layout.range(index);
+                let told = map.digests[index as usize];
+                let (start, end) = map.layout.range(index);
                 let partial = s.partial.clone();
                 drop(shared);
-                return partial.read_at(start, (end - start) as usize).await.ok().map(Bytes::from);
+                let data = partial.read_at(start, (end - start) as usize).await.ok().map(Bytes::from)?;
+                // A repair may have unmarked the piece and rewritten it while we read: serve
+                // only bytes that are still what `Have` says.
+                let shared = dl.shared.lock().await;
+                let still = shared.as_ref().is_some_and(|s| {
+                    let map = s.sched.map();
+                    map.verified.get(index) && map.digests[index as usize] == told
+                });
+                return still.then_some(data);
             }
         }
         let (entry, guard) = self.store.get(digest)?;

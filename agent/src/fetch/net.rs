@@ -75,7 +75,7 @@ pub enum PeerError {
 
 /// A download's report to the coordinator (a tracker): what it holds, what it fetched from
 /// the origin itself.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanReport {
     pub size: u64,
     pub piece_size: u32,

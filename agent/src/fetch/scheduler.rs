@@ -1,0 +1,1160 @@
+//! The decisions of one download as a sans-I/O state machine: which missing piece to ask of
+//! which peer, which pieces this node fetches from the origin, when to take over a stalled
+//! owner's piece, when to leave a busy peer alone, when a tracker's plan is too old to follow,
+//! and how to repair a blob whose whole digest failed.
+//!
+//! [`Scheduler`] reads no clock, touches no socket, file or task: time comes in as
+//! `now: Instant` with every call, results of I/O come in as [`Event`]s, and what to do comes
+//! out as [`Action`]s. The agent's download task (`fetch/task.rs`) is the I/O shell around
+//! it; the simulator (`shoal-benches sim`) runs the same code for thousands of nodes in
+//! virtual time, and the unit tests (`scheduler/tests.rs`) drive it through exact timelines.
+//! The shape follows quinn-proto and the tracker's `State`.
+//!
+//! ## How a driver uses it
+//!
+//! ```text
+//! // Before: find providers, ask them Have, settle the size (the shell's job; the pure
+//! // `SizeClaim` rules are in task.rs), re-verify resumed pieces.
+//! let mut s = Scheduler::new(config, digest, layout, me, &resumed, now);
+//! for (peer, answer) in first_have_answers { s.handle(Event::Have { peer, result: answer }, now); }
+//! loop {
+//!     while let Some(action) = s.poll_action() { execute(action) }   // start I/O, never block
+//!     if s.is_done() { break }
+//!     wait until an I/O result arrives or `s.poll_timeout()` passes, then
+//!     s.handle(event, now) or s.handle_timeout(now)
+//! }
+//! ```
+//!
+//! - `now` must never go backwards between calls. A driver with virtual time passes
+//!   `base + elapsed`.
+//! - Every [`Action::RequestPiece`] is answered by exactly one of [`Event::Verified`] (the
+//!   bytes matched `expected` and were written), [`Event::BadPiece`] (they did not: nothing
+//!   written) or [`Event::PeerFailed`]. Every [`Action::FetchOrigin`] by zero or more
+//!   [`Event::Verified`] with `from: None` (each piece hashed by the driver, written, then
+//!   reported, in order) and then one [`Event::OriginDone`]. [`Action::AskHave`] by one
+//!   [`Event::Have`], [`Action::FindProviders`] by one [`Event::Providers`],
+//!   [`Action::FindFetchers`] by one [`Event::Fetchers`], [`Action::AskPlan`] by one
+//!   [`Event::Plan`] (`None` when no tracker answered), [`Action::CheckWhole`] by one
+//!   [`Event::WholeDigest`]. [`Action::Ban`], [`Action::SaveState`] need no answer.
+//! - [`Event::Asker`]: a peer asked us `Have` for this digest (it downloads it too).
+//! - The driver filters peers it banned for other downloads out of what it reports; the
+//!   scheduler remembers the peers it banned itself.
+//! - [`Scheduler::map`] is *the* piece map of the download: `Have` answers to peers and piece
+//!   serving must read it (and only serve pieces it marks verified), so what peers are told is
+//!   what they are served, during a repair too.
+//! - The download ends with [`Action::Done`] (every piece verified and the whole digest
+//!   matched: commit) or [`Action::Failed`].
+//!
+//! ## Schedule (what `task.rs` did before, unchanged unless said)
+//!
+//! 1. Until every piece is verified, each step walks the missing pieces from the watermark (the
+//!    first [`WINDOW`] rotated per node, so peers do not all ask the same source for the same
+//!    piece at once):
+//!    - a piece some peer holds with an attested digest is requested from the least loaded
+//!      such peer, bounded per peer and per download; a peer that answered `Busy` is left
+//!      alone for [`BUSY_BACKOFF`];
+//!    - a piece nobody holds is fetched from the origin by its owner. With a live tracker
+//!      plan, the owner is whoever the tracker assigned it to (a plan older than
+//!      [`PLAN_STALE`] no longer decides: the download falls back to the DHT rules). Without,
+//!      the owner is chosen by rendezvous hashing over the origin group ([`super::herd`]), or
+//!      over every known downloader in a small swarm. Consecutive owned pieces go in one
+//!      span (up to [`MAX_SPAN`], or [`SHARED_SPAN`] while others download it too).
+//!    - a piece whose owner made no progress for [`herd::takeover_delay`] (or that waited four
+//!      times that) is taken over, so a blob always completes, at worst from the origin.
+//! 2. Peers' piece maps are polled every [`HAVE_POLL`], providers every [`PROVIDER_POLL`], the
+//!    origin group every [`FETCHERS_POLL`], the tracker every [`PLAN_POLL`] (sooner once every
+//!    assigned piece is done or on its way, never closer than [`PLAN_MIN_GAP`]). With a tracker
+//!    no origin piece is fetched before its first answer, so the first request already follows
+//!    its assignment; without one (or once its plans went stale), none before the first
+//!    origin-group lookup answered, for the same reason.
+//! 3. Origin failures back off (250 ms times the failures in a row); [`MAX_ORIGIN_FAILURES`]
+//!    in a row, or one "not found", fail the download.
+//!
+//! ## Trust and repair
+//!
+//! A peer's piece is checked by the driver against the digest this scheduler names in
+//! [`Action::RequestPiece`] (the peer's attestation, and only when it agrees with the
+//! tracker's first-hand digest if there is one); a mismatch bans the peer. A piece from the
+//! origin is attested by us. When every piece is verified the driver checks the whole sha256
+//! ([`Action::CheckWhole`]). If it fails and peers supplied pieces, every peer-supplied piece
+//! is first *unmarked* in the map (so from that moment no peer is told its old digest nor
+//! served it), then fetched again from the origin; a peer whose piece differs is banned; then
+//! the whole digest is checked again. Unmarking first is what keeps the map peers read equal to
+//! the bytes they are served: the origin's good bytes are never served under the bad digest.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+use super::herd;
+use super::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
+use super::PieceMap;
+use crate::pieces::{origin_owner, Bitfield, Layout};
+use crate::types::Digest;
+
+/// How often peers' piece maps are polled during a download.
+pub const HAVE_POLL: Duration = Duration::from_millis(500);
+/// How often the provider set is looked up again during a download.
+pub const PROVIDER_POLL: Duration = Duration::from_secs(2);
+/// The first provider poll after the download started.
+pub const FIRST_PROVIDER_POLL: Duration = Duration::from_millis(300);
+/// How often the origin group's level keys are looked up again.
+pub const FETCHERS_POLL: Duration = Duration::from_secs(10);
+/// Pieces near the watermark whose order is rotated per node.
+pub const WINDOW: u32 = 32;
+/// Most pieces in one origin span when no other node downloads the digest.
+pub const MAX_SPAN: u32 = 16;
+/// Most pieces in one origin span while other nodes download it too: short spans commit
+/// little to a view of the owner set that may still be incomplete.
+pub const SHARED_SPAN: u32 = 2;
+/// Origin failures in a row (without a verified piece in between) before giving up.
+pub const MAX_ORIGIN_FAILURES: u32 = 6;
+/// Ask the driver to save the piece map after this many newly verified pieces.
+pub const SAVE_EVERY: u32 = 8;
+/// How long a busy peer is left alone.
+pub const BUSY_BACKOFF: Duration = Duration::from_millis(200);
+/// How often a download reports to its tracker and asks for a plan.
+pub const PLAN_POLL: Duration = Duration::from_millis(500);
+/// Shortest gap between two plan requests.
+pub const PLAN_MIN_GAP: Duration = Duration::from_millis(50);
+/// A plan older than this no longer decides origin fetches: the tracker is gone, and the
+/// download falls back to the DHT rules. Generous, because a node whose answers are merely
+/// late (a starved CPU) must not fetch what the tracker gave to others; the tracker itself
+/// gives a silent node's pieces away after its `NODE_DEAD` (10 s), or a node that gains no
+/// piece for its `STALL` (20 s).
+pub const PLAN_STALE: Duration = Duration::from_secs(10);
+
+/// Tuning of one download's scheduler.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Piece requests to peers in flight at once.
+    pub peer_concurrency: usize,
+    /// Piece requests to one peer in flight at once.
+    pub per_peer_concurrency: usize,
+    /// Origin spans in flight at once.
+    pub origin_concurrency: usize,
+    /// How long a piece owned by another node may block the stream before a group member
+    /// takes it from the origin (see [`herd::takeover_delay`] for the others).
+    pub owner_stall: Duration,
+    /// A tracker may be asked for plans (see [`Scheduler::set_tracker`]).
+    pub tracker: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            peer_concurrency: 16,
+            per_peer_concurrency: 4,
+            origin_concurrency: 4,
+            owner_stall: Duration::from_secs(30),
+            tracker: false,
+        }
+    }
+}
+
+/// What went wrong at the origin, as far as scheduling cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginFailure {
+    /// The origin does not have the object: final.
+    NotFound,
+    /// Anything else (unreachable, a broken body, a local write error): retried.
+    Failed(String),
+}
+
+/// Results of I/O, fed to [`Scheduler::handle`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Piece `index` was written and its sha256 is `digest`: from peer `from` (it matched the
+    /// `expected` of the request), or from the origin (`from: None`, hashed by the driver).
+    Verified { index: u32, digest: [u8; 32], from: Option<NodeId> },
+    /// A peer's piece did not match the digest it attested (nothing was written).
+    BadPiece { index: u32, peer: NodeId },
+    /// A piece request failed.
+    PeerFailed { index: u32, peer: NodeId, error: PeerError },
+    /// An origin span `first..end` ended; `unfinished` pieces were not delivered.
+    OriginDone { first: u32, end: u32, unfinished: Vec<u32>, error: Option<OriginFailure> },
+    /// A peer's answer to `Have` (also how the driver hands over the first answers, and how a
+    /// peer not seen before is added).
+    Have { peer: NodeId, result: Result<PeerHave, PeerError> },
+    /// Providers of the digest, as a lookup found them (the driver drops itself and banned
+    /// peers).
+    Providers(Vec<NodeId>),
+    /// Providers of each level key ([`herd::level_key`]): `(level, providers)`.
+    Fetchers(Vec<(u8, Vec<NodeId>)>),
+    /// A peer asked us what we hold of this digest: it downloads it too.
+    Asker(NodeId),
+    /// The tracker's answer to the last [`Action::AskPlan`]; `None` when none answered.
+    Plan(Option<Plan>),
+    /// The whole sha256 of the blob, checked after [`Action::CheckWhole`].
+    WholeDigest { matched: bool },
+}
+
+/// Why a peer is banned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanReason {
+    /// A piece did not match the digest the peer attested.
+    BadPiece,
+    /// The peer attested a piece that the origin contradicts (found by a repair).
+    Contradicted,
+}
+
+impl BanReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BanReason::BadPiece => "piece did not match its attested digest",
+            BanReason::Contradicted => "attested a piece that the origin contradicts",
+        }
+    }
+}
+
+/// Why a download failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The origin said "not found".
+    OriginNotFound,
+    /// The origin failed [`MAX_ORIGIN_FAILURES`] times in a row; the last error.
+    OriginFailed(String),
+    /// The whole digest did not match, after a repair if peers supplied pieces.
+    DigestMismatch,
+}
+
+/// What the driver should do, from [`Scheduler::poll_action`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Request piece `index` from `peer`; accept it only if its sha256 is `expected`.
+    RequestPiece { peer: NodeId, index: u32, expected: [u8; 32] },
+    /// Fetch pieces `first..end` from the origin in one range request.
+    FetchOrigin {
+        first: u32,
+        end: u32,
+        /// Another node owns the first piece: taken over after its owner stalled.
+        taken_over: bool,
+        /// A tracker is present but did not assign these pieces to us.
+        unplanned: bool,
+        /// Refetched to check pieces peers supplied (a repair).
+        repair: bool,
+    },
+    /// Ask `peer` what it holds.
+    AskHave(NodeId),
+    /// Look up the providers of the digest.
+    FindProviders,
+    /// Look up the providers of every level key [`herd::level_key`]`(digest, l)` for `l` in
+    /// [`herd::levels`].
+    FindFetchers,
+    /// Report to the tracker and ask for a plan.
+    AskPlan(PlanReport),
+    /// Ban `peer` (for every download).
+    Ban { peer: NodeId, reason: BanReason },
+    /// Persist [`Scheduler::map`] (`PieceMap::encode_state`) for a later resume.
+    SaveState,
+    /// Every piece is verified: check the whole sha256 and answer [`Event::WholeDigest`].
+    CheckWhole,
+    /// The whole digest matched: commit.
+    Done,
+    /// Give up.
+    Failed(Failure),
+}
+
+/// Counters of one download, for logs and the simulator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub from_origin: u32,
+    pub from_peers: u32,
+    /// Origin pieces fetched although another node owned them.
+    pub taken_over: u32,
+    /// Origin pieces fetched outside the tracker's plan while a tracker is present.
+    pub unplanned: u32,
+    /// Pieces refetched from the origin by a repair.
+    pub repaired: u32,
+    pub bans: u32,
+    pub plan_requests: u32,
+    pub have_requests: u32,
+    pub provider_lookups: u32,
+}
+
+/// What a download knows from its tracker.
+#[derive(Default)]
+struct Coordination {
+    /// Origin pieces the tracker gave us (and nobody else).
+    assigned: BTreeSet<u32>,
+    /// First-hand piece digests the tracker passed on.
+    digests: HashMap<u32, [u8; 32]>,
+    /// When the last plan arrived.
+    planned_at: Option<Instant>,
+    /// A plan request is in flight, with these attestations.
+    asking: Option<Vec<(u32, [u8; 32])>>,
+    next_ask: Option<Instant>,
+    /// Some plan request was answered (or failed): origin fetches may start.
+    answered: bool,
+    /// Digests of pieces we fetched from the origin, not yet reported.
+    unreported: Vec<(u32, [u8; 32])>,
+}
+
+impl Coordination {
+    /// Whether the tracker's plan decides which origin pieces we fetch.
+    fn active(&self, now: Instant) -> bool {
+        self.planned_at.is_some_and(|t| now.saturating_duration_since(t) < PLAN_STALE)
+    }
+
+    /// The digest to check piece `i` from `peer` against: what the peer attests, and only
+    /// if it agrees with the tracker's first-hand digest when the tracker has one. A
+    /// disagreement means one of the two lies; the piece is then not taken from that peer
+    /// (the origin settles it) and nobody is banned on the tracker's word.
+    fn expected(&self, i: u32, peer: &PeerState) -> Option<[u8; 32]> {
+        match (peer.attested.get(&i), self.digests.get(&i)) {
+            (Some(p), Some(t)) if p != t => None,
+            (Some(p), _) => Some(*p),
+            (None, t) => t.copied(),
+        }
+    }
+}
+
+/// What we know of one peer during a download.
+struct PeerState {
+    have: Bitfield,
+    attested: HashMap<u32, [u8; 32]>,
+    in_flight: usize,
+    /// When it last gained a piece (or was first seen).
+    last_gain: Instant,
+    busy_until: Option<Instant>,
+    polling: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Filling,
+    /// Waiting for the whole digest.
+    Checking,
+    /// Refetching peer-supplied pieces from the origin.
+    Repairing,
+    Ended,
+}
+
+/// The scheduler of one download. See the module docs.
+pub struct Scheduler {
+    cfg: Config,
+    digest: Digest,
+    layout: Layout,
+    me: NodeId,
+    map: PieceMap,
+    /// Who supplied each verified piece (`None`: the origin, or resumed).
+    suppliers: Vec<Option<NodeId>>,
+    in_flight: Vec<bool>,
+    waiting_since: Vec<Option<Instant>>,
+    /// How many known peers hold each piece.
+    avail: Vec<u32>,
+    peers: HashMap<NodeId, PeerState>,
+    downloaders: BTreeSet<NodeId>,
+    banned: HashSet<NodeId>,
+    peer_jobs: usize,
+    origin_jobs: usize,
+    origin_failures: u32,
+    origin_retry_at: Option<Instant>,
+    last_origin_error: String,
+    unsaved: u32,
+    next_have_poll: Instant,
+    next_provider_poll: Instant,
+    providers_polling: bool,
+    next_fetchers_poll: Instant,
+    fetchers_polling: bool,
+    /// Some origin-group lookup answered: origin fetches under the DHT rules may start.
+    fetchers_answered: bool,
+    /// The origin group (`None`: not known yet, or a small swarm).
+    group: Option<Vec<NodeId>>,
+    /// Owners by rendezvous and each piece's owner (an index into it), recomputed when the
+    /// set changes.
+    owners: Vec<NodeId>,
+    owner_of: Vec<u32>,
+    owners_dirty: bool,
+    rotate: u32,
+    coord: Coordination,
+    phase: Phase,
+    /// Pieces a repair still has to refetch, with what their supplier attested.
+    repair: HashMap<u32, (NodeId, [u8; 32])>,
+    repaired: bool,
+    wake: Option<Instant>,
+    actions: VecDeque<Action>,
+    stats: Stats,
+}
+
+const NO_OWNER: u32 = u32::MAX;
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+impl Scheduler {
+    /// A download of `digest` with `layout`, by node `me`. `resumed`: pieces an earlier run
+    /// verified (the driver checked them again), with their digests.
+    pub fn new(
+        cfg: Config,
+        digest: Digest,
+        layout: Layout,
+        me: NodeId,
+        resumed: &[(u32, [u8; 32])],
+        now: Instant,
+    ) -> Self {
+        let n = layout.pieces();
+        let mut map = PieceMap::new(layout);
+        for &(i, d) in resumed {
+            if i < n {
+                map.set(i, d);
+            }
+        }
+        if layout.size == 0 {
+            map.set(0, sha256(b""));
+        }
+        let rotate = u32::from_le_bytes(sha256(me.as_bytes())[..4].try_into().expect("4 bytes")) % WINDOW;
+        let tracker = cfg.tracker;
+        let mut s = Scheduler {
+            cfg,
+            digest,
+            layout,
+            me,
+            map,
+            suppliers: vec![None; n as usize],
+            in_flight: vec![false; n as usize],
+            waiting_since: vec![None; n as usize],
+            avail: vec![0; n as usize],
+            peers: HashMap::new(),
+            downloaders: BTreeSet::new(),
+            banned: HashSet::new(),
+            peer_jobs: 0,
+            origin_jobs: 0,
+            origin_failures: 0,
+            origin_retry_at: None,
+            last_origin_error: String::new(),
+            unsaved: 0,
+            next_have_poll: now + HAVE_POLL,
+            next_provider_poll: now + FIRST_PROVIDER_POLL,
+            providers_polling: false,
+            next_fetchers_poll: now,
+            fetchers_polling: false,
+            fetchers_answered: false,
+            group: None,
+            owners: Vec::new(),
+            owner_of: vec![NO_OWNER; n as usize],
+            owners_dirty: true,
+            rotate,
+            coord: Coordination::default(),
+            phase: Phase::Filling,
+            repair: HashMap::new(),
+            repaired: false,
+            wake: None,
+            actions: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        s.coord.answered = !tracker;
+        s.step(now);
+        s
+    }
+
+    /// The piece map of the download: what peers are told and may be served.
+    pub fn map(&self) -> &PieceMap {
+        &self.map
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Verified contiguous bytes from 0 (may go down during a repair).
+    pub fn watermark(&self) -> u64 {
+        self.map.watermark()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Nodes known to download (or hold) the digest, not counting us.
+    pub fn downloaders(&self) -> usize {
+        self.downloaders.len()
+    }
+
+    /// The origin group, when one formed (see [`herd`]).
+    pub fn group(&self) -> Option<&[NodeId]> {
+        self.group.as_deref()
+    }
+
+    /// Whether the download ended ([`Action::Done`] or [`Action::Failed`] was emitted).
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// Whether a tracker is there to ask (the agent's view changes as trackers come and go).
+    pub fn set_tracker(&mut self, present: bool, now: Instant) {
+        if present != self.cfg.tracker {
+            self.cfg.tracker = present;
+            if present {
+                self.coord.next_ask = None;
+            } else {
+                self.coord.answered = true;
+            }
+            self.step(now);
+        }
+    }
+
+    /// The next action to execute.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Scheduler::handle_timeout`] should be called next (`None`: only an event can
+    /// move the download on).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wake
+    }
+
+    /// Time passed: polls, retries, takeovers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.step(now);
+    }
+
+    /// Takes in the result of an action.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        match event {
+            Event::Verified { index, digest, from } => self.on_verified(index, digest, from, now),
+            Event::BadPiece { index, peer } => {
+                self.piece_returned(index, &peer);
+                self.ban(peer);
+            }
+            Event::PeerFailed { index, peer, error } => {
+                self.piece_returned(index, &peer);
+                match error {
+                    PeerError::Lacks => {
+                        if let Some(s) = self.peers.get_mut(&peer) {
+                            if s.have.get(index) {
+                                s.have.unset(index);
+                                self.avail[index as usize] -= 1;
+                            }
+                        }
+                    }
+                    PeerError::Busy => {
+                        if let Some(s) = self.peers.get_mut(&peer) {
+                            s.busy_until = Some(now + BUSY_BACKOFF);
+                        }
+                    }
+                    PeerError::Unreachable(_) | PeerError::Protocol(_) => self.drop_peer(&peer),
+                }
+            }
+            Event::OriginDone { first: _, end: _, unfinished, error } => {
+                self.origin_jobs = self.origin_jobs.saturating_sub(1);
+                for &i in &unfinished {
+                    if let Some(f) = self.in_flight.get_mut(i as usize) {
+                        *f = false;
+                    }
+                }
+                match error {
+                    None => {}
+                    Some(OriginFailure::NotFound) => return self.fail(Failure::OriginNotFound),
+                    Some(OriginFailure::Failed(why)) => {
+                        self.origin_failures += 1;
+                        if self.origin_failures >= MAX_ORIGIN_FAILURES {
+                            return self.fail(Failure::OriginFailed(why));
+                        }
+                        self.last_origin_error = why;
+                        self.origin_retry_at =
+                            Some(now + Duration::from_millis(250 * u64::from(self.origin_failures)));
+                    }
+                }
+            }
+            Event::Have { peer, result } => self.on_have(peer, result, now),
+            Event::Providers(found) => {
+                self.providers_polling = false;
+                for p in found {
+                    self.add_peer(p, now);
+                }
+            }
+            Event::Fetchers(found) => {
+                self.fetchers_polling = false;
+                self.fetchers_answered = true;
+                let group = herd::group(&self.digest, &self.me, &found)
+                    .map(|g| g.into_iter().filter(|p| !self.banned.contains(p)).collect::<Vec<_>>());
+                if group != self.group {
+                    self.group = group;
+                    self.owners_dirty = true;
+                }
+            }
+            Event::Asker(p) => self.add_peer(p, now),
+            Event::Plan(plan) => {
+                let attest = self.coord.asking.take().unwrap_or_default();
+                self.coord.answered = true;
+                match plan {
+                    Some(plan) => {
+                        self.coord.planned_at = Some(now);
+                        let n = self.layout.pieces();
+                        self.coord.assigned = plan.assigned.into_iter().filter(|&i| i < n).collect();
+                        for (i, d) in plan.piece_digests {
+                            if i < n {
+                                self.coord.digests.insert(i, d);
+                            }
+                        }
+                        for p in plan.peers {
+                            self.add_peer(p, now);
+                        }
+                    }
+                    // Not delivered: report them with the next plan request.
+                    None => self.coord.unreported.extend(attest),
+                }
+            }
+            Event::WholeDigest { matched } => {
+                if self.phase != Phase::Checking {
+                    return;
+                }
+                if matched {
+                    self.phase = Phase::Ended;
+                    self.actions.push_back(Action::Done);
+                } else if !self.repaired && self.suppliers.iter().any(Option::is_some) {
+                    self.start_repair();
+                } else {
+                    self.fail(Failure::DigestMismatch);
+                }
+            }
+        }
+        self.step(now);
+    }
+
+    // ----- events -----
+
+    fn on_verified(&mut self, index: u32, digest: [u8; 32], from: Option<NodeId>, now: Instant) {
+        let i = index as usize;
+        if i >= self.in_flight.len() {
+            return;
+        }
+        self.in_flight[i] = false;
+        match &from {
+            Some(peer) => {
+                if let Some(s) = self.peers.get_mut(peer) {
+                    s.in_flight = s.in_flight.saturating_sub(1);
+                }
+                self.peer_jobs = self.peer_jobs.saturating_sub(1);
+                self.stats.from_peers += 1;
+            }
+            None => {
+                self.origin_failures = 0;
+                self.origin_retry_at = None;
+                self.stats.from_origin += 1;
+                if self.phase == Phase::Repairing {
+                    if let Some((peer, attested)) = self.repair.remove(&index) {
+                        self.stats.repaired += 1;
+                        if attested != digest {
+                            self.ban_for(peer, BanReason::Contradicted);
+                        }
+                    }
+                } else if self.cfg.tracker {
+                    self.coord.unreported.push((index, digest));
+                }
+            }
+        }
+        if self.map.verified.get(index) {
+            return;
+        }
+        self.map.set(index, digest);
+        self.suppliers[i] = from;
+        self.waiting_since[i] = None;
+        self.unsaved += 1;
+        if self.unsaved >= SAVE_EVERY {
+            self.unsaved = 0;
+            self.actions.push_back(Action::SaveState);
+        }
+        let _ = now;
+    }
+
+    /// A peer request ended without a piece.
+    fn piece_returned(&mut self, index: u32, peer: &NodeId) {
+        if let Some(f) = self.in_flight.get_mut(index as usize) {
+            *f = false;
+        }
+        self.peer_jobs = self.peer_jobs.saturating_sub(1);
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn on_have(&mut self, peer: NodeId, result: Result<PeerHave, PeerError>, now: Instant) {
+        if peer == self.me || self.banned.contains(&peer) {
+            return;
+        }
+        let known = self.peers.contains_key(&peer);
+        match result {
+            Ok(have) => {
+                if !known {
+                    self.insert_peer(peer.clone(), now);
+                }
+                self.stop_polling(&peer);
+                if !self.update_peer(&peer, have, now) {
+                    self.drop_peer(&peer);
+                }
+            }
+            // Announced, but no size yet: downloading too.
+            Err(PeerError::Lacks | PeerError::Busy) => {
+                if known {
+                    self.stop_polling(&peer);
+                } else {
+                    self.insert_peer(peer, now);
+                }
+            }
+            Err(_) => self.drop_peer(&peer),
+        }
+    }
+
+    fn stop_polling(&mut self, peer: &NodeId) {
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.polling = false;
+        }
+    }
+
+    /// Takes in a `Have` answer; false if it does not fit the blob (the peer is then dropped).
+    fn update_peer(&mut self, peer: &NodeId, have: PeerHave, now: Instant) -> bool {
+        let layout = self.layout;
+        if have.size != layout.size
+            || have.piece_size != layout.piece_size
+            || have.have.len() != layout.pieces()
+        {
+            return false;
+        }
+        let Some(s) = self.peers.get_mut(peer) else { return false };
+        if have.have.count() > s.have.count() {
+            s.last_gain = now;
+        }
+        for (j, (old, new)) in s.have.as_bytes().iter().zip(have.have.as_bytes()).enumerate() {
+            let diff = old ^ new;
+            if diff == 0 {
+                continue;
+            }
+            for b in 0..8 {
+                if diff & (1 << b) != 0 {
+                    let i = j * 8 + b;
+                    if new & (1 << b) != 0 {
+                        self.avail[i] += 1;
+                    } else {
+                        self.avail[i] -= 1;
+                    }
+                }
+            }
+        }
+        s.have = have.have;
+        for (i, d) in have.piece_digests {
+            if i < layout.pieces() {
+                s.attested.insert(i, d);
+            }
+        }
+        true
+    }
+
+    fn add_peer(&mut self, peer: NodeId, now: Instant) {
+        if peer != self.me && !self.banned.contains(&peer) && !self.peers.contains_key(&peer) {
+            self.insert_peer(peer, now);
+        }
+    }
+
+    fn insert_peer(&mut self, peer: NodeId, now: Instant) {
+        let state = PeerState {
+            have: Bitfield::new(self.layout.pieces()),
+            attested: HashMap::new(),
+            in_flight: 0,
+            last_gain: now,
+            busy_until: None,
+            polling: false,
+        };
+        self.peers.insert(peer.clone(), state);
+        if self.downloaders.insert(peer) && self.group.is_none() {
+            self.owners_dirty = true;
+        }
+    }
+
+    fn drop_peer(&mut self, peer: &NodeId) {
+        if let Some(s) = self.peers.remove(peer) {
+            for (i, a) in self.avail.iter_mut().enumerate() {
+                if s.have.get(i as u32) {
+                    *a -= 1;
+                }
+            }
+        }
+        if self.downloaders.remove(peer) && self.group.is_none() {
+            self.owners_dirty = true;
+        }
+    }
+
+    fn ban(&mut self, peer: NodeId) {
+        self.ban_for(peer, BanReason::BadPiece);
+    }
+
+    fn ban_for(&mut self, peer: NodeId, reason: BanReason) {
+        self.drop_peer(&peer);
+        if self.banned.insert(peer.clone()) {
+            self.stats.bans += 1;
+            if let Some(g) = &mut self.group {
+                g.retain(|p| *p != peer);
+                self.owners_dirty = true;
+            }
+            self.actions.push_back(Action::Ban { peer, reason });
+        }
+    }
+
+    fn fail(&mut self, why: Failure) {
+        self.phase = Phase::Ended;
+        self.wake = None;
+        self.actions.push_back(Action::Failed(why));
+    }
+
+    /// Unmarks every peer-supplied piece (see "Trust and repair") and queues it for the origin.
+    fn start_repair(&mut self) {
+        self.repaired = true;
+        self.phase = Phase::Repairing;
+        for i in 0..self.layout.pieces() {
+            if let Some(peer) = self.suppliers[i as usize].take() {
+                let attested = self.map.digests[i as usize];
+                self.map.unset(i);
+                self.repair.insert(i, (peer, attested));
+            }
+        }
+        self.actions.push_back(Action::SaveState);
+    }
+
+    // ----- decisions -----
+
+    fn step(&mut self, now: Instant) {
+        self.wake = None;
+        match self.phase {
+            Phase::Filling => {
+                if self.map.verified.is_full() {
+                    self.finish_fill();
+                    return;
+                }
+                self.schedule_peers_and_origin(now);
+                self.polls(now);
+            }
+            Phase::Repairing => {
+                if self.map.verified.is_full() {
+                    self.phase = Phase::Checking;
+                    self.actions.push_back(Action::SaveState);
+                    self.actions.push_back(Action::CheckWhole);
+                    return;
+                }
+                self.schedule_repair(now);
+            }
+            Phase::Checking | Phase::Ended => {}
+        }
+    }
+
+    fn finish_fill(&mut self) {
+        self.phase = Phase::Checking;
+        self.unsaved = 0;
+        self.actions.push_back(Action::SaveState);
+        if self.cfg.tracker && !self.coord.unreported.is_empty() && self.coord.asking.is_none() {
+            // The last first-hand digests, so the tracker's metainfo is whole.
+            let attest = std::mem::take(&mut self.coord.unreported);
+            self.actions.push_back(Action::AskPlan(self.report(attest.clone())));
+            self.coord.asking = Some(attest);
+            self.stats.plan_requests += 1;
+        }
+        self.actions.push_back(Action::CheckWhole);
+    }
+
+    fn report(&self, attest: Vec<(u32, [u8; 32])>) -> PlanReport {
+        PlanReport {
+            size: self.layout.size,
+            piece_size: self.layout.piece_size,
+            have: self.map.verified.clone(),
+            attest,
+            complete: false,
+        }
+    }
+
+    fn refresh_owners(&mut self) {
+        if !self.owners_dirty {
+            return;
+        }
+        self.owners_dirty = false;
+        self.owners = match &self.group {
+            Some(g) => g.clone(),
+            None => self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect(),
+        };
+        self.owner_of.fill(NO_OWNER);
+    }
+
+    fn owner(&mut self, i: u32) -> Option<&NodeId> {
+        if self.owners.is_empty() {
+            return None;
+        }
+        let slot = &mut self.owner_of[i as usize];
+        if *slot == NO_OWNER {
+            let owner = origin_owner(&self.digest, i, &self.owners).expect("not empty");
+            *slot = self.owners.iter().position(|o| o == owner).expect("an owner") as u32;
+        }
+        self.owners.get(*slot as usize)
+    }
+
+    fn mine(&mut self, i: u32, coordinated: bool) -> bool {
+        if coordinated {
+            return self.coord.assigned.contains(&i);
+        }
+        let me = self.me.clone();
+        self.owner(i) == Some(&me)
+    }
+
+    fn schedule_peers_and_origin(&mut self, now: Instant) {
+        self.refresh_owners();
+        let n = self.layout.pieces();
+        let first = self.map.verified.first_missing();
+        let window_end = (first + WINDOW).min(n);
+        let wlen = window_end - first;
+        let mut nobody_holds = Vec::new();
+        for k in 0..n - first {
+            let i = if k < wlen { first + (k + self.rotate) % wlen } else { first + k };
+            if self.map.verified.get(i) || self.in_flight[i as usize] {
+                continue;
+            }
+            if self.avail[i as usize] == 0 {
+                nobody_holds.push(i);
+                continue;
+            }
+            let coord = &self.coord;
+            let has_holder = self.peers.values().any(|s| s.have.get(i) && coord.expected(i, s).is_some());
+            if !has_holder {
+                nobody_holds.push(i);
+                continue;
+            }
+            if self.peer_jobs >= self.cfg.peer_concurrency {
+                continue;
+            }
+            let cfg = &self.cfg;
+            let me = &self.me;
+            let best = self
+                .peers
+                .iter()
+                .filter(|(_, s)| {
+                    s.have.get(i)
+                        && coord.expected(i, s).is_some()
+                        && s.in_flight < cfg.per_peer_concurrency
+                        && s.busy_until.is_none_or(|t| t <= now)
+                })
+                .min_by_key(|(p, s)| {
+                    (s.in_flight, sha256(&[p.as_bytes(), &i.to_le_bytes(), me.as_bytes()].concat()))
+                })
+                .map(|(p, s)| (p.clone(), coord.expected(i, s).expect("filtered")));
+            let Some((peer, expected)) = best else {
+                // Every holder is busy or full: wake when a backoff ends.
+                let t = self.peers.values().filter_map(|s| s.busy_until).filter(|t| *t > now).min();
+                if let Some(t) = t {
+                    self.wake = earliest(self.wake, t);
+                }
+                continue;
+            };
+            self.peers.get_mut(&peer).expect("a holder").in_flight += 1;
+            self.peer_jobs += 1;
+            self.in_flight[i as usize] = true;
+            self.actions.push_back(Action::RequestPiece { peer, index: i, expected });
+        }
+
+        // Pieces nobody holds, in order so that consecutive ones share a span: the origin
+        // owner fetches them.
+        nobody_holds.sort_unstable();
+        let coordinated = self.coord.active(now);
+        if let Some(t) = self.coord.planned_at.filter(|_| coordinated) {
+            self.wake = earliest(self.wake, t + PLAN_STALE);
+        }
+        for &i in &nobody_holds {
+            if i < window_end {
+                self.waiting_since[i as usize].get_or_insert(now);
+            }
+        }
+        // Nothing from the origin before the tracker's first answer, or (under the DHT rules)
+        // before the origin group is known: the first request already follows them.
+        if !self.coord.answered || (!coordinated && !self.fetchers_answered) {
+            return;
+        }
+        if let Some(t) = self.origin_retry_at {
+            if now < t {
+                if !nobody_holds.is_empty() {
+                    self.wake = earliest(self.wake, t);
+                }
+                return;
+            }
+        }
+        let stall = self.cfg.owner_stall;
+        let member = self.group.as_ref().is_none_or(|g| g.contains(&self.me));
+        for i in nobody_holds {
+            if self.origin_jobs >= self.cfg.origin_concurrency {
+                break;
+            }
+            if self.in_flight[i as usize] {
+                continue;
+            }
+            let waited = match self.waiting_since[i as usize] {
+                Some(t) if i < window_end => now.saturating_duration_since(t),
+                _ => Duration::ZERO,
+            };
+            let mine = self.mine(i, coordinated);
+            let take = if mine {
+                true
+            } else if coordinated {
+                // The tracker gives every piece nobody holds to exactly one node and
+                // reassigns it when that node stalls or dies. A safety valve here would only
+                // duplicate origin traffic on slow links, where waiting is normal.
+                false
+            } else if i >= window_end {
+                false
+            } else {
+                let delay = herd::takeover_delay(&self.digest, i, &self.me, stall, member);
+                let owner = self.owner(i).cloned();
+                let owner_gain = match owner.as_ref().and_then(|o| self.peers.get(o)) {
+                    Some(s) => Some(s.last_gain),
+                    // An owner we do not poll (a group member we never met): judge the swarm
+                    // by the peers we know. In a small swarm an unknown owner is stalled.
+                    None if self.group.is_some() => self.peers.values().map(|s| s.last_gain).max(),
+                    None => None,
+                };
+                let owner_stalled = owner_gain.is_none_or(|t| now.saturating_duration_since(t) > stall);
+                let since = self.waiting_since[i as usize].expect("in the window");
+                // Take a piece over when its owner makes no progress at all, or (a safety
+                // valve for owners that disagree about who owns what) when it has blocked
+                // the stream for a long time.
+                let take = (waited > delay && owner_stalled) || waited > delay * 4;
+                if !take {
+                    let mut t = since + delay * 4 + Duration::from_millis(1);
+                    if waited <= delay {
+                        t = t.min(since + delay + Duration::from_millis(1));
+                    }
+                    if let Some(g) = owner_gain {
+                        t = t.min((g + stall + Duration::from_millis(1)).max(since + delay));
+                    }
+                    self.wake = earliest(self.wake, t.max(now + Duration::from_millis(1)));
+                }
+                take
+            };
+            if !take {
+                continue;
+            }
+            let unplanned = self.cfg.tracker && !(coordinated && mine);
+            let max_span = if self.downloaders.is_empty() || coordinated { MAX_SPAN } else { SHARED_SPAN };
+            let mut end = i + 1;
+            while end < n
+                && end - i < max_span
+                && !self.map.verified.get(end)
+                && !self.in_flight[end as usize]
+                && self.avail[end as usize] == 0
+                && self.mine(end, coordinated)
+            {
+                end += 1;
+            }
+            let taken_over = !coordinated && !mine;
+            if taken_over {
+                self.stats.taken_over += end - i;
+            }
+            if unplanned {
+                self.stats.unplanned += end - i;
+            }
+            (i..end).for_each(|k| self.in_flight[k as usize] = true);
+            self.origin_jobs += 1;
+            self.actions.push_back(Action::FetchOrigin {
+                first: i,
+                end,
+                taken_over,
+                unplanned,
+                repair: false,
+            });
+        }
+    }
+
+    fn schedule_repair(&mut self, now: Instant) {
+        if let Some(t) = self.origin_retry_at {
+            if now < t {
+                self.wake = Some(t);
+                return;
+            }
+        }
+        let mut todo: Vec<u32> =
+            self.repair.keys().copied().filter(|&i| !self.in_flight[i as usize]).collect();
+        todo.sort_unstable();
+        let mut k = 0;
+        while k < todo.len() && self.origin_jobs < self.cfg.origin_concurrency {
+            let first = todo[k];
+            let mut end = first + 1;
+            k += 1;
+            while k < todo.len() && todo[k] == end && end - first < MAX_SPAN {
+                end += 1;
+                k += 1;
+            }
+            (first..end).for_each(|i| self.in_flight[i as usize] = true);
+            self.origin_jobs += 1;
+            self.actions.push_back(Action::FetchOrigin {
+                first,
+                end,
+                taken_over: false,
+                unplanned: false,
+                repair: true,
+            });
+        }
+    }
+
+    fn polls(&mut self, now: Instant) {
+        if self.cfg.tracker && self.coord.asking.is_none() {
+            // Ask again soon when every assigned piece is done or on its way.
+            let drained = !self.coord.assigned.is_empty()
+                && self
+                    .coord
+                    .assigned
+                    .iter()
+                    .all(|&k| self.map.verified.get(k) || self.in_flight[k as usize]);
+            let due = self.coord.next_ask.is_none_or(|t| now >= t);
+            let early = self.coord.next_ask.map(|t| t - (PLAN_POLL - PLAN_MIN_GAP));
+            if due || (drained && early.is_some_and(|t| now >= t)) {
+                self.coord.next_ask = Some(now + PLAN_POLL);
+                let attest = std::mem::take(&mut self.coord.unreported);
+                self.actions.push_back(Action::AskPlan(self.report(attest.clone())));
+                self.coord.asking = Some(attest);
+                self.stats.plan_requests += 1;
+            } else if let Some(t) = self.coord.next_ask {
+                self.wake = earliest(self.wake, if drained { early.expect("some") } else { t });
+            }
+        }
+        if now >= self.next_have_poll {
+            self.next_have_poll = now + HAVE_POLL;
+            let mut asked: Vec<NodeId> = Vec::new();
+            for (peer, state) in self.peers.iter_mut().filter(|(_, s)| !s.polling && !s.have.is_full()) {
+                state.polling = true;
+                asked.push(peer.clone());
+            }
+            asked.sort_unstable();
+            self.stats.have_requests += asked.len() as u32;
+            self.actions.extend(asked.into_iter().map(Action::AskHave));
+        }
+        self.wake = earliest(self.wake, self.next_have_poll);
+        if !self.providers_polling {
+            if now >= self.next_provider_poll {
+                self.next_provider_poll = now + PROVIDER_POLL;
+                self.providers_polling = true;
+                self.stats.provider_lookups += 1;
+                self.actions.push_back(Action::FindProviders);
+            } else {
+                self.wake = earliest(self.wake, self.next_provider_poll);
+            }
+        }
+        // The origin group matters only where the DHT rules decide: without a tracker, or once
+        // its plans went stale.
+        let herd_rules = !self.cfg.tracker || (self.coord.answered && !self.coord.active(now));
+        if herd_rules && !self.fetchers_polling {
+            if now >= self.next_fetchers_poll {
+                self.next_fetchers_poll = now + FETCHERS_POLL;
+                self.fetchers_polling = true;
+                self.actions.push_back(Action::FindFetchers);
+            } else {
+                self.wake = earliest(self.wake, self.next_fetchers_poll);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
