@@ -448,7 +448,7 @@ fn plan_cost() {
         let peers: Vec<PeerId> = (0..n).map(|_| peer()).collect();
         let reqs: Vec<PlanRequest> = (0..n)
             .map(|k| {
-                let have: Vec<u32> = (0..PIECES).filter(|i| (*i as usize + k) % 3 == 0).collect();
+                let have: Vec<u32> = (0..PIECES).filter(|i| (*i as usize + k).is_multiple_of(3)).collect();
                 request(PIECES, &have)
             })
             .collect();
@@ -467,6 +467,9 @@ fn plan_cost() {
             rounds.push(start.elapsed().as_nanos() / per_round as u128);
         }
         rounds.sort_unstable();
-        println!("plan_cost: nodes {n:>6}: {:>10} ns per plan (median of 5 rounds of {per_round})", rounds[2]);
+        println!(
+            "plan_cost: nodes {n:>6}: {:>10} ns per plan (median of 5 rounds of {per_round})",
+            rounds[2]
+        );
     }
 }
