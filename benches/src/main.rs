@@ -13,6 +13,8 @@
 //! `rollout`: N nodes pull one image at the same moment, each in its own shaped network
 //! namespace (or on loopback), for the `direct`, `dht` and `tracker` scenarios; origin egress
 //! and completion times against the physical limit (module [`rollout`], `benches/README.md`).
+//!
+//! `sim`: the same rollout simulated at up to 100,000 nodes in virtual time (module [`sim`]).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,7 @@ use futures_util::future::join_all;
 use shoal_tests::{http_client, AccessLogExt, Agent, AgentOptions, Image, ImageKind, ImageSpec, Origin};
 
 mod rollout;
+mod sim;
 
 #[derive(Parser)]
 #[command(name = "shoal-benches")]
@@ -54,6 +57,9 @@ enum Command {
     /// N nodes pull one image at once: origin egress and completion times per scenario
     /// (`direct`, `dht`, `tracker`), in shaped network namespaces or on loopback.
     Rollout(rollout::Args),
+    /// The rollout simulated: N nodes (up to 100,000) in virtual time, a flow-level network,
+    /// libp2p's DHT limits and the tracker's real state (module [`sim`], `benches/README.md`).
+    Sim(sim::Args),
     /// GET a URL until it answers 200 and print the body (run by `rollout` inside namespaces).
     #[command(hide = true)]
     Probe {
@@ -208,6 +214,7 @@ async fn main() -> Result<()> {
             peer_path(size, peers, rounds.max(1), min_piece_size, settle_secs).await
         }
         Command::Rollout(args) => rollout::main(args).await,
+        Command::Sim(args) => sim::run(args),
         Command::Probe { url, timeout_ms } => rollout::probe(&url, Duration::from_millis(timeout_ms)).await,
     }
 }

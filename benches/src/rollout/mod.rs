@@ -21,9 +21,11 @@
 //! scenarios alternate k times and the medians are reported.
 //!
 //! Everything the run creates is owned by values that remove it on drop: processes (killed by
-//! pid), temp dirs, and the namespaces ([`net::Net`], dropped last). A Ctrl-C or SIGTERM drops
+//! pid), temp dirs, the namespaces ([`net::Net`]), and the raised neighbour table limits
+//! ([`neigh::NeighLimits`], dropped last). A Ctrl-C or SIGTERM drops
 //! the run future, so the same cleanup runs; a panic unwinds through the same drops.
 
+pub mod neigh;
 pub mod net;
 pub mod report;
 pub mod scenario;
@@ -257,7 +259,28 @@ pub async fn run(args: Args) -> Result<()> {
     let started = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let date = report::utc_timestamp(started);
 
-    // Declared first so it is dropped last: every process in a namespace is gone by then.
+    // Raised before the namespaces exist and restored after they are gone (declared first,
+    // dropped last): 40+ meshed agents overflow the kernel's default ARP table ([`neigh`]).
+    let _neigh = if args.loopback {
+        None
+    } else {
+        match neigh::restore_stale() {
+            Ok(Some(v)) => eprintln!("restored neighbour table limits an earlier run left raised: {v}"),
+            Ok(None) => {}
+            Err(e) => eprintln!("could not check for neighbour table limits left raised: {e:#}"),
+        }
+        let guard = neigh::NeighLimits::raise().context("raising the kernel's neighbour table limits")?;
+        match &guard {
+            Some(g) => eprintln!("{}", g.describe()),
+            None => eprintln!(
+                "neighbour table limits (net.ipv4.neigh.default.gc_thresh1/2/3) already at or above {:?}: unchanged",
+                neigh::TARGET
+            ),
+        }
+        guard
+    };
+    // Declared before the processes so it is dropped after them: every process in a
+    // namespace is gone by then.
     let net = if args.loopback {
         None
     } else {

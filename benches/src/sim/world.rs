@@ -1,0 +1,1075 @@
+//! The simulated cluster: nodes, the origin, the DHT and the tracker, driven by one event
+//! queue in virtual time. This is the shell around each download's scheduler: it turns the
+//! scheduler's actions into messages (delivered after their latency) and flows (delivered
+//! when the flow network says the bytes are through), and their results back into inputs.
+//!
+//! Message latencies: a request reaches its peer after RTT/2 and its answer arrives after
+//! another RTT/2; a `Have` answer reflects the peer's map when the request reached it; a
+//! piece flow starts when the request reached the server and is verified when its last byte
+//! is through (the final RTT/2 of propagation is not added). A DHT lookup or announcement
+//! takes `hops` RTTs ([`super::dht`]). Upload slots are not modelled: the agent's slot covers
+//! reading a piece from disk, not sending it (the response is queued on the connection), and
+//! the model has no disk.
+//!
+//! Determinism: one seeded generator, ordered maps, events ordered by (time, sequence
+//! number); wall-clock and CPU readings are only reported, never used in a decision.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use sha2::{Digest as _, Sha256};
+use shoal_agent::swarm::tracker_protocol::{Heartbeat, NodeCounters, PlanRequest, TrackerResponse};
+use shoal_tracker::state::State;
+
+use shoal_agent::fetch::herd;
+use shoal_agent::fetch::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
+use shoal_agent::fetch::scheduler::{self, Action, Event};
+use shoal_agent::pieces::Layout;
+use shoal_agent::types::Digest;
+
+use super::dht::{KeyRecords, ALPHA, REPLICATION};
+use super::flow::{Network, Time, Wake, NS};
+use super::sched::{mix, Download, Phase, Startup, MS};
+use crate::rollout::scenario::Scenario;
+
+/// What the world is asked to simulate.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub scenario: Scenario,
+    pub nodes: usize,
+    pub layer_sizes: Vec<u64>,
+    pub origin_rate: f64,
+    pub node_rate: f64,
+    pub rtt: Time,
+    pub dht_hops: u32,
+    pub start_spread: Time,
+    pub churn_pct: f64,
+    pub seed: u64,
+    pub sample: Time,
+    pub max_time: Time,
+    /// The agent's download tuning (its `FetchConfig` defaults).
+    pub sched: scheduler::Config,
+}
+
+/// Deterministic generator (splitmix64).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(mix(seed ^ 0x5348_4f41_4c53_494d))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.0)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n.max(1))) >> 64) as u64
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Start { node: u32 },
+    Wake { dl: u32 },
+    Flow { id: u32, version: u32 },
+    Lookup { dl: u32 },
+    Fetchers { dl: u32 },
+    Whole { dl: u32 },
+    AddProvider { layer: u32, level: u8, k: u32, provider: u32 },
+    Have { dl: u32, peer: u32 },
+    Head { dl: u32 },
+    PieceReq { dl: u32, peer: u32, piece: u32 },
+    Failed { dl: u32, peer: u32, piece: u32, unreachable: bool },
+    OriginReq { dl: u32, first: u32, end: u32 },
+    PlanReq { dl: u32, report: Box<PlanReport> },
+    PlanReply { dl: u32, plan: Option<Box<Plan>> },
+    Heartbeat { node: u32 },
+    TrackerTick,
+    Kill { node: u32 },
+    Sample,
+}
+
+struct Queued {
+    at: Time,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Job {
+    None,
+    Piece { dl: u32, piece: u32, peer: u32 },
+    Origin { dl: u32, first: u32, next: u32, end: u32 },
+    Direct { dl: u32 },
+}
+
+struct Dl {
+    sched: Option<Download>,
+    wake_at: Time,
+    done_at: Option<Time>,
+}
+
+/// Messages one node sent and received, by kind.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Msgs {
+    pub dht_sent: u64,
+    pub dht_received: u64,
+    pub have_sent: u64,
+    pub have_received: u64,
+    pub piece_requests_received: u64,
+    pub plan_requests: u64,
+}
+
+/// Tracker CPU actually spent (thread CPU clock), reported, never used in a decision.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct TrackerCpu {
+    pub plans: u64,
+    pub plan_cpu_ns: u64,
+    pub max_plan_cpu_ns: u64,
+    pub heartbeats: u64,
+    pub heartbeat_cpu_ns: u64,
+    pub tick_cpu_ns: u64,
+}
+
+/// One utilisation sample over the last interval.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    /// Origin uplink busy share.
+    pub origin_up: f64,
+    /// Mean downlink busy share of the nodes still downloading (through the interval).
+    pub down_mean_downloading: f64,
+    /// Mean uplink busy share of all live nodes.
+    pub up_mean: f64,
+    /// Share of live nodes whose uplink was more than 90 % busy.
+    pub up_saturated_share: f64,
+    pub downloading: usize,
+}
+
+pub struct Outcome {
+    /// Per node: completion time, or why not.
+    pub nodes: Vec<Result<f64, String>>,
+    pub origin_bytes: f64,
+    pub killed: usize,
+    pub msgs: Vec<Msgs>,
+    pub tracker_cpu: Option<TrackerCpu>,
+    pub tracker_refused: u64,
+    pub samples: Vec<Sample>,
+    /// Per node: bytes sent / (uplink × rollout duration); bytes received / (downlink × own time).
+    pub up_util: Vec<f64>,
+    pub down_util: Vec<f64>,
+    pub events: u64,
+    pub end_s: f64,
+    pub peer_piece_bytes: f64,
+    /// Downloads the scheduler gave up on (`Action::Failed`).
+    pub failures: Vec<String>,
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+struct Layer {
+    digest: [u8; 32],
+    agent_digest: Digest,
+    layout: Layout,
+    size: u64,
+    piece_size: u64,
+    records: KeyRecords,
+    /// The origin group's level keys ([`herd::level_key`]) and their records.
+    levels: Vec<(u8, KeyRecords)>,
+    /// Stand-ins for the pieces' sha256 (the simulator moves no bytes): unique per piece.
+    piece_digests: Vec<[u8; 32]>,
+}
+
+impl Layer {
+    fn piece_len(&self, i: u32) -> u64 {
+        let start = u64::from(i) * self.piece_size;
+        (start + self.piece_size).min(self.size) - start.min(self.size)
+    }
+    fn range_bytes(&self, first: u32, end: u32) -> u64 {
+        (u64::from(end) * self.piece_size).min(self.size)
+            - (u64::from(first) * self.piece_size).min(self.size)
+    }
+}
+
+pub struct World {
+    cfg: Config,
+    now: Time,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    rng: Rng,
+    net: Network,
+    jobs: Vec<Job>,
+    wakes: Vec<Wake>,
+    layers: Vec<Layer>,
+    dls: Vec<Dl>,
+    alive: Vec<bool>,
+    node_done: Vec<Option<Time>>,
+    layers_left: Vec<u32>,
+    peer_ids: Vec<PeerId>,
+    node_ids: Vec<NodeId>,
+    by_id: HashMap<NodeId, u32>,
+    tracker: Option<State>,
+    base: Instant,
+    cpu: TrackerCpu,
+    msgs: Vec<Msgs>,
+    origin: u32,
+    samples: Vec<Sample>,
+    last_sent: Vec<f64>,
+    last_received: Vec<f64>,
+    events: u64,
+    remaining: usize,
+    killed: usize,
+    failures: Vec<String>,
+    peer_piece_bytes: f64,
+}
+
+impl World {
+    pub fn new(cfg: Config) -> World {
+        let n = cfg.nodes;
+        let mut rng = Rng::new(cfg.seed);
+        let peer_ids: Vec<PeerId> = (0..n)
+            .map(|_| {
+                let mut secret = [0u8; 32];
+                for c in secret.chunks_mut(8) {
+                    c.copy_from_slice(&rng.next().to_le_bytes());
+                }
+                let kp = libp2p::identity::Keypair::ed25519_from_bytes(secret).expect("32 bytes");
+                kp.public().to_peer_id()
+            })
+            .collect();
+        let node_keys: Vec<[u8; 32]> = peer_ids.iter().map(|p| Sha256::digest(p.to_bytes()).into()).collect();
+        let layers: Vec<Layer> = cfg
+            .layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &size)| {
+                let digest: [u8; 32] = Sha256::new()
+                    .chain_update(cfg.seed.to_le_bytes())
+                    .chain_update((k as u64).to_le_bytes())
+                    .finalize()
+                    .into();
+                let layout = Layout::for_size(size);
+                let agent_digest = Digest::from_sha256(digest);
+                Layer {
+                    digest,
+                    agent_digest,
+                    layout,
+                    size,
+                    piece_size: u64::from(layout.piece_size),
+                    records: KeyRecords::new(&digest, &node_keys),
+                    levels: herd::levels()
+                        .map(|l| {
+                            (l, KeyRecords::new(herd::level_key(&agent_digest, l).as_bytes(), &node_keys))
+                        })
+                        .collect(),
+                    piece_digests: (0..layout.pieces())
+                        .map(|i| {
+                            Sha256::new().chain_update(digest).chain_update(i.to_le_bytes()).finalize().into()
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut up = vec![cfg.node_rate / 8.0; n];
+        let mut down = up.clone();
+        up.push(cfg.origin_rate / 8.0);
+        down.push(f64::MAX / 4.0);
+        let node_ids: Vec<NodeId> = peer_ids.iter().map(|p| NodeId::new(&p.to_bytes())).collect();
+        let by_id = node_ids.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
+        let l = layers.len();
+        World {
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            net: Network::new(&up, &down),
+            jobs: Vec::new(),
+            wakes: Vec::new(),
+            layers,
+            dls: (0..n * l).map(|_| Dl { sched: None, wake_at: Time::MAX, done_at: None }).collect(),
+            alive: vec![true; n],
+            node_done: vec![None; n],
+            layers_left: vec![l as u32; n],
+            peer_ids,
+            node_ids,
+            by_id,
+            tracker: (cfg.scenario == Scenario::Tracker).then(State::new),
+            base: Instant::now(),
+            cpu: TrackerCpu::default(),
+            msgs: vec![Msgs::default(); n],
+            origin: n as u32,
+            samples: Vec::new(),
+            last_sent: vec![0.0; n + 1],
+            last_received: vec![0.0; n + 1],
+            events: 0,
+            remaining: n,
+            killed: 0,
+            failures: Vec::new(),
+            peer_piece_bytes: 0.0,
+            rng,
+            cfg,
+        }
+    }
+
+    fn push(&mut self, at: Time, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued { at, seq: self.seq, ev }));
+    }
+
+    fn flush_wakes(&mut self) {
+        let wakes = std::mem::take(&mut self.wakes);
+        for &(id, version, at) in &wakes {
+            self.push(at, Ev::Flow { id, version });
+        }
+        self.wakes = wakes;
+        self.wakes.clear();
+    }
+
+    fn instant(&self, t: Time) -> Instant {
+        self.base + Duration::from_nanos(t)
+    }
+
+    fn nl(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn node_of(&self, dl: u32) -> u32 {
+        dl / self.nl() as u32
+    }
+
+    fn layer_of(&self, dl: u32) -> u32 {
+        dl % self.nl() as u32
+    }
+
+    pub fn run(mut self) -> Outcome {
+        let n = self.cfg.nodes;
+        let t_spread = self.cfg.start_spread.max(1);
+        for node in 0..n as u32 {
+            let at = self.rng.below(t_spread);
+            self.push(at, Ev::Start { node });
+        }
+        if self.tracker.is_some() {
+            for node in 0..n as u32 {
+                let at = self.rng.below(2000 * MS);
+                self.push(at, Ev::Heartbeat { node });
+            }
+            self.push(0, Ev::TrackerTick);
+        }
+        let kills = ((self.cfg.churn_pct / 100.0) * n as f64).round() as usize;
+        if kills > 0 {
+            // Mid-rollout: uniformly between 10 % and 70 % of T_min, distinct nodes.
+            let total: u64 = self.cfg.layer_sizes.iter().sum();
+            let t_min = total as f64 * 8.0 / self.cfg.origin_rate.min(self.cfg.node_rate);
+            let (lo, hi) = ((0.1 * t_min * NS) as u64, (0.7 * t_min * NS) as u64);
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            for k in 0..kills.min(n) {
+                let j = k + self.rng.below((n - k) as u64) as usize;
+                order.swap(k, j);
+                let at = lo + self.rng.below(hi - lo + 1);
+                self.push(at, Ev::Kill { node: order[k] });
+            }
+        }
+        self.push(self.cfg.sample, Ev::Sample);
+        while let Some(Reverse(q)) = self.queue.pop() {
+            if q.at > self.cfg.max_time || self.remaining == 0 {
+                break;
+            }
+            self.now = q.at;
+            self.events += 1;
+            self.event(q.ev);
+            self.flush_wakes();
+        }
+        self.finish()
+    }
+
+    fn finish(mut self) -> Outcome {
+        let n = self.cfg.nodes;
+        let end = self.node_done.iter().flatten().copied().max().unwrap_or(self.now);
+        for h in 0..=n as u32 {
+            self.net.settle_host(h, self.now);
+        }
+        let total: u64 = self.cfg.layer_sizes.iter().sum();
+        let nodes = (0..n)
+            .map(|i| match self.node_done[i] {
+                Some(t) => Ok(t as f64 / NS),
+                None if !self.alive[i] => Err(format!("node {i}: killed (churn)")),
+                None => Err(format!(
+                    "node {i}: not done after {:.0} s of virtual time",
+                    self.cfg.max_time as f64 / NS
+                )),
+            })
+            .collect();
+        let end_s = (end as f64 / NS).max(1e-9);
+        let up_cap = self.cfg.node_rate / 8.0;
+        let up_util = (0..n).map(|i| self.net.sent[i] / (up_cap * end_s)).collect();
+        let down_util = (0..n)
+            .filter_map(|i| self.node_done[i].map(|t| total as f64 / (up_cap * (t as f64 / NS).max(1e-9))))
+            .collect();
+        Outcome {
+            nodes,
+            origin_bytes: self.net.sent[self.origin as usize],
+            killed: self.killed,
+            msgs: self.msgs,
+            tracker_cpu: self.tracker.as_ref().map(|_| self.cpu),
+            tracker_refused: self.tracker.as_ref().map_or(0, |s| s.totals.refused),
+            samples: self.samples,
+            up_util,
+            down_util,
+            events: self.events,
+            end_s,
+            peer_piece_bytes: self.peer_piece_bytes,
+            failures: self.failures,
+        }
+    }
+
+    fn dl_alive(&self, dl: u32) -> bool {
+        self.alive[self.node_of(dl) as usize] && self.dls[dl as usize].sched.is_some()
+    }
+
+    fn running(&self, dl: u32) -> bool {
+        self.dl_alive(dl) && self.dls[dl as usize].sched.as_ref().is_some_and(|d| d.phase == Phase::Running)
+    }
+
+    fn at(&self, i: Instant) -> Time {
+        i.saturating_duration_since(self.base).as_nanos() as Time
+    }
+
+    fn set_wake(&mut self, dl: u32, t: Time) {
+        let t = t.max(self.now + MS);
+        let d = &mut self.dls[dl as usize];
+        if t < d.wake_at || d.wake_at <= self.now {
+            d.wake_at = t;
+            self.push(t, Ev::Wake { dl });
+        }
+    }
+
+    fn lookup_cost(&mut self, node: u32) {
+        self.msgs[node as usize].dht_sent += ALPHA * u64::from(self.cfg.dht_hops) + REPLICATION as u64;
+    }
+
+    /// Publishes `node` as a provider of `key` (the layer, or one of its level keys).
+    fn announce(&mut self, node: u32, layer: u32, level: Option<u8>) {
+        self.lookup_cost(node);
+        let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
+        let l = &self.layers[layer as usize];
+        let k_count = match level {
+            None => l.records.closest.len(),
+            Some(lv) => l.levels.iter().find(|(x, _)| *x == lv).map_or(0, |(_, r)| r.closest.len()),
+        };
+        for k in 0..k_count {
+            let at = self.now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
+            self.push(at, Ev::AddProvider { layer, level: level.unwrap_or(0), k: k as u32, provider: node });
+        }
+    }
+
+    /// Carries out start-up steps.
+    fn startup(&mut self, dl: u32, steps: Vec<Startup>) {
+        let (node, layer) = (self.node_of(dl), self.layer_of(dl));
+        let rtt = self.cfg.rtt;
+        for step in steps {
+            match step {
+                Startup::FindProviders => {
+                    self.lookup_cost(node);
+                    self.push(self.now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+                }
+                Startup::AskHave(peer) => {
+                    self.msgs[node as usize].have_sent += 1;
+                    self.push(self.now + rtt, Ev::Have { dl, peer });
+                }
+                Startup::Head => self.push(self.now + rtt, Ev::Head { dl }),
+                Startup::Started => {
+                    let l = &self.layers[layer as usize];
+                    let (digest, layout) = (l.agent_digest, l.layout);
+                    let me = self.node_ids[node as usize].clone();
+                    let mut cfg = self.cfg.sched.clone();
+                    cfg.tracker = self.tracker.is_some();
+                    let now = self.instant(self.now);
+                    // Our origin-group level key, as task.rs announces it.
+                    let level = herd::level(&digest, &me);
+                    if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                        d.start(cfg, digest, layout, me, now);
+                    }
+                    if level >= herd::MIN_LEVEL {
+                        self.announce(node, layer, Some(level));
+                    }
+                    self.drive(dl, None);
+                }
+            }
+        }
+        if let Some(t) = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until) {
+            self.set_wake(dl, t);
+        }
+    }
+
+    /// Hands an event (or the time) to download `dl`'s scheduler and carries out its actions.
+    fn drive(&mut self, dl: u32, event: Option<Event>) {
+        if !self.running(dl) {
+            return;
+        }
+        let now_i = self.instant(self.now);
+        let Some(s) = self.dls[dl as usize].sched.as_mut().and_then(|d| d.sched.as_mut()) else { return };
+        match event {
+            Some(e) => s.handle(e, now_i),
+            None => s.handle_timeout(now_i),
+        }
+        let actions: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        // Like task.rs, look at least every HAVE_POLL.
+        let wake = s.poll_timeout().unwrap_or(now_i + scheduler::HAVE_POLL).min(now_i + scheduler::HAVE_POLL);
+        let done = s.is_done();
+        for a in actions {
+            self.act(dl, a);
+        }
+        if done {
+            if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                d.phase = Phase::Ended;
+            }
+        } else {
+            let t = self.at(wake);
+            self.set_wake(dl, t);
+        }
+    }
+
+    fn act(&mut self, dl: u32, a: Action) {
+        let node = self.node_of(dl);
+        let layer = self.layer_of(dl);
+        let rtt = self.cfg.rtt;
+        let now = self.now;
+        let peer_ix = |w: &World, p: &NodeId| w.by_id.get(p).copied();
+        match a {
+            Action::FindProviders => {
+                self.lookup_cost(node);
+                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+            }
+            Action::FindFetchers => {
+                // One lookup per level key, in parallel.
+                for _ in herd::levels() {
+                    self.lookup_cost(node);
+                }
+                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Fetchers { dl });
+            }
+            Action::AskHave(peer) => {
+                if let Some(peer) = peer_ix(self, &peer) {
+                    self.msgs[node as usize].have_sent += 1;
+                    self.push(now + rtt, Ev::Have { dl, peer });
+                }
+            }
+            Action::RequestPiece { peer, index, expected: _ } => match peer_ix(self, &peer) {
+                Some(peer) => self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece: index }),
+                None => {
+                    self.push(now + rtt, Ev::Failed { dl, peer: u32::MAX, piece: index, unreachable: true })
+                }
+            },
+            Action::FetchOrigin { first, end, .. } => {
+                self.push(now + rtt / 2, Ev::OriginReq { dl, first, end });
+            }
+            Action::AskPlan(report) => {
+                self.msgs[node as usize].plan_requests += 1;
+                self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
+            }
+            Action::CheckWhole => self.push(now, Ev::Whole { dl }),
+            Action::Ban { .. } | Action::SaveState => {}
+            Action::Done => {
+                self.dls[dl as usize].done_at = Some(now);
+                self.layer_done(node);
+                if self.tracker.is_some() {
+                    // Tell the tracker the whole blob verified (task.rs does the same).
+                    let report =
+                        self.dls[dl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()).map(|s| {
+                            let map = s.map();
+                            PlanReport {
+                                size: map.layout.size,
+                                piece_size: map.layout.piece_size,
+                                have: map.verified.clone(),
+                                attest: Vec::new(),
+                                complete: true,
+                            }
+                        });
+                    if let Some(report) = report {
+                        self.msgs[node as usize].plan_requests += 1;
+                        self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
+                    }
+                }
+                let _ = layer;
+            }
+            Action::Failed(f) => {
+                self.failures.push(format!("node {node} layer {layer}: {f:?}"));
+            }
+        }
+    }
+
+    /// What peer download `pdl` answers to `Have` from download `dl`.
+    fn have_answer(&self, pdl: u32, dl: u32) -> Result<PeerHave, PeerError> {
+        let Some(s) = self.dls[pdl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()) else {
+            return Err(PeerError::Lacks);
+        };
+        let map = s.map();
+        let theirs =
+            self.dls[dl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()).map(|s| &s.map().verified);
+        // Digests of what the asker lacks (the agent sends all it verified; the asker keeps
+        // what it learns, so the rest would change nothing).
+        let piece_digests = (0..map.layout.pieces())
+            .filter(|&i| map.verified.get(i) && !theirs.is_some_and(|t| t.get(i)))
+            .map(|i| (i, map.digests[i as usize]))
+            .collect();
+        Ok(PeerHave {
+            size: map.layout.size,
+            piece_size: map.layout.piece_size,
+            have: map.verified.clone(),
+            piece_digests,
+            complete: s.is_done(),
+            media_type: None,
+        })
+    }
+
+    fn layer_done(&mut self, node: u32) {
+        let left = &mut self.layers_left[node as usize];
+        *left -= 1;
+        if *left == 0 {
+            self.node_done[node as usize] = Some(self.now);
+            self.remaining -= 1;
+        }
+    }
+
+    fn start_flow(&mut self, src: u32, dst: u32, total: u64, first_milestone: u64, job: Job) {
+        let id = self.net.start(src, dst, total as f64, first_milestone as f64, self.now, &mut self.wakes);
+        if self.jobs.len() <= id as usize {
+            self.jobs.resize(id as usize + 1, Job::None);
+        }
+        self.jobs[id as usize] = job;
+    }
+
+    fn event(&mut self, ev: Ev) {
+        let now = self.now;
+        let rtt = self.cfg.rtt;
+        let nl = self.nl() as u32;
+        match ev {
+            Ev::Start { node } => {
+                if !self.alive[node as usize] {
+                    return;
+                }
+                for layer in 0..nl {
+                    let dl = node * nl + layer;
+                    if self.cfg.scenario == Scenario::Direct {
+                        let size = self.layers[layer as usize].size;
+                        let origin = self.origin;
+                        self.start_flow(origin, node, size, size, Job::Direct { dl });
+                        continue;
+                    }
+                    self.dls[dl as usize].sched = Some(Download::new(self.tracker.is_some()));
+                    // task.rs: announce at once, then look the providers up.
+                    self.announce(node, layer, None);
+                    self.startup(dl, vec![Startup::FindProviders]);
+                }
+            }
+            Ev::Wake { dl } => {
+                if self.dls[dl as usize].wake_at != now {
+                    return;
+                }
+                self.dls[dl as usize].wake_at = Time::MAX;
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let settle = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until);
+                if let Some(until) = settle {
+                    if now >= until {
+                        let mut out = Vec::new();
+                        if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                            d.settled(&mut out);
+                        }
+                        self.startup(dl, out);
+                    }
+                    return;
+                }
+                self.drive(dl, None);
+            }
+            Ev::Flow { id, version } => {
+                let Some(done) = self.net.reached(id, version, now, &mut self.wakes) else { return };
+                let job = self.jobs[id as usize];
+                match job {
+                    Job::None => {}
+                    Job::Direct { dl } => {
+                        self.net.stop(id, now, &mut self.wakes);
+                        self.jobs[id as usize] = Job::None;
+                        let node = self.node_of(dl);
+                        if self.alive[node as usize] {
+                            self.dls[dl as usize].done_at = Some(now);
+                            self.layer_done(node);
+                        }
+                    }
+                    Job::Piece { dl, piece, peer } => {
+                        self.net.stop(id, now, &mut self.wakes);
+                        self.jobs[id as usize] = Job::None;
+                        self.peer_piece_bytes += done;
+                        let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
+                        let from = Some(self.node_ids[peer as usize].clone());
+                        self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
+                    }
+                    Job::Origin { dl, first, mut next, end } => {
+                        // Every piece boundary the flow has passed (a late milestone may have
+                        // passed several).
+                        let layer = self.layer_of(dl) as usize;
+                        let mut through = Vec::new();
+                        while next < end
+                            && self.layers[layer].range_bytes(first, next + 1) as f64 <= done + 0.5
+                        {
+                            through.push(next);
+                            next += 1;
+                        }
+                        if next < end {
+                            let milestone = self.layers[layer].range_bytes(first, next + 1) as f64;
+                            self.net.next_milestone(id, milestone, now, &mut self.wakes);
+                            self.jobs[id as usize] = Job::Origin { dl, first, next, end };
+                        } else {
+                            self.net.stop(id, now, &mut self.wakes);
+                            self.jobs[id as usize] = Job::None;
+                        }
+                        for piece in through {
+                            let digest = self.layers[layer].piece_digests[piece as usize];
+                            self.drive(dl, Some(Event::Verified { index: piece, digest, from: None }));
+                        }
+                        if next >= end {
+                            let ev = Event::OriginDone { first, end, unfinished: Vec::new(), error: None };
+                            self.drive(dl, Some(ev));
+                        }
+                    }
+                }
+            }
+            Ev::Lookup { dl } => {
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let layer = self.layer_of(dl) as usize;
+                let me = self.node_of(dl);
+                let found = self.lookup(&self.layers[layer].records.closest.clone(), layer, None, me);
+                let phase = self.dls[dl as usize].sched.as_ref().map(|d| d.phase);
+                match phase {
+                    Some(Phase::Lookup { .. }) => {
+                        let mut out = Vec::new();
+                        if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                            d.providers(found, now, &mut out);
+                        }
+                        self.startup(dl, out);
+                    }
+                    Some(Phase::Running) => {
+                        let ids = found.iter().map(|&p| self.node_ids[p as usize].clone()).collect();
+                        self.drive(dl, Some(Event::Providers(ids)));
+                    }
+                    _ => {}
+                }
+            }
+            Ev::Fetchers { dl } => {
+                if !self.running(dl) {
+                    return;
+                }
+                let layer = self.layer_of(dl) as usize;
+                let me = self.node_of(dl);
+                let keys: Vec<(u8, Vec<u32>)> =
+                    self.layers[layer].levels.iter().map(|(l, r)| (*l, r.closest.clone())).collect();
+                let mut found = Vec::new();
+                for (level, closest) in keys {
+                    let nodes = self.lookup(&closest, layer, Some(level), me);
+                    found.push((level, nodes.iter().map(|&p| self.node_ids[p as usize].clone()).collect()));
+                }
+                self.drive(dl, Some(Event::Fetchers(found)));
+            }
+            Ev::AddProvider { layer, level, k, provider } => {
+                let l = &mut self.layers[layer as usize];
+                let records = if level == 0 {
+                    &mut l.records
+                } else {
+                    match l.levels.iter_mut().find(|(x, _)| *x == level) {
+                        Some((_, r)) => r,
+                        None => return,
+                    }
+                };
+                let store = records.closest[k as usize];
+                if self.alive[store as usize] {
+                    self.msgs[store as usize].dht_received += 1;
+                    records.add(k as usize, provider);
+                }
+            }
+            Ev::Head { dl } => {
+                if self.dl_alive(dl) {
+                    self.startup(dl, vec![Startup::Started]);
+                }
+            }
+            Ev::Whole { dl } => self.drive(dl, Some(Event::WholeDigest { matched: true })),
+            Ev::Have { dl, peer } => {
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let layer = self.layer_of(dl);
+                let me = self.node_of(dl);
+                let pdl = peer * nl + layer;
+                let result = if !self.alive[peer as usize] {
+                    Err(PeerError::Unreachable("the node is gone".into()))
+                } else {
+                    self.msgs[peer as usize].have_received += 1;
+                    // The asker downloads the digest too: the peer counts it among the
+                    // downloaders (task.rs: `Fetcher::have` records askers).
+                    let me_id = self.node_ids[me as usize].clone();
+                    self.drive(pdl, Some(Event::Asker(me_id)));
+                    self.have_answer(pdl, dl)
+                };
+                let peer_id = self.node_ids[peer as usize].clone();
+                if self.running(dl) {
+                    self.drive(dl, Some(Event::Have { peer: peer_id, result }));
+                } else {
+                    let mut out = Vec::new();
+                    if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                        d.have(peer_id, result, now, &mut out);
+                    }
+                    self.startup(dl, out);
+                }
+            }
+            Ev::PieceReq { dl, peer, piece } => {
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let layer = self.layer_of(dl);
+                let me = self.node_of(dl);
+                if !self.alive[peer as usize] {
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, unreachable: true });
+                    return;
+                }
+                self.msgs[peer as usize].piece_requests_received += 1;
+                let pdl = peer * nl + layer;
+                // Served only from the scheduler's map: what peers are told is what they get.
+                let has = self.dls[pdl as usize]
+                    .sched
+                    .as_ref()
+                    .and_then(|d| d.sched.as_ref())
+                    .is_some_and(|s| s.map().verified.get(piece));
+                if !has {
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, unreachable: false });
+                    return;
+                }
+                let len = self.layers[layer as usize].piece_len(piece);
+                self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
+            }
+            Ev::Failed { dl, peer, piece, unreachable } => {
+                let error = if unreachable {
+                    PeerError::Unreachable("connection reset".into())
+                } else {
+                    PeerError::Lacks
+                };
+                let peer = match self.node_ids.get(peer as usize) {
+                    Some(p) => p.clone(),
+                    None => NodeId::new(b"unknown"),
+                };
+                self.drive(dl, Some(Event::PeerFailed { index: piece, peer, error }));
+            }
+            Ev::OriginReq { dl, first, end } => {
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let layer = &self.layers[self.layer_of(dl) as usize];
+                let total = layer.range_bytes(first, end);
+                let first_len = layer.piece_len(first);
+                let me = self.node_of(dl);
+                let origin = self.origin;
+                self.start_flow(origin, me, total, first_len, Job::Origin { dl, first, next: first, end });
+            }
+            Ev::PlanReq { dl, report } => {
+                if !self.alive[self.node_of(dl) as usize] {
+                    return;
+                }
+                let plan = self.plan(dl, &report);
+                self.push(now + rtt / 2, Ev::PlanReply { dl, plan });
+            }
+            Ev::PlanReply { dl, plan } => {
+                self.drive(dl, Some(Event::Plan(plan.map(|p| *p))));
+            }
+            Ev::Heartbeat { node } => {
+                if !self.alive[node as usize] || self.remaining == 0 {
+                    return;
+                }
+                self.heartbeat(node);
+                self.push(now + 2000 * MS, Ev::Heartbeat { node });
+            }
+            Ev::TrackerTick => {
+                if let Some(state) = self.tracker.as_mut() {
+                    let at = self.base + Duration::from_nanos(now);
+                    let c0 = thread_cpu_ns();
+                    state.tick(at, now / MS);
+                    self.cpu.tick_cpu_ns += thread_cpu_ns().saturating_sub(c0);
+                }
+                self.push(now + 1000 * MS, Ev::TrackerTick);
+            }
+            Ev::Kill { node } => self.kill(node),
+            Ev::Sample => {
+                self.sample();
+                self.push(now + self.cfg.sample, Ev::Sample);
+            }
+        }
+    }
+
+    /// A provider lookup of a layer key (`level` None) or a level key, by node `me`: the union
+    /// of the alive closest nodes' lists, without `me`; counts the requests they receive.
+    fn lookup(&mut self, closest: &[u32], layer: usize, level: Option<u8>, me: u32) -> Vec<u32> {
+        for &c in closest {
+            if self.alive[c as usize] {
+                self.msgs[c as usize].dht_received += 1;
+            }
+        }
+        let l = &self.layers[layer];
+        let records = match level {
+            None => &l.records,
+            Some(lv) => match l.levels.iter().find(|(x, _)| *x == lv) {
+                Some((_, r)) => r,
+                None => return Vec::new(),
+            },
+        };
+        let alive = &self.alive;
+        records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
+    }
+
+    fn plan(&mut self, dl: u32, report: &PlanReport) -> Option<Box<Plan>> {
+        let node = self.node_of(dl);
+        let l = &self.layers[self.layer_of(dl) as usize];
+        let req = PlanRequest {
+            digest: l.digest,
+            size: report.size,
+            piece_size: report.piece_size,
+            have: report.have.as_bytes().to_vec(),
+            attest: report.attest.clone(),
+            complete: report.complete,
+        };
+        let peer = self.peer_ids[node as usize];
+        let at = self.instant(self.now);
+        let state = self.tracker.as_mut()?;
+        let c0 = thread_cpu_ns();
+        let resp = state.plan(peer, &[], &req, at);
+        let spent = thread_cpu_ns().saturating_sub(c0);
+        self.cpu.plans += 1;
+        self.cpu.plan_cpu_ns += spent;
+        self.cpu.max_plan_cpu_ns = self.cpu.max_plan_cpu_ns.max(spent);
+        match resp {
+            TrackerResponse::Plan(plan) => Some(Box::new(Plan {
+                peers: plan.peers.iter().map(|p| NodeId::new(&p.peer_id)).collect(),
+                assigned: plan.assigned,
+                piece_digests: plan.piece_digests,
+            })),
+            _ => None,
+        }
+    }
+
+    fn heartbeat(&mut self, node: u32) {
+        let nl = self.nl() as u32;
+        let mut held_added = Vec::new();
+        let mut downloading = Vec::new();
+        for layer in 0..nl {
+            let d = &self.dls[(node * nl + layer) as usize];
+            if d.done_at.is_some() {
+                held_added.push(self.layers[layer as usize].digest);
+            } else if d.sched.is_some() {
+                downloading.push(self.layers[layer as usize].digest);
+            }
+        }
+        let beat = Heartbeat {
+            zone: None,
+            full: true,
+            held_added,
+            held_removed: Vec::new(),
+            downloading,
+            counters: NodeCounters::default(),
+            preheat: Vec::new(),
+        };
+        let peer = self.peer_ids[node as usize];
+        let at = self.instant(self.now);
+        if let Some(state) = self.tracker.as_mut() {
+            let c0 = thread_cpu_ns();
+            let _ = state.heartbeat(peer, &[], &beat, at);
+            self.cpu.heartbeat_cpu_ns += thread_cpu_ns().saturating_sub(c0);
+            self.cpu.heartbeats += 1;
+        }
+    }
+
+    fn kill(&mut self, node: u32) {
+        if !self.alive[node as usize] || self.node_done[node as usize].is_some() {
+            return;
+        }
+        self.alive[node as usize] = false;
+        self.killed += 1;
+        self.remaining -= 1;
+        let nl = self.nl() as u32;
+        for layer in 0..nl {
+            self.dls[(node * nl + layer) as usize].sched = None;
+        }
+        // Its connections reset: whoever was receiving from it learns after RTT/2.
+        for id in self.net.flows_of(node) {
+            let job = self.jobs[id as usize];
+            let f = self.net.flow(id);
+            let src = f.src;
+            self.net.stop(id, self.now, &mut self.wakes);
+            self.jobs[id as usize] = Job::None;
+            if let Job::Piece { dl, piece, peer } = job {
+                if src == node {
+                    self.push(self.now + self.cfg.rtt / 2, Ev::Failed { dl, peer, piece, unreachable: true });
+                }
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        let n = self.cfg.nodes;
+        for h in 0..=n as u32 {
+            self.net.settle_host(h, self.now);
+        }
+        let dt = self.cfg.sample as f64 / NS;
+        let cap = self.cfg.node_rate / 8.0 * dt;
+        let o = self.origin as usize;
+        let origin_up = (self.net.sent[o] - self.last_sent[o]) / (self.cfg.origin_rate / 8.0 * dt);
+        let (mut up_sum, mut live, mut saturated, mut down_sum, mut downloading) =
+            (0.0, 0usize, 0usize, 0.0, 0usize);
+        for i in 0..n {
+            if !self.alive[i] {
+                continue;
+            }
+            let up = (self.net.sent[i] - self.last_sent[i]) / cap;
+            live += 1;
+            up_sum += up;
+            if up > 0.9 {
+                saturated += 1;
+            }
+            if self.node_done[i].is_none() {
+                downloading += 1;
+                down_sum += (self.net.received[i] - self.last_received[i]) / cap;
+            }
+        }
+        self.last_sent.copy_from_slice(&self.net.sent);
+        self.last_received.copy_from_slice(&self.net.received);
+        self.samples.push(Sample {
+            t_s: self.now as f64 / NS,
+            origin_up,
+            down_mean_downloading: if downloading > 0 { down_sum / downloading as f64 } else { 0.0 },
+            up_mean: if live > 0 { up_sum / live as f64 } else { 0.0 },
+            up_saturated_share: if live > 0 { saturated as f64 / live as f64 } else { 0.0 },
+            downloading,
+        });
+    }
+}
