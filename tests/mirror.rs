@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::Value;
 use shoal_tests::agent::run_agent_expecting_exit;
+use shoal_tests::pull::ns_url as agent_url;
 use shoal_tests::skopeo::{copy_to_dir, read_dir_image, write_registries_conf};
 use shoal_tests::util::{digest_hex, files_identical};
 use shoal_tests::{
@@ -57,7 +58,7 @@ impl Env {
     }
 
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric(&self.agent, name, labels).await
+        self.agent.metric(name, labels).await
     }
 }
 
@@ -67,17 +68,6 @@ impl Drop for Env {
             eprintln!("--- agent log (tail) ---\n{}", self.agent.log_tail());
         }
     }
-}
-
-/// `<agent>/<path>?ns=<registry>` (URL-encoded like containerd does).
-fn agent_url(agent: &Agent, registry: &str, path: &str) -> String {
-    let sep = if path.contains('?') { '&' } else { '?' };
-    format!("{}{path}{sep}ns={}", agent.url(), registry.replace(':', "%3A"))
-}
-
-/// A metric's value summed over matching samples, 0 if absent.
-async fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
-    agent.metric_value(name, labels).await.expect("scrape /metrics").unwrap_or(0.0)
 }
 
 fn header(resp: &Response, name: &str) -> Option<String> {
@@ -306,10 +296,10 @@ async fn skopeo_pulls_through_path_prefix_mirror() {
     }
 
     let blob_ok =
-        metric(&agent, "shoal_registry_requests_total", &[("route", "blob"), ("status", "200")]).await;
+        agent.metric("shoal_registry_requests_total", &[("route", "blob"), ("status", "200")]).await;
     assert!(blob_ok >= image.blobs.len() as f64, "agent blob requests: {blob_ok}");
     let manifest_ok =
-        metric(&agent, "shoal_registry_requests_total", &[("route", "manifest"), ("status", "200")]).await;
+        agent.metric("shoal_registry_requests_total", &[("route", "manifest"), ("status", "200")]).await;
     assert!(manifest_ok >= image.manifests().count() as f64, "agent manifest requests: {manifest_ok}");
     let log = origin.access_log();
     for blob in &image.blobs {
@@ -540,25 +530,77 @@ async fn range_requests_while_downloading() {
     );
 }
 
-/// Many concurrent requests for one cold digest make one origin GET.
+/// Many concurrent requests for one cold digest make one origin GET. The origin is slowed
+/// (2 MiB/s through a proxy, 1.5 s for the blob) and every request must have been sent
+/// before the agent's origin download ended: requests served one after another (the later
+/// ones from the cache) would pass the byte count without single flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_requests_make_one_origin_get() {
-    let env = Env::start().await;
-    let image = env.push(ImageKind::DockerManifest, "mirror/herd", Some(&[3 << 20])).await;
+    let origin = Origin::start().await.unwrap();
+    let proxy = FaultyProxy::start(
+        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
+        ProxyConfig {
+            total_bytes_per_sec: Some(2 << 20),
+            path_contains: Some("/blobs/".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
+    let image = origin
+        .push(&ImageSpec::new(ImageKind::DockerManifest, "mirror/herd", "v1").layers(&[3 << 20]))
+        .await
+        .unwrap();
     let layer = image.largest_layer().clone();
     let data = std::sync::Arc::new(layer.read().unwrap());
-    let url = env.url(&format!("/v2/mirror/herd/blobs/{}", layer.digest));
+    let url = agent_url(&agent, &origin.host(), &format!("/v2/mirror/herd/blobs/{}", layer.digest));
+    let client = http_client();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let (client, url, data, digest) =
-            (env.client.clone(), url.clone(), data.clone(), layer.digest.clone());
-        tasks.spawn(async move { get_blob_ok(&client, &url, &data, &digest).await });
+        let (client, url, data, digest) = (client.clone(), url.clone(), data.clone(), layer.digest.clone());
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            get_blob_ok(&client, &url, &data, &digest).await;
+            sent
+        });
     }
+    let mut sent_times = Vec::new();
     while let Some(res) = tasks.join_next().await {
-        res.unwrap();
+        sent_times.push(res.unwrap());
     }
+    let blob_path = format!("/blobs/{}", layer.digest);
+    let blob_gets = || -> Vec<shoal_tests::proxy::ProxiedRequest> {
+        proxy.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains(&blob_path)).collect()
+    };
+    poll_until(
+        "the proxied origin GET to finish",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let done = blob_gets().iter().all(|r| r.finished.is_some());
+            async move { Ok(done.then_some(())) }
+        },
+    )
+    .await
+    .unwrap();
+    let download_end =
+        blob_gets().iter().filter_map(|r| r.finished).max().expect("an origin GET for the blob");
+    for sent in &sent_times {
+        assert!(
+            *sent < download_end,
+            "a request was sent {:?} after the origin download ended: not concurrent",
+            sent.duration_since(download_end)
+        );
+    }
+    poll_until("origin access log entries", Duration::from_secs(5), Duration::from_millis(50), || {
+        let done = origin.access_log().blob_gets_for(&layer.digest) >= blob_gets().len();
+        async move { Ok(done.then_some(())) }
+    })
+    .await
+    .unwrap();
     assert_eq!(
-        env.origin.access_log().blob_get_bytes_for(&layer.digest),
+        origin.access_log().blob_get_bytes_for(&layer.digest),
         layer.size,
         "bytes the origin sent for the blob: 8 concurrent requests must share one download"
     );
@@ -635,10 +677,13 @@ async fn error_codes() {
         ("GET", "/v2/errors/-app/manifests/v1".into(), 400, &["NAME_INVALID"]),
         ("GET", format!("/v2/errors/APP/blobs/{layer}"), 400, &["NAME_INVALID"]),
         ("HEAD", "/v2/UPPER/manifests/x".into(), 400, &[]),
-        // Invalid tags.
-        ("GET", "/v2/errors/app/manifests/-v1".into(), 400, &["NAME_INVALID"]),
-        ("GET", "/v2/errors/app/manifests/.v1".into(), 400, &["NAME_INVALID"]),
-        ("GET", format!("/v2/errors/app/manifests/{long_tag}"), 400, &["NAME_INVALID"]),
+        // References that cannot be tags name manifests that cannot exist: 404, as the OCI
+        // conformance suite (`.INVALID_MANIFEST_NAME`) and docker-registry answer.
+        ("GET", "/v2/errors/app/manifests/.INVALID_MANIFEST_NAME".into(), 404, &["MANIFEST_UNKNOWN"]),
+        ("HEAD", "/v2/errors/app/manifests/.INVALID_MANIFEST_NAME".into(), 404, &[]),
+        ("GET", "/v2/errors/app/manifests/-v1".into(), 404, &["MANIFEST_UNKNOWN"]),
+        ("GET", "/v2/errors/app/manifests/.v1".into(), 404, &["MANIFEST_UNKNOWN"]),
+        ("GET", format!("/v2/errors/app/manifests/{long_tag}"), 404, &["MANIFEST_UNKNOWN"]),
         // Malformed digests.
         ("GET", "/v2/errors/app/blobs/sha256:zz".into(), 400, &["DIGEST_INVALID"]),
         ("GET", "/v2/errors/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e".into(), 400, &["DIGEST_INVALID"]),
@@ -646,6 +691,7 @@ async fn error_codes() {
         ("GET", format!("/v2/errors/app/blobs/sha256:{upper}"), 400, &["DIGEST_INVALID"]),
         ("GET", "/v2/errors/app/blobs/latest".into(), 400, &["DIGEST_INVALID"]),
         ("GET", "/v2/errors/app/manifests/sha256:zz".into(), 400, &["DIGEST_INVALID"]),
+        ("HEAD", "/v2/errors/app/manifests/sha256:zz".into(), 400, &[]),
         ("HEAD", "/v2/errors/app/blobs/sha256:zz".into(), 400, &[]),
         // Unknown content.
         ("GET", format!("/v2/errors/app/blobs/{unknown}"), 404, &["BLOB_UNKNOWN"]),
@@ -663,7 +709,18 @@ async fn error_codes() {
     let log = env.origin.access_log_since(mark);
     for e in &log {
         assert!(e.method == "GET" || e.method == "HEAD", "a {} reached the origin: {e:?}", e.method);
-        for bad in ["UPPER", "App", "-app", "APP", "sha256:zz", "md5:", "-v1", ".v1", hex63] {
+        for bad in [
+            "UPPER",
+            "App",
+            "-app",
+            "APP",
+            "sha256:zz",
+            "md5:",
+            "-v1",
+            ".v1",
+            ".INVALID_MANIFEST_NAME",
+            hex63,
+        ] {
             assert!(
                 !e.path.ends_with(bad) && !e.path.contains(&format!("/{bad}/")),
                 "an invalid request reached the origin: {e:?}"

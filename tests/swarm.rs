@@ -31,10 +31,6 @@ async fn cluster(origin: &Origin, n: usize, extra: impl Fn(usize) -> Vec<String>
     rest
 }
 
-async fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
-    agent.metric_value(name, labels).await.expect("scrape /metrics").unwrap_or(0.0)
-}
-
 /// Every blob of `image` is complete in `agent`'s cache, with the origin's bytes.
 fn assert_cache_holds_image(agent: &Agent, image: &Image) {
     for blob in &image.blobs {
@@ -58,9 +54,9 @@ async fn second_node_pulls_from_the_first() {
     pull(&agents[1], &origin, &image).await.expect("pull on B");
     let gets = content_gets(&origin, mark);
     assert!(gets.is_empty(), "B's pull reached the origin for content: {gets:#?}");
-    let from_peers = metric(&agents[1], "shoal_received_bytes_total", &[("source", "peer")]).await;
+    let from_peers = agents[1].metric("shoal_received_bytes_total", &[("source", "peer")]).await;
     assert!(from_peers >= image.total_blob_bytes() as f64, "B received {from_peers} bytes from peers");
-    assert!(metric(&agents[0], "shoal_peer_sent_bytes_total", &[]).await >= image.total_blob_bytes() as f64);
+    assert!(agents[0].metric("shoal_peer_sent_bytes_total", &[]).await >= image.total_blob_bytes() as f64);
 }
 
 /// 2. Ten agents pull a 256 MiB image at the same moment: the origin sends about one copy.
@@ -75,7 +71,7 @@ async fn ten_agents_at_once_cost_the_origin_one_copy() {
     // Let the DHT settle: every agent knows at least one peer.
     for a in &agents {
         poll_until("a peer", Duration::from_secs(20), Duration::from_millis(100), || async {
-            Ok((metric(a, "shoal_connected_peers", &[]).await >= 1.0).then_some(()))
+            Ok((a.metric("shoal_connected_peers", &[]).await >= 1.0).then_some(()))
         })
         .await
         .unwrap();
@@ -90,9 +86,9 @@ async fn ten_agents_at_once_cost_the_origin_one_copy() {
     for (i, a) in agents.iter().enumerate() {
         eprintln!(
             "agent {i}: origin pieces {}, peer bytes {}, peers {}",
-            metric(a, "shoal_origin_pieces_total", &[]).await,
-            metric(a, "shoal_received_bytes_total", &[("source", "peer")]).await,
-            metric(a, "shoal_connected_peers", &[]).await
+            a.metric("shoal_origin_pieces_total", &[]).await,
+            a.metric("shoal_received_bytes_total", &[("source", "peer")]).await,
+            a.metric("shoal_connected_peers", &[]).await
         );
         for line in a.log().lines().filter(|l| l.contains("all pieces verified")) {
             eprintln!("  {line}");
@@ -134,8 +130,8 @@ async fn corrupting_peer_is_banned_and_others_complete() {
     let mut rejected = 0.0;
     let mut bans = 0.0;
     for a in &agents[1..] {
-        rejected += metric(a, "shoal_pieces_rejected_total", &[]).await;
-        bans += metric(a, "shoal_peer_bans_total", &[]).await;
+        rejected += a.metric("shoal_pieces_rejected_total", &[]).await;
+        bans += a.metric("shoal_peer_bans_total", &[]).await;
     }
     assert!(rejected >= 1.0 && bans >= 1.0, "rejected {rejected}, bans {bans}");
     // Everything the honest agents stored is what the origin has.
@@ -164,9 +160,9 @@ async fn peer_lying_about_size_is_settled_by_the_origin_and_banned() {
     pull(&agents[2], &origin, &image).await.expect("the third agent completes with correct data");
     let gets = content_gets(&origin, mark);
     assert!(gets.is_empty(), "the dispute cost the origin content GETs: {gets:#?}");
-    let bans = metric(&agents[2], "shoal_peer_bans_total", &[]).await;
+    let bans = agents[2].metric("shoal_peer_bans_total", &[]).await;
     assert!(bans >= 1.0, "the liar was not banned (bans {bans})");
-    assert_eq!(metric(&agents[0], "shoal_peer_bans_total", &[]).await, 0.0);
+    assert_eq!(agents[0].metric("shoal_peer_bans_total", &[]).await, 0.0);
     assert_cache_holds_image(&agents[2], &image);
 }
 
@@ -208,7 +204,7 @@ async fn lone_peer_lying_about_size_is_found_out_when_the_pull_fails() {
     }
     let body = body.unwrap_or_else(|| panic!("no attempt completed: {attempts:?}"));
     assert_eq!(digest_of(&body), layer.digest);
-    let bans = metric(&agents[1], "shoal_peer_bans_total", &[]).await;
+    let bans = agents[1].metric("shoal_peer_bans_total", &[]).await;
     assert!(bans >= 1.0, "the liar was not banned (bans {bans}; failed attempts {attempts:?})");
 }
 
@@ -229,6 +225,8 @@ async fn peer_killed_mid_transfer_costs_only_a_retry() {
         )
         .await;
     pull(&agents[0], &origin, &image).await.expect("pull on agent 0");
+    let layer = image.largest_layer().clone();
+    let before = origin.access_log().blob_get_bytes_for(&layer.digest);
     let (first, rest) = agents.split_at_mut(1);
     let pulls = join_all(rest.iter().map(|a| pull(a, &origin, &image)));
     let killer = async {
@@ -237,7 +235,7 @@ async fn peer_killed_mid_transfer_costs_only_a_retry() {
             Duration::from_secs(30),
             Duration::from_millis(50),
             || async {
-                Ok((metric(&first[0], "shoal_peer_sent_bytes_total", &[]).await >= (2 << 20) as f64)
+                Ok((first[0].metric("shoal_peer_sent_bytes_total", &[]).await >= (2 << 20) as f64)
                     .then_some(()))
             },
         )
@@ -249,6 +247,15 @@ async fn peer_killed_mid_transfer_costs_only_a_retry() {
     for r in results {
         r.expect("no client sees an error");
     }
+    // What agent 0 had not sent yet comes from the origin, each piece about once (the two
+    // survivors share it), never the whole blob again for each of them (2x the layer).
+    let after = origin.access_log().blob_get_bytes_for(&layer.digest) - before;
+    eprintln!("origin bytes for the {}-byte layer after the kill: {after}", layer.size);
+    assert!(
+        after < layer.size + layer.size / 2,
+        "the origin sent {after} bytes for a {}-byte layer after the peer died: the survivors did not share",
+        layer.size
+    );
 }
 
 /// 5. An agent restarted mid-download resumes from its verified pieces.
@@ -272,7 +279,7 @@ async fn restart_resumes_verified_pieces() {
         async move { client.get(&blob_url).send().await.map(|r| r.status()) }
     });
     poll_until("half the pieces verified", Duration::from_secs(30), Duration::from_millis(50), || async {
-        Ok((metric(&agent, "shoal_pieces_verified_total", &[]).await >= 17.0).then_some(()))
+        Ok((agent.metric("shoal_pieces_verified_total", &[]).await >= 17.0).then_some(()))
     })
     .await
     .unwrap();
@@ -283,7 +290,7 @@ async fn restart_resumes_verified_pieces() {
     assert_eq!(resp.status(), 200);
     let body = resp.bytes().await.unwrap();
     assert_eq!(digest_of(&body), layer.digest);
-    let resumed = metric(&agent, "shoal_pieces_resumed_total", &[]).await;
+    let resumed = agent.metric("shoal_pieces_resumed_total", &[]).await;
     assert!(resumed >= 8.0, "resumed {resumed} pieces");
     let sent = origin.access_log().blob_get_bytes_for(&layer.digest);
     assert!(sent < size + size / 2, "the origin sent {sent} bytes for a {size}-byte blob: no resume");
@@ -323,9 +330,9 @@ async fn other_swarm_key_cannot_join() {
     let insider = Agent::start(start(&k1)).await.unwrap();
     pull(&outsider, &origin, &image).await.expect("the outsider still pulls, from the origin");
     pull(&insider, &origin, &image).await.unwrap();
-    assert_eq!(metric(&outsider, "shoal_received_bytes_total", &[("source", "peer")]).await, 0.0);
-    assert_eq!(metric(&outsider, "shoal_connected_peers", &[]).await, 0.0);
-    assert!(metric(&insider, "shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
+    assert_eq!(outsider.metric("shoal_received_bytes_total", &[("source", "peer")]).await, 0.0);
+    assert_eq!(outsider.metric("shoal_connected_peers", &[]).await, 0.0);
+    assert!(insider.metric("shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
 }
 
 /// 7. containerd through agent B gets an image only agent A had, with the origin stopped.
@@ -349,5 +356,5 @@ async fn containerd_pulls_from_a_peer_while_the_origin_is_down() {
     write_hosts_toml(&hosts, &origin.host(), Some(&agents[1].url()), &dead_url()).unwrap();
     ctd.fetch(&image.digest_reference(), &hosts, &[]).await.expect("ctr content fetch through B");
     ctd.verify_image(&image).await.expect("fetched content");
-    assert!(metric(&agents[1], "shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
+    assert!(agents[1].metric("shoal_received_bytes_total", &[("source", "peer")]).await > 0.0);
 }

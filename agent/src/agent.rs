@@ -1,6 +1,11 @@
 //! Wiring of `shoal-agent run`: bind both listeners (so a port in use is an error before
 //! anything else starts), open the store, start the swarm (unless `--no-p2p`), and serve
 //! until the shutdown future completes.
+//!
+//! Every long-running task is spawned through one [`Supervisor`]. Shutdown (SIGTERM): the
+//! registry API stops accepting and lets open requests finish, every task is cancelled, and
+//! the agent waits for all of them (requests included) for at most `--shutdown-grace`, then
+//! names whatever is still running and returns; `main` exits 0 either way.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,6 +22,7 @@ use crate::origin::{Origin, OriginError};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{self, Api};
 use crate::store::{Store, StoreError};
+use crate::supervise::Supervisor;
 use crate::swarm::network::{self as p2p, ServeOptions, SwarmNetwork};
 use crate::swarm::SwarmError;
 
@@ -44,6 +50,9 @@ pub struct Agent {
     readiness: Readiness,
     /// The swarm's event loop, to run beside the servers.
     swarm_loop: Option<crate::swarm::EventLoop>,
+    supervisor: Supervisor,
+    max_requests: usize,
+    shutdown_grace: std::time::Duration,
 }
 
 impl Agent {
@@ -68,22 +77,30 @@ impl Agent {
         let access =
             Arc::new(crate::access::Access::new(config.registries.clone(), config.auth_offline_grace));
         let readiness = Readiness::default();
+        let supervisor = Supervisor::new();
+        let agent = |api, swarm_loop| Agent {
+            api,
+            registry_listener,
+            metrics_listener,
+            readiness: readiness.clone(),
+            swarm_loop,
+            supervisor: supervisor.clone(),
+            max_requests: config.max_requests,
+            shutdown_grace: config.shutdown_grace,
+        };
         let Some(p2p_config) = &config.p2p else {
             let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), fetch_config);
-            let api = Api::new(fetcher, origin, config.default_registry.clone(), access);
-            return Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: None });
+            let api = Api::new(fetcher, origin, config.default_registry.clone(), access.clone());
+            return Ok(agent(api, None));
         };
-        let swarm_config = p2p::config_from_flags(
-            &p2p_config.listen,
-            &p2p_config.bootstrap,
-            &p2p_config.trackers,
-            config.cache_dir.join("node.key"),
-            p2p_config.swarm_key.clone(),
-        )?;
+        let swarm_config = p2p::agent_config(p2p_config, config.cache_dir.join("node.key"))?;
+        crate::metrics::METRICS.max_peers.set(p2p_config.max_peers as i64);
         let crate::swarm::Parts { client, inbound, event_loop: swarm_loop, .. } =
             crate::swarm::new(swarm_config)?;
         let network = Arc::new(SwarmNetwork::new(client.clone()));
-        // Provide what the cache already holds; withdraw what it evicts.
+        supervisor.spawn("provider records", network.run_provider_queue(supervisor.token()));
+        // Provide what the cache already holds (one queue entry per digest, handed to the
+        // swarm one at a time); withdraw what it evicts.
         for digest in store.digests() {
             network.announce(digest);
         }
@@ -108,20 +125,30 @@ impl Agent {
         if p2p_config.lie_about_size {
             tracing::warn!("fault injection: every size told to peers is 1 MiB too long");
         }
-        tokio::spawn(p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve));
+        supervisor.spawn(
+            "serve peers",
+            p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve, supervisor.clone()),
+        );
         if !p2p_config.trackers.is_empty() {
-            let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone()));
-            tokio::spawn(crate::swarm::heartbeat::run(
-                client.clone(),
-                fetcher.clone(),
-                preheater,
-                p2p_config.zone.clone(),
-                network.tracker_online(),
-            ));
+            let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone(), supervisor.clone()));
+            supervisor.spawn(
+                "heartbeat",
+                crate::swarm::heartbeat::run(
+                    client.clone(),
+                    fetcher.clone(),
+                    preheater,
+                    p2p_config.zone.clone(),
+                    network.tracker_online(),
+                    supervisor.token(),
+                ),
+            );
         }
-        p2p::export_stats(client.stats(), std::time::Duration::from_millis(500));
+        supervisor.spawn(
+            "stats export",
+            p2p::export_stats(client.stats(), std::time::Duration::from_millis(500), supervisor.token()),
+        );
         let api = Api::new(fetcher, origin, config.default_registry.clone(), access);
-        Ok(Agent { api, registry_listener, metrics_listener, readiness, swarm_loop: Some(swarm_loop) })
+        Ok(agent(api, Some(swarm_loop)))
     }
 
     pub fn registry_addr(&self) -> Option<SocketAddr> {
@@ -132,34 +159,61 @@ impl Agent {
         self.metrics_listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` completes, then drains open requests.
+    /// Serves until `shutdown` completes, then stops taking requests, cancels every task and
+    /// waits for requests and tasks for at most the shutdown grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let stopped = move || {
-            let mut rx = rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
+        let sup = self.supervisor.clone();
         tracing::info!(
             registry = ?self.registry_addr(),
             metrics = ?self.metrics_addr(),
             "shoal-agent serving"
         );
         self.readiness.set_registry_serving(true);
-        let registry = registry::serve(self.registry_listener, self.api, stopped());
-        let metrics = metrics::serve(self.metrics_listener, self.readiness.clone(), stopped());
+        let limit = registry::RequestLimit::new(self.max_requests);
+        let registry =
+            registry::serve_limited(self.registry_listener, self.api, limit.clone(), sup.cancelled());
+        let metrics = metrics::serve(self.metrics_listener, self.readiness.clone(), sup.cancelled());
         if let Some(swarm_loop) = self.swarm_loop {
-            tokio::spawn(swarm_loop.run(stopped()));
+            sup.spawn("swarm", swarm_loop.run(sup.cancelled()));
         }
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = tx.send(true);
+        // The servers run in their own tasks so a stuck connection cannot hold shutdown
+        // past the grace period.
+        let mut registry = tokio::spawn(registry);
+        let metrics = tokio::spawn(metrics);
+        let (grace, readiness) = (self.shutdown_grace, self.readiness.clone());
+        // A registry server that fails (its listener broke) stops the agent too.
+        let ended = tokio::select! {
+            () = shutdown => None,
+            ended = &mut registry => Some(ended),
         };
-        let (registry, metrics, ()) = tokio::join!(registry, metrics, signal);
-        registry.map_err(|source| StartError::Serve { what: "registry API", source })?;
-        metrics.map_err(|source| StartError::Serve { what: "metrics", source })?;
-        Ok(())
+        let started = std::time::Instant::now();
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: no new requests, waiting for open ones and every task"
+        );
+        readiness.set_registry_serving(false);
+        sup.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let registry = match ended {
+            Some(ended) => Ok(ended),
+            None => tokio::time::timeout_at(deadline, registry).await,
+        };
+        let stuck = sup.wait(deadline.saturating_duration_since(tokio::time::Instant::now())).await.err();
+        let open = limit.in_flight();
+        if stuck.is_some() || open > 0 || registry.is_err() {
+            tracing::warn!(?stuck, open_requests = open, "shutdown grace period over: cutting what is left");
+        } else {
+            tracing::info!(ms = started.elapsed().as_millis() as u64, "every request and task finished");
+        }
+        metrics.abort();
+        match registry {
+            Ok(Ok(Err(source))) => Err(StartError::Serve { what: "registry API", source }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The supervisor of this agent's tasks (for tests and embedding).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
     }
 }

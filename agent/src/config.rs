@@ -22,6 +22,8 @@ pub enum ConfigError {
     Registry { flag: &'static str, source: crate::types::ParseError },
     #[error("--cache-max-bytes must be at least 1 MiB, got {0} bytes")]
     CacheTooSmall(u64),
+    #[error("--{flag} must be at least {min}")]
+    Bound { flag: &'static str, min: usize },
     #[error("--peer-concurrency must be at least 1")]
     PeerConcurrency,
     #[error("--zone {0:?}: use 1 to 63 letters, digits, '-', '_' or '.'")]
@@ -129,6 +131,21 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_NO_P2P")]
     pub no_p2p: bool,
 
+    /// Peers this agent keeps connections to at once (a quarter is kept for its own dials);
+    /// more are refused. Bounds sockets and the neighbour (ARP) entries a node needs.
+    #[arg(long, env = "SHOAL_MAX_PEERS", default_value = "256")]
+    pub max_peers: usize,
+
+    /// Registry API requests served at once; more are answered 429 `TOOMANYREQUESTS`
+    /// (containerd then tries its next host).
+    #[arg(long, env = "SHOAL_MAX_REQUESTS", default_value = "512")]
+    pub max_requests: usize,
+
+    /// On SIGTERM, how long open requests and downloads may take to finish before they are
+    /// cut, e.g. 20s, 500ms.
+    #[arg(long, env = "SHOAL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: std::time::Duration,
+
     /// Test-only fault injection: corrupt every piece sent to peers (the attested digests
     /// stay right, so receivers must catch it).
     #[cfg(feature = "fault-injection")]
@@ -155,6 +172,8 @@ pub struct P2pConfig {
     pub max_upload_rate: Option<u64>,
     pub corrupt_uploads: bool,
     pub lie_about_size: bool,
+    /// Peers with open connections at most (`--max-peers`).
+    pub max_peers: usize,
 }
 
 /// The validated configuration the agent runs with.
@@ -173,6 +192,10 @@ pub struct Config {
     /// `None` with `--no-p2p`.
     pub p2p: Option<P2pConfig>,
     pub max_download_rate: Option<u64>,
+    /// Registry API requests served at once.
+    pub max_requests: usize,
+    /// How long shutdown waits for requests and downloads.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl RunArgs {
@@ -201,6 +224,12 @@ impl RunArgs {
         if self.peer_concurrency == 0 {
             return Err(ConfigError::PeerConcurrency);
         }
+        if self.max_peers < 4 {
+            return Err(ConfigError::Bound { flag: "max-peers", min: 4 });
+        }
+        if self.max_requests == 0 {
+            return Err(ConfigError::Bound { flag: "max-requests", min: 1 });
+        }
         if let Some(zone) = &self.zone {
             let ok = !zone.is_empty()
                 && zone.len() <= 63
@@ -223,10 +252,13 @@ impl RunArgs {
             max_upload_rate: self.max_upload_rate,
             corrupt_uploads,
             lie_about_size,
+            max_peers: self.max_peers,
         });
         Ok(Config {
             p2p,
             max_download_rate: self.max_download_rate,
+            max_requests: self.max_requests,
+            shutdown_grace: self.shutdown_grace,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             cache_dir: self.cache_dir,
@@ -289,19 +321,21 @@ impl Upstreams {
     }
 }
 
-/// Parses a duration: seconds (`30`), or a number with `s`, `m` or `h` (`90s`, `10m`, `1h`).
+/// Parses a duration: a number with `ms`, `s`, `m` or `h` (`500ms`, `20s`, `10m`, `1h`); a bare
+/// number is seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        _ => return Err(format!("{s:?}: use s, m or h, e.g. 10m")),
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 20s, 10m or 1h"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
     };
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000;
@@ -356,6 +390,24 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5 parsecs").is_err());
         assert!(parse_bytes("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "1d", "-1s", "1.5s", "ten"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let cfg = Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap();
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(cfg.p2p.map(|p| p.max_peers), Some(256));
+        let args = Cli::try_parse_from(["x", "--max-peers", "1"]).unwrap().run;
+        assert!(matches!(args.into_config(), Err(ConfigError::Bound { flag: "max-peers", .. })));
     }
 
     #[test]

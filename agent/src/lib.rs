@@ -21,6 +21,12 @@
 //!   that touches `std::fs` for content.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
+//! - [`swarm`]: every libp2p type: the DHT, the piece and tracker protocols, serving peers,
+//!   heartbeats to trackers.
+//! - [`supervise`]: the supervisor every long-running task is spawned through, so SIGTERM
+//!   waits for all of them within a grace period.
+//! - [`sync`]: the one policy for a poisoned mutex (recover the guard), and UTF-8-safe
+//!   clipping of texts.
 //! - [`agent`]: wiring: open the store, bind the listeners, run until shutdown.
 
 pub mod access;
@@ -35,5 +41,7 @@ pub mod preheat;
 pub mod ratelimit;
 pub mod registry;
 pub mod store;
+pub mod supervise;
 pub mod swarm;
+pub mod sync;
 pub mod types;

@@ -80,6 +80,9 @@ fn main() -> ExitCode {
                 agent.run(shutdown_signal()).await?;
                 Ok(())
             });
+            // `run` waited for every task within the grace period; what is left (a client
+            // connection that would not close) is cut here instead of holding the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

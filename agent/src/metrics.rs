@@ -67,6 +67,9 @@ pub struct Metrics {
     pub origin_pieces_unplanned: Counter,
     pub origin_pieces_taken_over: Counter,
     pub auth_checks: Family<OutcomeLabels, Counter>,
+    pub max_peers: Gauge,
+    pub peer_connections_refused: Counter,
+    pub tasks: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,7 +196,24 @@ impl Metrics {
              the stream too long), without a tracker",
             origin_pieces_taken_over.clone(),
         );
+        let max_peers = Gauge::default();
+        registry.register(
+            "max_peers",
+            "Peers this agent keeps swarm connections to at most (--max-peers)",
+            max_peers.clone(),
+        );
+        let peer_connections_refused = Counter::default();
+        registry.register(
+            "peer_connections_refused",
+            "Swarm connections refused or not dialed because --max-peers were connected",
+            peer_connections_refused.clone(),
+        );
+        let tasks = Gauge::default();
+        registry.register("tasks", "Tokio tasks alive in the agent process", tasks.clone());
         Metrics {
+            max_peers,
+            peer_connections_refused,
+            tasks,
             origin_pieces_taken_over,
             tracker_plans,
             auth_checks,
@@ -249,6 +269,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 
 use crate::fetch::{Fetcher, Lookup, Source};
 use crate::origin::{Kind, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES};
+use crate::supervise::Supervisor;
 use crate::swarm::tracker_protocol::{PreheatJob, PreheatProgress, PreheatState, MAX_PREHEAT_JOBS};
 use crate::types::Digest;
 
@@ -34,17 +35,32 @@ pub struct Preheater {
     fetcher: Arc<Fetcher>,
     /// By job id; the oldest finished ones are dropped beyond [`MAX_PREHEAT_JOBS`].
     jobs: Arc<Mutex<BTreeMap<u64, PreheatProgress>>>,
+    /// Runs the jobs; a job stops (failed: shutting down) when shutdown starts.
+    supervisor: Supervisor,
+}
+
+/// Longest failure text kept for a job (it travels in heartbeats, whose texts are bounded by
+/// the tracker protocol).
+const MAX_FAILURE_TEXT: usize = 200;
+const _: () = assert!(MAX_FAILURE_TEXT <= crate::swarm::tracker_protocol::MAX_TEXT_BYTES);
+
+/// The state a job ends in, from the result of [`run`].
+fn finished(result: Result<(), String>) -> PreheatState {
+    match result {
+        Ok(()) => PreheatState::Done,
+        Err(why) => PreheatState::Failed(crate::sync::clip(why, MAX_FAILURE_TEXT)),
+    }
 }
 
 impl Preheater {
-    pub fn new(fetcher: Arc<Fetcher>) -> Self {
-        Preheater { fetcher, jobs: Arc::default() }
+    pub fn new(fetcher: Arc<Fetcher>, supervisor: Supervisor) -> Self {
+        Preheater { fetcher, jobs: Arc::default(), supervisor }
     }
 
     /// Starts `job` unless it is known already.
     pub fn start(&self, job: PreheatJob) {
         {
-            let mut jobs = self.jobs.lock().expect("preheat lock");
+            let mut jobs = crate::sync::lock(&self.jobs);
             if jobs.contains_key(&job.id) {
                 return;
             }
@@ -61,36 +77,29 @@ impl Preheater {
             jobs.insert(job.id, progress(job.id, PreheatState::Running));
         }
         tracing::info!(job = job.id, registry = %job.registry, repository = %job.repository, "preheat started");
-        let (fetcher, jobs) = (self.fetcher.clone(), self.jobs.clone());
-        tokio::spawn(async move {
+        let (fetcher, jobs, cancel) = (self.fetcher.clone(), self.jobs.clone(), self.supervisor.token());
+        self.supervisor.spawn("preheat", async move {
             let id = job.id;
-            let result = run(&fetcher, &jobs, &job).await;
-            let mut jobs = jobs.lock().expect("preheat lock");
+            let result = tokio::select! {
+                result = run(&fetcher, &jobs, &job) => result,
+                () = cancel.cancelled() => Err("the agent is shutting down".to_string()),
+            };
+            let mut jobs = crate::sync::lock(&jobs);
             if let Some(p) = jobs.get_mut(&id) {
-                p.state = match result {
+                match &result {
                     Ok(()) => {
-                        tracing::info!(
-                            job = id,
-                            blobs = p.blobs_total,
-                            bytes = p.bytes_total,
-                            "preheat done"
-                        );
-                        PreheatState::Done
+                        tracing::info!(job = id, blobs = p.blobs_total, bytes = p.bytes_total, "preheat done")
                     }
-                    Err(why) => {
-                        tracing::warn!(job = id, %why, "preheat failed");
-                        let mut why = why;
-                        why.truncate(200);
-                        PreheatState::Failed(why)
-                    }
-                };
+                    Err(why) => tracing::warn!(job = id, %why, "preheat failed"),
+                }
+                p.state = finished(result);
             }
         });
     }
 
     /// Progress of every remembered job.
     pub fn progress(&self) -> Vec<PreheatProgress> {
-        self.jobs.lock().expect("preheat lock").values().cloned().collect()
+        crate::sync::lock(&self.jobs).values().cloned().collect()
     }
 }
 
@@ -163,7 +172,7 @@ async fn run(
         return Err(format!("manifest {digest} names no config or layers"));
     }
     let update = |f: &dyn Fn(&mut PreheatProgress)| {
-        if let Some(p) = jobs.lock().expect("preheat lock").get_mut(&job.id) {
+        if let Some(p) = crate::sync::lock(jobs).get_mut(&job.id) {
             f(p);
         }
     };
@@ -187,4 +196,26 @@ async fn run(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure whose text has a multi-byte character across byte 200 used to panic in
+    /// `String::truncate` inside the job's task, poisoning the job table and leaving the job
+    /// `Running` forever.
+    #[test]
+    fn a_long_non_ascii_failure_is_clipped_not_panicking() {
+        let why = format!("{}é: no such manifest", "x".repeat(199));
+        assert!(!why.is_char_boundary(200));
+        match finished(Err(why)) {
+            PreheatState::Failed(text) => {
+                assert!(text.len() <= MAX_FAILURE_TEXT);
+                assert_eq!(text, "x".repeat(199));
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert_eq!(finished(Ok(())), PreheatState::Done);
+    }
 }

@@ -33,7 +33,7 @@ impl RateLimiter {
     pub async fn acquire(&self, bytes: u64) {
         let Some(rate) = self.rate else { return };
         let wait = {
-            let mut b = self.state.lock().expect("rate limiter lock");
+            let mut b = crate::sync::lock(&self.state);
             let now = Instant::now();
             let burst = rate as f64 * BURST.as_secs_f64();
             b.tokens = (b.tokens + (now - b.last).as_secs_f64() * rate as f64).min(burst);

@@ -306,6 +306,22 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, then SIGKILL after `grace`: the exit status if it exited by itself. The
+    /// agent can be started again with [`Agent::restart`].
+    pub fn terminate_within(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.daemon.take().and_then(|mut d| d.terminate(grace))
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().and_then(|d| d.pid())
+    }
+
+    /// A metric's value summed over the samples matching `labels`, 0 if absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metric_value(name, labels).await.expect("scrape /metrics").unwrap_or(0.0)
+    }
+
     /// SIGTERM, up to 10 s grace, then SIGKILL. Returns true if it exited by itself.
     pub fn terminate(&mut self) -> bool {
         match self.daemon.take() {

@@ -9,7 +9,14 @@ use crate::{http_client, Agent, Image, Origin, MANIFEST_ACCEPT};
 
 /// `<agent>/v2/<repo>/<kind>/<reference>?ns=<origin>`
 pub fn url(agent: &Agent, origin: &Origin, repo: &str, kind: &str, reference: &str) -> String {
-    format!("{}/v2/{repo}/{kind}/{reference}?ns={}", agent.url(), origin.host().replace(':', "%3A"))
+    ns_url(agent, &origin.host(), &format!("/v2/{repo}/{kind}/{reference}"))
+}
+
+/// `<agent><path>?ns=<registry>` (`&ns=` if `path` has a query), URL-encoded like
+/// containerd does (`127.0.0.1%3A5555`).
+pub fn ns_url(agent: &Agent, registry: &str, path: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{}{path}{sep}ns={}", agent.url(), registry.replace(':', "%3A"))
 }
 
 /// Pulls `image` through `agent` over HTTP like a client would: resolve the tag, then every

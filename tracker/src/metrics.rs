@@ -130,7 +130,7 @@ impl Metrics {
 
     /// Copies the state's and the swarm's numbers into the metrics.
     pub fn sync(&self, state: &State, stats: &SwarmStats, now: Instant) {
-        let _serial = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = shoal_agent::sync::lock(&self.sync_lock);
         let (nodes, alive, digests) = state.gauges(now);
         self.nodes.set(nodes as i64);
         self.alive_nodes.set(alive as i64);

@@ -62,7 +62,7 @@ impl Shared {
     /// state partly updated, which the next announcements correct; refusing every later
     /// request would be worse.
     pub fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        shoal_agent::sync::lock(&self.state)
     }
 
     /// `/metrics` text, synced with the state and the swarm counters.

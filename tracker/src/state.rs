@@ -33,8 +33,22 @@
 //!   again rather than waited for.
 //! - First-hand piece digests: the first attestation of a piece wins; a conflicting later one
 //!   is counted and ignored.
+//! - Peers: the best [`MAX_PEERS`] live nodes holding pieces the requester lacks (same zone
+//!   first, then most such pieces, then least handed out), chosen among at most [`MAX_SCAN`]
+//!   of the digest's downloaders and [`MAX_SEED_SCAN`] of the nodes holding it whole, taken
+//!   round robin from where the previous plan stopped. Below those numbers that is everyone.
+//!
+//! ## Cost
+//!
+//! A plan costs O(pieces + MAX_SCAN + MAX_SEED_SCAN + log N), not O(N): each digest keeps,
+//! per piece, how many live incomplete downloaders hold it (updated from the difference
+//! between a downloader's previous and new bitfield, and taken out when its last plan is
+//! [`NODE_DEAD`] old, in order of last plan), the set of its complete downloaders, and the
+//! index of nodes that hold it (from heartbeats). `plan_cost` in `state/tests.rs` measures it
+//! at 100, 1,000 and 10,000 nodes.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -66,8 +80,13 @@ pub const LOAD_WINDOW: Duration = Duration::from_secs(2);
 const MAX_LOAD_ENTRIES: usize = 4096;
 /// Digest states nobody planned for in this long are forgotten.
 pub const DIGEST_FORGET: Duration = Duration::from_secs(600);
-/// Nodes the tracker keeps at once; beyond that, unknown nodes are refused.
-pub const MAX_NODES: usize = 10_000;
+/// Nodes the tracker keeps at once; beyond that, unknown nodes are refused. A node costs
+/// about a kilobyte plus its held set; plans cost no more with more nodes (see "Cost").
+pub const MAX_NODES: usize = 100_000;
+/// Downloaders of the digest a plan examines as peer candidates, round robin.
+pub const MAX_SCAN: usize = 256;
+/// Nodes holding the whole digest a plan examines as peer candidates, round robin.
+pub const MAX_SEED_SCAN: usize = 64;
 /// Digests the tracker keeps at once; beyond that, plans for new digests are refused.
 pub const MAX_DIGESTS: usize = 20_000;
 /// Complete digests remembered per node.
@@ -139,6 +158,9 @@ struct Downloader {
     last_gain: Instant,
     last_plan: Instant,
     complete: bool,
+    /// Its pieces are counted in [`DigestState::holds`]: it is incomplete and planned within
+    /// [`NODE_DEAD`].
+    counted: bool,
 }
 
 impl Downloader {
@@ -153,10 +175,84 @@ struct DigestState {
     piece_size: u32,
     pieces: u32,
     last_plan: Instant,
-    downloaders: HashMap<PeerId, Downloader>,
+    downloaders: BTreeMap<PeerId, Downloader>,
     assigned: BTreeMap<u32, (PeerId, Instant)>,
     first_hand: BTreeMap<u32, DigestBytes>,
     metainfo_complete: bool,
+    /// Per piece: counted downloaders holding it.
+    holds: Vec<u32>,
+    /// Counted downloaders by their last plan, oldest first.
+    by_last_plan: BTreeSet<(Instant, PeerId)>,
+    /// Downloaders that verified the whole blob.
+    completes: BTreeSet<PeerId>,
+    /// Where the next plan's peer scans start.
+    cursor: Option<PeerId>,
+    seed_cursor: Option<PeerId>,
+}
+
+/// Adds the bits set in `new` and not in `old` to `holds`, subtracts those set in `old` and
+/// not in `new` (a missing side counts as all zeros).
+fn apply_diff(holds: &mut [u32], old: &[u8], new: &[u8]) {
+    let len = old.len().max(new.len());
+    for j in 0..len {
+        let (o, n) = (old.get(j).copied().unwrap_or(0), new.get(j).copied().unwrap_or(0));
+        let diff = o ^ n;
+        if diff == 0 {
+            continue;
+        }
+        for b in 0..8 {
+            if diff & (1 << b) != 0 {
+                if let Some(h) = holds.get_mut(j * 8 + b) {
+                    if n & (1 << b) != 0 {
+                        *h += 1;
+                    } else {
+                        *h = h.saturating_sub(1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DigestState {
+    /// Stops counting downloaders whose last plan is older than [`NODE_DEAD`].
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(t, p)) = self.by_last_plan.first() {
+            if now.saturating_duration_since(t) <= NODE_DEAD {
+                break;
+            }
+            self.by_last_plan.pop_first();
+            if let Some(dl) = self.downloaders.get_mut(&p) {
+                if dl.counted {
+                    apply_diff(&mut self.holds, &dl.have, &[]);
+                    dl.counted = false;
+                }
+            }
+        }
+    }
+
+    fn remove_downloader(&mut self, peer: &PeerId) {
+        if let Some(dl) = self.downloaders.remove(peer) {
+            if dl.counted {
+                apply_diff(&mut self.holds, &dl.have, &[]);
+                self.by_last_plan.remove(&(dl.last_plan, *peer));
+            }
+        }
+        self.completes.remove(peer);
+    }
+}
+
+/// Up to `max` keys of `map` after `cursor`, wrapping around.
+fn round_robin<V>(map: &BTreeMap<PeerId, V>, cursor: Option<PeerId>, max: usize) -> Vec<PeerId> {
+    match cursor {
+        Some(c) => map
+            .range((Bound::Excluded(c), Bound::Unbounded))
+            .chain(map.range(..=c))
+            .map(|(k, _)| *k)
+            .take(max)
+            .collect(),
+        None => map.keys().take(max).copied().collect(),
+    }
 }
 
 /// How far one node got with a preheat job.
@@ -207,6 +303,8 @@ pub enum PreheatError {
 pub struct State {
     nodes: HashMap<PeerId, Node>,
     digests: HashMap<DigestBytes, DigestState>,
+    /// Nodes holding each digest whole, as their heartbeats say (an index of `Node::held`).
+    seeders: HashMap<DigestBytes, BTreeMap<PeerId, ()>>,
     preheats: BTreeMap<u64, PreheatJobState>,
     next_preheat: u64,
     /// Bytes counted by nodes that restarted (their counters went back) or were forgotten, so
@@ -250,6 +348,7 @@ impl State {
         State {
             nodes: HashMap::new(),
             digests: HashMap::new(),
+            seeders: HashMap::new(),
             preheats: BTreeMap::new(),
             next_preheat: 1,
             retired: (0, 0),
@@ -299,9 +398,11 @@ impl State {
         node.downloading = beat.downloading.clone();
         let mut resync = false;
         let mut gone: Vec<DigestBytes> = Vec::new();
+        let mut added: Vec<DigestBytes> = Vec::new();
         if beat.full {
             let held: HashSet<DigestBytes> = beat.held_added.iter().copied().collect();
             gone.extend(node.held.difference(&held).copied());
+            added.extend(held.difference(&node.held).copied());
             node.held = held;
             node.synced = true;
         } else if !node.synced {
@@ -317,22 +418,35 @@ impl State {
                     tracing::warn!(%peer, "node holds more than {MAX_HELD_PER_NODE} digests; ignoring the rest");
                     break;
                 }
-                node.held.insert(*d);
+                if node.held.insert(*d) {
+                    added.push(*d);
+                }
             }
+        }
+        for d in &gone {
+            if let Some(set) = self.seeders.get_mut(d) {
+                set.remove(&peer);
+                if set.is_empty() {
+                    self.seeders.remove(d);
+                }
+            }
+        }
+        for d in &added {
+            self.seeders.entry(*d).or_default().insert(peer, ());
         }
         if beat.full {
             // Digests the node finished through plans but no longer holds (evicted).
             let held = &node.held;
             for (d, state) in self.digests.iter_mut() {
                 if state.downloaders.get(&peer).is_some_and(|dl| dl.complete) && !held.contains(d) {
-                    state.downloaders.remove(&peer);
+                    state.remove_downloader(&peer);
                 }
             }
         } else {
             for d in gone {
                 if let Some(state) = self.digests.get_mut(&d) {
                     if state.downloaders.get(&peer).is_some_and(|dl| dl.complete) {
-                        state.downloaders.remove(&peer);
+                        state.remove_downloader(&peer);
                     }
                 }
             }
@@ -404,12 +518,18 @@ impl State {
             piece_size: req.piece_size,
             pieces,
             last_plan: now,
-            downloaders: HashMap::new(),
+            downloaders: BTreeMap::new(),
             assigned: BTreeMap::new(),
             first_hand: BTreeMap::new(),
             metainfo_complete: false,
+            holds: vec![0; pieces as usize],
+            by_last_plan: BTreeSet::new(),
+            completes: BTreeSet::new(),
+            cursor: None,
+            seed_cursor: None,
         });
         state.last_plan = now;
+        state.expire(now);
 
         // The requester's progress.
         let count = count_bits(&req.have);
@@ -419,15 +539,28 @@ impl State {
             last_gain: now,
             last_plan: now,
             complete: false,
+            counted: false,
         });
         if count > me.count {
             me.last_gain = now;
         }
+        let old: &[u8] = if me.counted { &me.have } else { &[] };
+        let complete = me.complete || req.complete;
+        if me.counted {
+            state.by_last_plan.remove(&(me.last_plan, peer));
+        }
+        if complete {
+            apply_diff(&mut state.holds, old, &[]);
+            state.completes.insert(peer);
+        } else {
+            apply_diff(&mut state.holds, old, &req.have);
+            state.by_last_plan.insert((now, peer));
+        }
+        me.counted = !complete;
         me.have = req.have.clone();
         me.count = count;
         me.last_plan = now;
-        me.complete |= req.complete;
-        let complete = me.complete;
+        me.complete = complete;
 
         // First-hand piece digests.
         for (piece, sha) in &req.attest {
@@ -444,28 +577,17 @@ impl State {
         }
         // Complete metainfo: every piece attested first-hand and the whole blob verified by
         // someone (attestations may trail the first completion by a plan or two).
-        if state.first_hand.len() as u32 == pieces && state.downloaders.values().any(|dl| dl.complete) {
+        if state.first_hand.len() as u32 == pieces && !state.completes.is_empty() {
             state.metainfo_complete = true;
         }
 
-        // Which pieces a live node holds.
-        let holder_alive =
-            nodes.iter().any(|(id, n)| *id != peer && n.alive(now) && n.held.contains(&req.digest));
-        let mut held_any = vec![holder_alive; pieces as usize];
-        if !holder_alive {
-            for (id, dl) in &state.downloaders {
-                if !dl.active(now) || !nodes.get(id).is_some_and(|n| n.alive(now)) {
-                    continue;
-                }
-                if dl.complete {
-                    held_any.fill(true);
-                    break;
-                }
-                for (i, held) in held_any.iter_mut().enumerate() {
-                    *held |= bit(&dl.have, i as u32);
-                }
-            }
-        }
+        // Which pieces a live node holds: all of them if a live node holds the whole blob,
+        // else those some live downloader counts.
+        let alive = |id: &PeerId| nodes.get(id).is_some_and(|n| n.alive(now));
+        let seeders = self.seeders.get(&req.digest);
+        let whole = seeders.is_some_and(|s| s.keys().any(|id| *id != peer && alive(id)))
+            || state.completes.iter().any(alive);
+        let held_any: Vec<bool> = state.holds.iter().map(|&h| whole || h > 0).collect();
 
         // Assignments: drop what is held now, release the dead and the stalled.
         state.assigned.retain(|piece, _| !held_any[*piece as usize]);
@@ -502,7 +624,16 @@ impl State {
         let my_zone = nodes.get(&peer).and_then(|n| n.zone.clone());
         let mut candidates: Vec<(bool, u32, usize, PeerId)> = Vec::new();
         if lacking > 0 {
-            for (id, node) in nodes.iter_mut() {
+            // A bounded sample, round robin: downloaders, then whole holders.
+            let mut ids = round_robin(&state.downloaders, state.cursor, MAX_SCAN);
+            state.cursor = ids.last().copied();
+            if let Some(seeders) = seeders {
+                let more = round_robin(seeders, state.seed_cursor, MAX_SEED_SCAN);
+                state.seed_cursor = more.last().copied();
+                ids.extend(more.into_iter().filter(|id| !state.downloaders.contains_key(id)));
+            }
+            for id in &ids {
+                let Some(node) = nodes.get_mut(id) else { continue };
                 if *id == peer || !node.alive(now) {
                     continue;
                 }
@@ -566,9 +697,17 @@ impl State {
             if let Some(node) = self.nodes.remove(&id) {
                 self.retired.0 += node.counters.origin_bytes;
                 self.retired.1 += node.counters.peer_bytes;
+                for d in &node.held {
+                    if let Some(set) = self.seeders.get_mut(d) {
+                        set.remove(&id);
+                        if set.is_empty() {
+                            self.seeders.remove(d);
+                        }
+                    }
+                }
             }
             for state in self.digests.values_mut() {
-                state.downloaders.remove(&id);
+                state.remove_downloader(&id);
             }
             for job in self.preheats.values_mut() {
                 if let Some(entry) = job.nodes.get_mut(&id) {

@@ -291,12 +291,10 @@ impl Origin {
     }
 
     fn cached_authorization(&self, registry: &Registry, scope: &str) -> Option<String> {
-        if let Some(token) =
-            self.tokens.lock().expect("token lock").get(registry.as_str(), scope, Instant::now())
-        {
+        if let Some(token) = crate::sync::lock(&self.tokens).get(registry.as_str(), scope, Instant::now()) {
             return Some(format!("Bearer {token}"));
         }
-        if self.basic.lock().expect("basic lock").contains(registry) {
+        if crate::sync::lock(&self.basic).contains(registry) {
             return self.credentials.get(registry.as_str()).map(|c| c.basic_header());
         }
         None
@@ -316,7 +314,7 @@ impl Origin {
                         "{registry} asks for Basic auth and --registry-auth-file has no entry for it"
                     ))
                 })?;
-                self.basic.lock().expect("basic lock").insert(registry.clone());
+                crate::sync::lock(&self.basic).insert(registry.clone());
                 Ok(creds.basic_header())
             }
             Challenge::Bearer { realm, service, scope: challenge_scope } => {
@@ -349,7 +347,7 @@ impl Origin {
                     })?;
                 let lifetime =
                     parsed.expires_in.map(Duration::from_secs).unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
-                self.tokens.lock().expect("token lock").put(
+                crate::sync::lock(&self.tokens).put(
                     registry.as_str(),
                     scope,
                     token.clone(),

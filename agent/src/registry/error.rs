@@ -17,6 +17,7 @@ pub enum Code {
     NameUnknown,
     RangeInvalid,
     Unauthorized,
+    TooManyRequests,
     Unsupported,
     Unknown,
 }
@@ -32,6 +33,7 @@ impl Code {
             Code::NameUnknown => "NAME_UNKNOWN",
             Code::Unauthorized => "UNAUTHORIZED",
             Code::RangeInvalid => "RANGE_INVALID",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Unsupported => "UNSUPPORTED",
             Code::Unknown => "UNKNOWN",
         }

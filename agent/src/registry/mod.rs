@@ -16,6 +16,9 @@
 //! error chain; the log has the details.
 
 pub mod error;
+mod limit;
+#[cfg(test)]
+mod proptests;
 mod range;
 
 use std::num::NonZeroUsize;
@@ -34,8 +37,9 @@ use crate::access::{Access, Grant, Identity, Refusal};
 use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
 use crate::metrics::{RequestLabels, METRICS};
 use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
-use crate::types::{Digest, Reference, Registry, RepoName, Tag};
+use crate::types::{Digest, ParseError, Reference, Registry, RepoName, Tag};
 use error::{ApiError, Code};
+pub use limit::RequestLimit;
 
 /// Response header on a tag answered from the last known digest (origin unreachable).
 pub const STALE_HEADER: &str = "x-shoal-stale";
@@ -75,6 +79,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(api)).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves the registry API with at most `limit` requests in flight (see [`limit`]).
+pub async fn serve_limited(
+    listener: TcpListener,
+    api: Arc<Api>,
+    limit: Arc<RequestLimit>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(api).layer(axum::middleware::from_fn_with_state(limit, limit::limit));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -157,7 +172,7 @@ async fn dispatch(
         }
         Route::Manifest { name, reference } if readonly => {
             let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
-            let reference: Reference = reference.parse()?;
+            let reference = parse_reference(reference)?;
             api.manifest(method, headers, registry, repo, reference, &who).await
         }
         Route::Blob { name, digest } if readonly => {
@@ -172,6 +187,18 @@ async fn dispatch(
         }
         Route::Other => Err(ApiError::unsupported(&format!("{method} {}", uri.path()))),
     }
+}
+
+/// A manifest reference. A malformed digest is the client's mistake (400 `DIGEST_INVALID`), but
+/// a string that cannot be a tag names a manifest that cannot exist: the distribution spec's
+/// conformance suite (`.INVALID_MANIFEST_NAME`) and docker-registry answer 404, so we answer
+/// 404 `MANIFEST_UNKNOWN` without asking the origin.
+fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
+    reference.parse().map_err(|e| match e {
+        ParseError::Tag(_) => ApiError::new(StatusCode::NOT_FOUND, Code::ManifestUnknown, e.to_string())
+            .with_detail(serde_json::json!({ "Tag": reference })),
+        other => other.into(),
+    })
 }
 
 impl Api {
@@ -245,11 +272,11 @@ impl Api {
                         tracing::warn!(digest = %resolved.digest, error = %e, "could not store manifest");
                     }
                 }
-                self.last_known_tags.lock().expect("tag lock").put(key, resolved.clone());
+                crate::sync::lock(&self.last_known_tags).put(key, resolved.clone());
                 (resolved, false)
             }
             Err(OriginError::Unreachable(why)) => {
-                let known = self.last_known_tags.lock().expect("tag lock").get(&key).cloned();
+                let known = crate::sync::lock(&self.last_known_tags).get(&key).cloned();
                 match known {
                     Some(resolved) => {
                         tracing::warn!(%registry, %repo, %tag, digest = %resolved.digest, %why,

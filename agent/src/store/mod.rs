@@ -82,7 +82,7 @@ pub struct ReadGuard {
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        let mut inner = self.store.inner.lock().expect("store lock poisoned");
+        let mut inner = crate::sync::lock(&self.store.inner);
         if let Some(n) = inner.readers.get_mut(&self.digest) {
             *n -= 1;
             if *n == 0 {
@@ -239,7 +239,7 @@ impl Store {
         });
         let victims = store.pick_victims(None);
         store.remove_files(&victims);
-        store.inner.lock().expect("store lock poisoned").publish_gauges();
+        crate::sync::lock(&store.inner).publish_gauges();
         Ok(store)
     }
 
@@ -250,7 +250,7 @@ impl Store {
 
     /// Every complete blob, most recently used first.
     pub fn digests(&self) -> Vec<Digest> {
-        self.inner.lock().expect("store lock poisoned").index.iter().map(|(d, _)| *d).collect()
+        crate::sync::lock(&self.inner).index.iter().map(|(d, _)| *d).collect()
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -263,12 +263,12 @@ impl Store {
 
     /// Whether a complete blob is stored (does not count as a use).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.inner.lock().expect("store lock poisoned").index.contains(digest)
+        crate::sync::lock(&self.inner).index.contains(digest)
     }
 
     /// Looks a complete blob up, marks it used, and pins it until the guard is dropped.
     pub fn get(self: &Arc<Self>, digest: &Digest) -> Option<(Entry, ReadGuard)> {
-        let mut inner = self.inner.lock().expect("store lock poisoned");
+        let mut inner = crate::sync::lock(&self.inner);
         let entry = inner.index.get(digest)?.clone();
         *inner.readers.entry(*digest).or_insert(0) += 1;
         Some((entry, ReadGuard { store: self.clone(), digest: *digest }))
@@ -368,7 +368,7 @@ impl Store {
             let _ = dir.sync_all().await;
         }
         {
-            let mut inner = self.inner.lock().expect("store lock poisoned");
+            let mut inner = crate::sync::lock(&self.inner);
             let entry = Entry { size: written, media_type: media_type.map(str::to_string) };
             if let Some(old) = inner.index.put(digest, entry) {
                 inner.total_bytes -= old.size;
@@ -387,7 +387,7 @@ impl Store {
     /// Removes least recently used blobs from the index until the quota holds, skipping blobs
     /// being read and `keep`. Returns what to delete from disk.
     fn pick_victims(&self, keep: Option<&Digest>) -> Vec<Digest> {
-        let mut inner = self.inner.lock().expect("store lock poisoned");
+        let mut inner = crate::sync::lock(&self.inner);
         let mut victims = Vec::new();
         if inner.total_bytes <= self.max_bytes {
             return victims;

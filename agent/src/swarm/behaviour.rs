@@ -7,7 +7,7 @@ use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, kad, StreamProtocol};
+use libp2p::{connection_limits, identify, kad, StreamProtocol};
 
 use super::protocol::{PieceCodec, PROTOCOL};
 use super::tracker_protocol::{TrackerCodec, TRACKER_PROTOCOL};
@@ -30,8 +30,29 @@ pub(crate) const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(60 * 60);
 /// One DHT query (lookup or publication) gives up after this long.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The connection limits of a node with at most `max_peers` connections: a quarter of them
+/// is kept for its own dials (providers, the tracker, pieces it wants), so a flood of inbound
+/// peers cannot stop it from fetching. One peer may hold two connections (both sides dialed
+/// at once), never more.
+pub(crate) fn connection_limits(max_peers: Option<usize>) -> connection_limits::ConnectionLimits {
+    let limits = connection_limits::ConnectionLimits::default().with_max_established_per_peer(Some(2));
+    match max_peers {
+        None => limits,
+        Some(max) => {
+            let max = max as u32;
+            limits
+                .with_max_established(Some(max))
+                .with_max_established_incoming(Some(max - max / 4))
+                .with_max_pending_incoming(Some(max / 4))
+                .with_max_pending_outgoing(Some(max / 4))
+        }
+    }
+}
+
+/// `limits` comes first: it refuses a connection before the other behaviours hear of it.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) pieces: request_response::Behaviour<PieceCodec>,
@@ -91,6 +112,7 @@ impl Behaviour {
             request_response::Config::default().with_request_timeout(config.request_timeout),
         );
 
-        Behaviour { kad, identify, pieces, tracker }
+        let limits = connection_limits::Behaviour::new(connection_limits(config.max_peers));
+        Behaviour { limits, kad, identify, pieces, tracker }
     }
 }

@@ -448,6 +448,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.on_identify_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Pieces(event)) => self.on_piece_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Tracker(event)) => self.on_tracker_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "swarm listening");
                 let addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
@@ -491,9 +492,15 @@ impl EventLoop {
                         *slot = Some(self.local_peer_id);
                     }
                 }
+                if matches!(error, DialError::Denied { .. }) {
+                    self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(from = %send_back_addr, error = %error, "inbound connection failed");
             }
             _ => {}

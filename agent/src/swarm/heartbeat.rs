@@ -40,8 +40,22 @@ struct View {
     announced: HashSet<Digest>,
 }
 
-/// Sends heartbeats until the swarm stops; sets `online` while a tracker answers.
+/// Sends heartbeats until `cancel`; sets `online` while a tracker answers.
 pub async fn run(
+    client: Client,
+    fetcher: Arc<Fetcher>,
+    preheater: Arc<Preheater>,
+    zone: Option<String>,
+    online: Arc<AtomicBool>,
+    cancel: crate::supervise::CancellationToken,
+) {
+    tokio::select! {
+        () = beat(client, fetcher, preheater, zone, online) => {}
+        () = cancel.cancelled() => {}
+    }
+}
+
+async fn beat(
     client: Client,
     fetcher: Arc<Fetcher>,
     preheater: Arc<Preheater>,

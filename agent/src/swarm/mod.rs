@@ -55,6 +55,8 @@ pub mod network;
 pub mod protocol;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tracker_proptests;
 pub mod tracker_protocol;
 
 use std::fmt;
@@ -84,6 +86,12 @@ pub use protocol::{HaveInfo, PieceRequest, PieceResponse, MAX_PIECE_BYTES, MAX_R
 pub const DEFAULT_PORT: u16 = 5001;
 /// The tracker's default P2P port (for `--tracker dns:<name>` without a port).
 pub const TRACKER_PORT: u16 = 5101;
+/// Peers an agent keeps connections to by default (`--max-peers`). In a 10,000-node cluster
+/// an agent talks to its Kademlia neighbourhood (k = 20 per bucket, about 14 buckets at that
+/// size, but connections only while queried), the ≤ 16 peers of each download and a tracker;
+/// idle connections close after a minute. 256 leaves room for that and stays far below the
+/// kernel's default neighbour table (1,024 entries, shared by everything on the node).
+pub const DEFAULT_MAX_PEERS: usize = 256;
 /// Connections with no stream open for this long are closed.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Commands waiting for the event loop.
@@ -122,6 +130,9 @@ pub struct SwarmConfig {
     pub max_message_bytes: usize,
     /// Inbound piece requests waiting for the serving task; more are answered `Busy`.
     pub inbound_queue: usize,
+    /// Established connections at most (`None`: unbounded, for trackers, which talk to
+    /// every agent); see [`behaviour::connection_limits`].
+    pub max_peers: Option<usize>,
 }
 
 impl SwarmConfig {
@@ -139,6 +150,8 @@ impl SwarmConfig {
             request_timeout: Duration::from_secs(30),
             max_message_bytes: MAX_RESPONSE_BYTES,
             inbound_queue: 64,
+            // Trackers talk to every agent; agents pass `--max-peers`.
+            max_peers: None,
         }
     }
 
@@ -152,6 +165,9 @@ impl SwarmConfig {
                 "max message size {} outside {MIN_MESSAGE_BYTES}..={MAX_RESPONSE_BYTES}",
                 self.max_message_bytes
             ));
+        }
+        if self.max_peers.is_some_and(|n| n < 4) {
+            return invalid("max peers must be at least 4".to_string());
         }
         if self.inbound_queue == 0 {
             return invalid("the inbound request queue must hold at least one request".to_string());
@@ -264,6 +280,8 @@ pub struct SwarmStats {
     pub tracker_requests_failed: AtomicU64,
     /// Of those, answered `Busy` by the loop because the serving queue was full.
     pub inbound_busy: AtomicU64,
+    /// Connections refused (inbound) or not dialed (outbound) because of `max_peers`.
+    pub connections_refused: AtomicU64,
 }
 
 /// What [`new`] returns.

@@ -3,7 +3,7 @@
 //! requests from this node's store and downloads. Peer ids become [`NodeId`]s here, so no
 //! libp2p type leaves this module.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::client::{Client, InboundRequest, RequestError};
 use super::protocol::{HaveInfo, PieceRequest, PieceResponse};
@@ -23,6 +23,7 @@ use crate::fetch::Fetcher;
 use crate::metrics::{OutcomeLabels, METRICS};
 use crate::pieces::Bitfield;
 use crate::ratelimit::RateLimiter;
+use crate::supervise::{CancellationToken, Supervisor};
 use crate::types::Digest;
 
 /// How long a provider lookup may take before the download goes on with what it found.
@@ -56,6 +57,17 @@ pub fn config_from_flags(
     Ok(config)
 }
 
+/// An agent's [`SwarmConfig`]: [`config_from_flags`] plus its bound on peers.
+pub fn agent_config(
+    p2p: &crate::config::P2pConfig,
+    key_path: std::path::PathBuf,
+) -> Result<SwarmConfig, SwarmError> {
+    let mut config =
+        config_from_flags(&p2p.listen, &p2p.bootstrap, &p2p.trackers, key_path, p2p.swarm_key.clone())?;
+    config.max_peers = Some(p2p.max_peers);
+    Ok(config)
+}
+
 pub struct SwarmNetwork {
     client: Client,
     me: NodeId,
@@ -63,10 +75,61 @@ pub struct SwarmNetwork {
     tracker_online: Arc<AtomicBool>,
     /// Peers whose plan addresses were handed to the swarm already.
     addressed: Arc<Mutex<HashSet<PeerId>>>,
+    /// Announcements and withdrawals not yet handed to the swarm (see [`ProviderQueue`]).
+    providers: Arc<ProviderQueue>,
+    /// Plan requests in flight; more are not sent (the download counts them unanswered).
+    plans: Arc<Semaphore>,
 }
 
 /// Peers remembered in [`SwarmNetwork::addressed`] before the set starts over.
 const MAX_ADDRESSED: usize = 4096;
+/// Plan requests to trackers in flight at once, over all downloads. A download asks about
+/// every 0.5 s without waiting for the last answer; against a tracker that stopped answering
+/// (30 s request timeout) this is what keeps those requests from piling up.
+const MAX_PLANS_IN_FLIGHT: usize = 64;
+/// `Have` requests from peers answered at once; more are answered `Busy` (they are cheap,
+/// but each is a task and a store lookup, and a peer can send thousands).
+const MAX_HAVES_IN_FLIGHT: usize = 64;
+
+/// Announcements (`true`) and withdrawals (`false`) of provider records, coalesced per
+/// digest: the last word about a digest wins and it is queued once. One task hands them to
+/// the swarm in order, so start-up (every cached digest at once) or a burst of evictions is
+/// one queue entry per digest, never one task each. Its size is bounded by the digests this
+/// node holds or downloads.
+#[derive(Default)]
+pub struct ProviderQueue {
+    pending: Mutex<(VecDeque<Digest>, HashMap<Digest, bool>)>,
+    ready: Notify,
+}
+
+impl ProviderQueue {
+    fn push(&self, digest: Digest, provide: bool) {
+        {
+            let mut guard = crate::sync::lock(&self.pending);
+            let (order, last_word) = &mut *guard;
+            if last_word.insert(digest, provide).is_none() {
+                order.push_back(digest);
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<(Digest, bool)> {
+        let mut guard = crate::sync::lock(&self.pending);
+        let (order, last_word) = &mut *guard;
+        let digest = order.pop_front()?;
+        last_word.remove(&digest).map(|provide| (digest, provide))
+    }
+
+    /// Entries waiting.
+    pub fn len(&self) -> usize {
+        crate::sync::lock(&self.pending).0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 impl SwarmNetwork {
     pub fn new(client: Client) -> Self {
@@ -76,12 +139,48 @@ impl SwarmNetwork {
             me,
             tracker_online: Arc::new(AtomicBool::new(false)),
             addressed: Arc::default(),
+            providers: Arc::default(),
+            plans: Arc::new(Semaphore::new(MAX_PLANS_IN_FLIGHT)),
         }
     }
 
     /// The flag the heartbeat loop sets while a tracker answers.
     pub fn tracker_online(&self) -> Arc<AtomicBool> {
         self.tracker_online.clone()
+    }
+
+    /// Hands queued announcements and withdrawals to the swarm, one at a time, until
+    /// `cancel`. Spawn it once.
+    pub fn run_provider_queue(
+        &self,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let (queue, client) = (self.providers.clone(), self.client.clone());
+        async move {
+            loop {
+                while let Some((digest, provide)) = queue.pop() {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    if provide {
+                        if let Err(e) = client.start_providing(digest).await {
+                            tracing::debug!(%digest, error = %e, "could not announce");
+                        }
+                    } else {
+                        let _ = client.stop_providing(digest).await;
+                    }
+                }
+                tokio::select! {
+                    () = queue.ready.notified() => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// Announcements and withdrawals waiting for the swarm.
+    pub fn provider_queue(&self) -> Arc<ProviderQueue> {
+        self.providers.clone()
     }
 }
 
@@ -139,8 +238,15 @@ impl Network for SwarmNetwork {
             complete: report.complete,
         });
         let addressed = self.addressed.clone();
+        let slot = self.plans.clone().try_acquire_owned();
         Box::pin(async move {
-            let plan = ask_plan(&client, &addressed, me, digest, request).await;
+            let plan = match slot {
+                Ok(_slot) => ask_plan(&client, &addressed, me, digest, request).await,
+                Err(_) => {
+                    tracing::debug!(%digest, "{MAX_PLANS_IN_FLIGHT} plan requests in flight: not asking");
+                    None
+                }
+            };
             let outcome = if plan.is_some() { "answered" } else { "unanswered" };
             METRICS.tracker_plans.get_or_create(&OutcomeLabels { outcome }).inc();
             plan
@@ -148,19 +254,11 @@ impl Network for SwarmNetwork {
     }
 
     fn announce(&self, digest: Digest) {
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.start_providing(digest).await {
-                tracing::debug!(%digest, error = %e, "could not announce");
-            }
-        });
+        self.providers.push(digest, true);
     }
 
     fn withdraw(&self, digest: Digest) {
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let _ = client.stop_providing(digest).await;
-        });
+        self.providers.push(digest, false);
     }
 
     fn find_providers(&self, digest: Digest) -> BoxFuture<'static, Vec<NodeId>> {
@@ -258,7 +356,7 @@ async fn ask_plan(
             continue;
         }
         let fresh = {
-            let mut seen = addressed.lock().expect("addressed lock");
+            let mut seen = crate::sync::lock(addressed);
             if seen.len() >= MAX_ADDRESSED {
                 seen.clear();
             }
@@ -286,20 +384,36 @@ pub struct ServeOptions {
     pub lie_about_size: bool,
 }
 
-/// Answers inbound piece requests until the swarm stops. Only local, verified pieces are
-/// served; nothing is ever forwarded.
+/// Answers inbound piece requests until the swarm stops or shutdown starts. Only local,
+/// verified pieces are served; nothing is ever forwarded. Every answer is a task of
+/// `supervisor`, at most [`ServeOptions::max_uploads`] pieces and [`MAX_HAVES_IN_FLIGHT`]
+/// `Have`s at once; beyond that the peer is told `Busy` and asks another holder.
 pub async fn serve_peers(
     fetcher: Arc<Fetcher>,
     client: Client,
     mut inbound: mpsc::Receiver<InboundRequest>,
     options: ServeOptions,
+    supervisor: Supervisor,
 ) {
     let slots = Arc::new(Semaphore::new(options.max_uploads));
-    while let Some(InboundRequest { peer, request, channel }) = inbound.recv().await {
-        let (fetcher, client, options) = (fetcher.clone(), client.clone(), options.clone());
+    let haves = Arc::new(Semaphore::new(MAX_HAVES_IN_FLIGHT));
+    let cancel = supervisor.token();
+    loop {
+        let next = tokio::select! {
+            next = inbound.recv() => next,
+            () = cancel.cancelled() => None,
+        };
+        let Some(InboundRequest { peer, request, channel }) = next else { break };
+        let (fetcher, client, options, cancel) =
+            (fetcher.clone(), client.clone(), options.clone(), cancel.clone());
         match request {
             PieceRequest::Have { digest } => {
-                tokio::spawn(async move {
+                let Ok(slot) = haves.clone().try_acquire_owned() else {
+                    let _ = client.respond(channel, PieceResponse::Busy).await;
+                    continue;
+                };
+                supervisor.spawn("peer have", async move {
+                    let _slot = slot;
                     let asker = NodeId::new(&peer.to_bytes());
                     let mut have = fetcher.have(&Digest::from_sha256(digest), Some(asker)).await;
                     if options.lie_about_size {
@@ -324,11 +438,15 @@ pub async fn serve_peers(
                     let _ = client.respond(channel, PieceResponse::Busy).await;
                     continue;
                 };
-                tokio::spawn(async move {
+                supervisor.spawn("peer upload", async move {
                     let _slot = slot;
                     let response = match fetcher.piece(&Digest::from_sha256(digest), index).await {
                         Some(data) => {
-                            options.upload_limit.acquire(data.len() as u64).await;
+                            // A rate-limited upload waits; shutdown does not wait for it.
+                            tokio::select! {
+                                () = options.upload_limit.acquire(data.len() as u64) => {}
+                                () = cancel.cancelled() => return,
+                            }
                             // The store read the piece into a Vec: this takes it back without a copy.
                             let mut data = Vec::from(data);
                             if options.corrupt_uploads && !data.is_empty() {
@@ -361,20 +479,25 @@ fn lie_about_size(mut have: PeerHave) -> PeerHave {
     have
 }
 
-/// Copies the swarm's counters into the Prometheus metrics every `period`, until the
-/// returned task is aborted.
-pub fn export_stats(stats: Arc<SwarmStats>, period: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Copies the swarm's counters into the Prometheus metrics every `period`, until `cancel`.
+pub async fn export_stats(stats: Arc<SwarmStats>, period: Duration, cancel: CancellationToken) {
+    {
         let mut tick = tokio::time::interval(period);
-        let (mut lookups_seen, mut ms_seen) = (0, 0);
+        let (mut lookups_seen, mut ms_seen, mut refused_seen) = (0, 0, 0);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = cancel.cancelled() => return,
+            }
             METRICS.connected_peers.set(stats.connected_peers.load(Ordering::Relaxed) as i64);
+            let refused = stats.connections_refused.load(Ordering::Relaxed);
+            METRICS.peer_connections_refused.inc_by(refused.saturating_sub(refused_seen));
+            refused_seen = refused;
             let lookups = stats.dht_lookups.load(Ordering::Relaxed);
             let ms = stats.dht_lookup_ms_total.load(Ordering::Relaxed);
             METRICS.dht_lookups.inc_by(lookups.saturating_sub(lookups_seen));
             METRICS.dht_lookup_seconds.inc_by(ms.saturating_sub(ms_seen) as f64 / 1000.0);
             (lookups_seen, ms_seen) = (lookups, ms);
         }
-    })
+    }
 }

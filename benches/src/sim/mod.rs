@@ -14,10 +14,10 @@
 //!   come first kept (libp2p-kad's `MemoryStore`), lookups of ⌈log2 N⌉ round trips.
 //! - the tracker: `shoal_tracker::state::State` itself, fed the plan requests and heartbeats the
 //!   agents send, its CPU time per plan measured with the thread CPU clock.
-//! - [`sched`]: each download's scheduler behind a small trait. Until the agent's pure
-//!   scheduler is available, every node runs [`sched::StandIn`], a compact restatement of
-//!   `agent/src/fetch/task.rs`'s rules, NOT the agent's code: figures from it are labelled
-//!   `scheduler: stand-in` in the JSON and the table.
+//! - [`sched`]: each download: the start-up steps of the agent's download task (lookup,
+//!   `Have`, settle, HEAD), then the agent's own pure scheduler
+//!   (`shoal_agent::fetch::scheduler::Scheduler`), unchanged: every decision of a simulated
+//!   node is the agent's code.
 //!
 //! Not modelled (written next to every figure): CPU (hashing, encryption, the agents' event
 //! loops: the netns runs are CPU-bound on 2 cores, the simulator is not), disk, the kernel
@@ -27,7 +27,6 @@
 //! Determinism: the same flags and `--seed` give byte-identical JSON apart from `date`,
 //! `command`, `machine` and every `measured` object (wall-clock and CPU time).
 
-pub mod bits;
 pub mod dht;
 pub mod flow;
 pub mod sched;
@@ -47,7 +46,7 @@ use sched::MS;
 use world::{Config, Outcome, World};
 
 /// Which scheduler every simulated node runs (reported in the JSON and the table).
-pub const SCHEDULER: &str = "stand-in (sim::sched::StandIn, a restatement of agent/src/fetch/task.rs)";
+pub const SCHEDULER: &str = "shoal_agent::fetch::scheduler::Scheduler (the agent's own)";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -198,13 +197,16 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             seed: args.seed,
             sample: args.sample_ms * MS,
             max_time: args.timeout_secs * 1000 * MS,
-            params: sched::Params::default(),
+            sched: shoal_agent::fetch::scheduler::Config::default(),
         };
         eprintln!("sim: {}: {} nodes", scenario.name(), args.nodes);
         let wall = Instant::now();
         let o = World::new(cfg).run();
         let wall_s = wall.elapsed().as_secs_f64();
         let run = RunResult::new(o.nodes.clone(), None, o.origin_bytes.round() as u64);
+        for f in o.failures.iter().take(10) {
+            eprintln!("sim: {}: download failed: {f}", scenario.name());
+        }
         eprintln!(
             "sim: {}: {}/{} done, p99 {:.1} s, origin egress {:.3}× image, {} events, {:.1} s wall",
             scenario.name(),
@@ -235,6 +237,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             "rollout_end_s": o.end_s,
             "peer_piece_bytes": o.peer_piece_bytes,
             "tracker_refused": o.tracker_refused,
+            "download_failures": o.failures,
             "messages": messages(&o),
             "utilisation": {
                 "up_busy_share_per_node": spread(&o.up_util),

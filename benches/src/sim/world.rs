@@ -23,10 +23,15 @@ use sha2::{Digest as _, Sha256};
 use shoal_agent::swarm::tracker_protocol::{Heartbeat, NodeCounters, PlanRequest, TrackerResponse};
 use shoal_tracker::state::State;
 
-use super::bits::Bits;
+use shoal_agent::fetch::herd;
+use shoal_agent::fetch::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
+use shoal_agent::fetch::scheduler::{self, Action, Event};
+use shoal_agent::pieces::Layout;
+use shoal_agent::types::Digest;
+
 use super::dht::{KeyRecords, ALPHA, REPLICATION};
 use super::flow::{Network, Time, Wake, NS};
-use super::sched::{mix, Action, HaveAnswer, Input, Params, PlanIn, Scheduler, StandIn, MS};
+use super::sched::{mix, Download, Phase, Startup, MS};
 use crate::rollout::scenario::Scenario;
 
 /// What the world is asked to simulate.
@@ -44,7 +49,8 @@ pub struct Config {
     pub seed: u64,
     pub sample: Time,
     pub max_time: Time,
-    pub params: Params,
+    /// The agent's download tuning (its `FetchConfig` defaults).
+    pub sched: scheduler::Config,
 }
 
 /// Deterministic generator (splitmix64).
@@ -70,14 +76,16 @@ enum Ev {
     Wake { dl: u32 },
     Flow { id: u32, version: u32 },
     Lookup { dl: u32 },
-    AddProvider { layer: u32, k: u32, provider: u32 },
+    Fetchers { dl: u32 },
+    Whole { dl: u32 },
+    AddProvider { layer: u32, level: u8, k: u32, provider: u32 },
     Have { dl: u32, peer: u32 },
     Head { dl: u32 },
     PieceReq { dl: u32, peer: u32, piece: u32 },
     Failed { dl: u32, peer: u32, piece: u32, unreachable: bool },
     OriginReq { dl: u32, first: u32, end: u32 },
-    PlanReq { dl: u32, attest: Box<[u32]>, complete: bool },
-    PlanReply { dl: u32, plan: Option<Box<PlanIn>> },
+    PlanReq { dl: u32, report: Box<PlanReport> },
+    PlanReply { dl: u32, plan: Option<Box<Plan>> },
     Heartbeat { node: u32 },
     TrackerTick,
     Kill { node: u32 },
@@ -116,7 +124,7 @@ enum Job {
 }
 
 struct Dl {
-    sched: Option<Box<dyn Scheduler>>,
+    sched: Option<Download>,
     wake_at: Time,
     done_at: Option<Time>,
 }
@@ -173,6 +181,8 @@ pub struct Outcome {
     pub events: u64,
     pub end_s: f64,
     pub peer_piece_bytes: f64,
+    /// Downloads the scheduler gave up on (`Action::Failed`).
+    pub failures: Vec<String>,
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -184,11 +194,15 @@ fn thread_cpu_ns() -> u64 {
 
 struct Layer {
     digest: [u8; 32],
+    agent_digest: Digest,
+    layout: Layout,
     size: u64,
     piece_size: u64,
-    pieces: u32,
     records: KeyRecords,
-    key: u64,
+    /// The origin group's level keys ([`herd::level_key`]) and their records.
+    levels: Vec<(u8, KeyRecords)>,
+    /// Stand-ins for the pieces' sha256 (the simulator moves no bytes): unique per piece.
+    piece_digests: Vec<[u8; 32]>,
 }
 
 impl Layer {
@@ -199,10 +213,6 @@ impl Layer {
     fn range_bytes(&self, first: u32, end: u32) -> u64 {
         (u64::from(end) * self.piece_size).min(self.size)
             - (u64::from(first) * self.piece_size).min(self.size)
-    }
-    /// A stand-in for the piece's sha256 (the simulator moves no bytes): unique per piece.
-    fn piece_digest(&self, i: u32) -> [u8; 32] {
-        Sha256::new().chain_update(self.digest).chain_update(i.to_le_bytes()).finalize().into()
     }
 }
 
@@ -215,15 +225,14 @@ pub struct World {
     net: Network,
     jobs: Vec<Job>,
     wakes: Vec<Wake>,
-    actions: Vec<Action>,
     layers: Vec<Layer>,
-    scratch: Vec<Bits>,
     dls: Vec<Dl>,
     alive: Vec<bool>,
     node_done: Vec<Option<Time>>,
     layers_left: Vec<u32>,
     peer_ids: Vec<PeerId>,
-    by_peer: HashMap<PeerId, u32>,
+    node_ids: Vec<NodeId>,
+    by_id: HashMap<NodeId, u32>,
     tracker: Option<State>,
     base: Instant,
     cpu: TrackerCpu,
@@ -235,6 +244,7 @@ pub struct World {
     events: u64,
     remaining: usize,
     killed: usize,
+    failures: Vec<String>,
     peer_piece_bytes: f64,
 }
 
@@ -263,14 +273,25 @@ impl World {
                     .chain_update((k as u64).to_le_bytes())
                     .finalize()
                     .into();
-                let layout = shoal_agent::pieces::Layout::for_size(size);
+                let layout = Layout::for_size(size);
+                let agent_digest = Digest::from_sha256(digest);
                 Layer {
                     digest,
+                    agent_digest,
+                    layout,
                     size,
                     piece_size: u64::from(layout.piece_size),
-                    pieces: layout.pieces(),
                     records: KeyRecords::new(&digest, &node_keys),
-                    key: u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")),
+                    levels: herd::levels()
+                        .map(|l| {
+                            (l, KeyRecords::new(herd::level_key(&agent_digest, l).as_bytes(), &node_keys))
+                        })
+                        .collect(),
+                    piece_digests: (0..layout.pieces())
+                        .map(|i| {
+                            Sha256::new().chain_update(digest).chain_update(i.to_le_bytes()).finalize().into()
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -278,7 +299,8 @@ impl World {
         let mut down = up.clone();
         up.push(cfg.origin_rate / 8.0);
         down.push(f64::MAX / 4.0);
-        let by_peer = peer_ids.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+        let node_ids: Vec<NodeId> = peer_ids.iter().map(|p| NodeId::new(&p.to_bytes())).collect();
+        let by_id = node_ids.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
         let l = layers.len();
         World {
             now: 0,
@@ -287,15 +309,14 @@ impl World {
             net: Network::new(&up, &down),
             jobs: Vec::new(),
             wakes: Vec::new(),
-            actions: Vec::new(),
-            scratch: layers.iter().map(|l| Bits::new(l.pieces)).collect(),
             layers,
             dls: (0..n * l).map(|_| Dl { sched: None, wake_at: Time::MAX, done_at: None }).collect(),
             alive: vec![true; n],
             node_done: vec![None; n],
             layers_left: vec![l as u32; n],
             peer_ids,
-            by_peer,
+            node_ids,
+            by_id,
             tracker: (cfg.scenario == Scenario::Tracker).then(State::new),
             base: Instant::now(),
             cpu: TrackerCpu::default(),
@@ -307,6 +328,7 @@ impl World {
             events: 0,
             remaining: n,
             killed: 0,
+            failures: Vec::new(),
             peer_piece_bytes: 0.0,
             rng,
             cfg,
@@ -420,6 +442,7 @@ impl World {
             events: self.events,
             end_s,
             peer_piece_bytes: self.peer_piece_bytes,
+            failures: self.failures,
         }
     }
 
@@ -427,26 +450,106 @@ impl World {
         self.alive[self.node_of(dl) as usize] && self.dls[dl as usize].sched.is_some()
     }
 
-    /// Hands `input` to download `dl`'s scheduler and carries out what it decides.
-    fn feed(&mut self, dl: u32, input: Input<'_>) {
-        if !self.alive[self.node_of(dl) as usize] {
+    fn running(&self, dl: u32) -> bool {
+        self.dl_alive(dl) && self.dls[dl as usize].sched.as_ref().is_some_and(|d| d.phase == Phase::Running)
+    }
+
+    fn at(&self, i: Instant) -> Time {
+        i.saturating_duration_since(self.base).as_nanos() as Time
+    }
+
+    fn set_wake(&mut self, dl: u32, t: Time) {
+        let t = t.max(self.now + MS);
+        let d = &mut self.dls[dl as usize];
+        if t < d.wake_at || d.wake_at <= self.now {
+            d.wake_at = t;
+            self.push(t, Ev::Wake { dl });
+        }
+    }
+
+    fn lookup_cost(&mut self, node: u32) {
+        self.msgs[node as usize].dht_sent += ALPHA * u64::from(self.cfg.dht_hops) + REPLICATION as u64;
+    }
+
+    /// Publishes `node` as a provider of `key` (the layer, or one of its level keys).
+    fn announce(&mut self, node: u32, layer: u32, level: Option<u8>) {
+        self.lookup_cost(node);
+        let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
+        let l = &self.layers[layer as usize];
+        let k_count = match level {
+            None => l.records.closest.len(),
+            Some(lv) => l.levels.iter().find(|(x, _)| *x == lv).map_or(0, |(_, r)| r.closest.len()),
+        };
+        for k in 0..k_count {
+            let at = self.now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
+            self.push(at, Ev::AddProvider { layer, level: level.unwrap_or(0), k: k as u32, provider: node });
+        }
+    }
+
+    /// Carries out start-up steps.
+    fn startup(&mut self, dl: u32, steps: Vec<Startup>) {
+        let (node, layer) = (self.node_of(dl), self.layer_of(dl));
+        let rtt = self.cfg.rtt;
+        for step in steps {
+            match step {
+                Startup::FindProviders => {
+                    self.lookup_cost(node);
+                    self.push(self.now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+                }
+                Startup::AskHave(peer) => {
+                    self.msgs[node as usize].have_sent += 1;
+                    self.push(self.now + rtt, Ev::Have { dl, peer });
+                }
+                Startup::Head => self.push(self.now + rtt, Ev::Head { dl }),
+                Startup::Started => {
+                    let l = &self.layers[layer as usize];
+                    let (digest, layout) = (l.agent_digest, l.layout);
+                    let me = self.node_ids[node as usize].clone();
+                    let mut cfg = self.cfg.sched.clone();
+                    cfg.tracker = self.tracker.is_some();
+                    let now = self.instant(self.now);
+                    // Our origin-group level key, as task.rs announces it.
+                    let level = herd::level(&digest, &me);
+                    if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                        d.start(cfg, digest, layout, me, now);
+                    }
+                    if level >= herd::MIN_LEVEL {
+                        self.announce(node, layer, Some(level));
+                    }
+                    self.drive(dl, None);
+                }
+            }
+        }
+        if let Some(t) = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until) {
+            self.set_wake(dl, t);
+        }
+    }
+
+    /// Hands an event (or the time) to download `dl`'s scheduler and carries out its actions.
+    fn drive(&mut self, dl: u32, event: Option<Event>) {
+        if !self.running(dl) {
             return;
         }
-        let Some(sched) = self.dls[dl as usize].sched.as_mut() else { return };
-        let mut actions = std::mem::take(&mut self.actions);
-        sched.handle(self.now, input, &mut actions);
-        let wake = sched.next_wake();
-        for a in actions.drain(..) {
+        let now_i = self.instant(self.now);
+        let Some(s) = self.dls[dl as usize].sched.as_mut().and_then(|d| d.sched.as_mut()) else { return };
+        match event {
+            Some(e) => s.handle(e, now_i),
+            None => s.handle_timeout(now_i),
+        }
+        let actions: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        // Like task.rs, look at least every HAVE_POLL.
+        let wake = s.poll_timeout().unwrap_or(now_i + scheduler::HAVE_POLL).min(now_i + scheduler::HAVE_POLL);
+        let done = s.is_done();
+        for a in actions {
             self.act(dl, a);
         }
-        self.actions = actions;
-        if let Some(t) = wake {
-            let t = t.max(self.now + MS);
-            let d = &mut self.dls[dl as usize];
-            if t < d.wake_at || d.wake_at <= self.now {
-                d.wake_at = t;
-                self.push(t, Ev::Wake { dl });
+        if done {
+            if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                d.phase = Phase::Ended;
             }
+        } else {
+            let t = self.at(wake);
+            self.set_wake(dl, t);
         }
     }
 
@@ -455,40 +558,91 @@ impl World {
         let layer = self.layer_of(dl);
         let rtt = self.cfg.rtt;
         let now = self.now;
-        let hops = u64::from(self.cfg.dht_hops);
+        let peer_ix = |w: &World, p: &NodeId| w.by_id.get(p).copied();
         match a {
-            Action::Announce => {
-                self.msgs[node as usize].dht_sent += ALPHA * hops + REPLICATION as u64;
-                let k_count = self.layers[layer as usize].records.closest.len();
-                for k in 0..k_count {
-                    let at = now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
-                    self.push(at, Ev::AddProvider { layer, k: k as u32, provider: node });
+            Action::FindProviders => {
+                self.lookup_cost(node);
+                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+            }
+            Action::FindFetchers => {
+                // One lookup per level key, in parallel.
+                for _ in herd::levels() {
+                    self.lookup_cost(node);
+                }
+                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Fetchers { dl });
+            }
+            Action::AskHave(peer) => {
+                if let Some(peer) = peer_ix(self, &peer) {
+                    self.msgs[node as usize].have_sent += 1;
+                    self.push(now + rtt, Ev::Have { dl, peer });
                 }
             }
-            Action::FindProviders => {
-                self.msgs[node as usize].dht_sent += ALPHA * hops + REPLICATION as u64;
-                self.push(now + hops * rtt, Ev::Lookup { dl });
-            }
-            Action::Head => self.push(now + rtt, Ev::Head { dl }),
-            Action::AskHave(peer) => {
-                self.msgs[node as usize].have_sent += 1;
-                self.push(now + rtt, Ev::Have { dl, peer });
-            }
-            Action::RequestPiece { peer, piece } => {
-                self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece });
-            }
-            Action::FetchOrigin { first, end } => {
+            Action::RequestPiece { peer, index, expected: _ } => match peer_ix(self, &peer) {
+                Some(peer) => self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece: index }),
+                None => {
+                    self.push(now + rtt, Ev::Failed { dl, peer: u32::MAX, piece: index, unreachable: true })
+                }
+            },
+            Action::FetchOrigin { first, end, .. } => {
                 self.push(now + rtt / 2, Ev::OriginReq { dl, first, end });
             }
-            Action::AskPlan { attest, complete } => {
+            Action::AskPlan(report) => {
                 self.msgs[node as usize].plan_requests += 1;
-                self.push(now + rtt / 2, Ev::PlanReq { dl, attest: attest.into_boxed_slice(), complete });
+                self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
             }
+            Action::CheckWhole => self.push(now, Ev::Whole { dl }),
+            Action::Ban { .. } | Action::SaveState => {}
             Action::Done => {
                 self.dls[dl as usize].done_at = Some(now);
                 self.layer_done(node);
+                if self.tracker.is_some() {
+                    // Tell the tracker the whole blob verified (task.rs does the same).
+                    let report =
+                        self.dls[dl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()).map(|s| {
+                            let map = s.map();
+                            PlanReport {
+                                size: map.layout.size,
+                                piece_size: map.layout.piece_size,
+                                have: map.verified.clone(),
+                                attest: Vec::new(),
+                                complete: true,
+                            }
+                        });
+                    if let Some(report) = report {
+                        self.msgs[node as usize].plan_requests += 1;
+                        self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
+                    }
+                }
+                let _ = layer;
+            }
+            Action::Failed(f) => {
+                self.failures.push(format!("node {node} layer {layer}: {f:?}"));
             }
         }
+    }
+
+    /// What peer download `pdl` answers to `Have` from download `dl`.
+    fn have_answer(&self, pdl: u32, dl: u32) -> Result<PeerHave, PeerError> {
+        let Some(s) = self.dls[pdl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()) else {
+            return Err(PeerError::Lacks);
+        };
+        let map = s.map();
+        let theirs =
+            self.dls[dl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()).map(|s| &s.map().verified);
+        // Digests of what the asker lacks (the agent sends all it verified; the asker keeps
+        // what it learns, so the rest would change nothing).
+        let piece_digests = (0..map.layout.pieces())
+            .filter(|&i| map.verified.get(i) && !theirs.is_some_and(|t| t.get(i)))
+            .map(|i| (i, map.digests[i as usize]))
+            .collect();
+        Ok(PeerHave {
+            size: map.layout.size,
+            piece_size: map.layout.piece_size,
+            have: map.verified.clone(),
+            piece_digests,
+            complete: s.is_done(),
+            media_type: None,
+        })
     }
 
     fn layer_done(&mut self, node: u32) {
@@ -521,32 +675,36 @@ impl World {
                     let dl = node * nl + layer;
                     if self.cfg.scenario == Scenario::Direct {
                         let size = self.layers[layer as usize].size;
-                        self.dls[dl as usize].sched = None;
-                        let at_origin = self.origin;
-                        // The request reaches the origin after RTT/2; modelled as starting now.
-                        self.start_flow(at_origin, node, size, size, Job::Direct { dl });
+                        let origin = self.origin;
+                        self.start_flow(origin, node, size, size, Job::Direct { dl });
                         continue;
                     }
-                    let l = &self.layers[layer as usize];
-                    let sched = StandIn::new(
-                        self.cfg.params.clone(),
-                        node,
-                        self.cfg.nodes as u32,
-                        l.key,
-                        l.pieces,
-                        self.cfg.scenario == Scenario::Tracker,
-                    );
-                    self.dls[dl as usize].sched = Some(Box::new(sched));
-                    self.feed(dl, Input::Start);
+                    self.dls[dl as usize].sched = Some(Download::new(self.tracker.is_some()));
+                    // task.rs: announce at once, then look the providers up.
+                    self.announce(node, layer, None);
+                    self.startup(dl, vec![Startup::FindProviders]);
                 }
             }
             Ev::Wake { dl } => {
-                let d = &self.dls[dl as usize];
-                if d.wake_at != now {
+                if self.dls[dl as usize].wake_at != now {
                     return;
                 }
                 self.dls[dl as usize].wake_at = Time::MAX;
-                self.feed(dl, Input::Timer);
+                if !self.dl_alive(dl) {
+                    return;
+                }
+                let settle = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until);
+                if let Some(until) = settle {
+                    if now >= until {
+                        let mut out = Vec::new();
+                        if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                            d.settled(&mut out);
+                        }
+                        self.startup(dl, out);
+                    }
+                    return;
+                }
+                self.drive(dl, None);
             }
             Ev::Flow { id, version } => {
                 let Some(done) = self.net.reached(id, version, now, &mut self.wakes) else { return };
@@ -566,9 +724,9 @@ impl World {
                         self.net.stop(id, now, &mut self.wakes);
                         self.jobs[id as usize] = Job::None;
                         self.peer_piece_bytes += done;
-                        if self.dl_alive(dl) {
-                            self.feed(dl, Input::Verified { piece, from: Some(peer) });
-                        }
+                        let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
+                        let from = Some(self.node_ids[peer as usize].clone());
+                        self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
                     }
                     Job::Origin { dl, first, mut next, end } => {
                         // Every piece boundary the flow has passed (a late milestone may have
@@ -590,12 +748,12 @@ impl World {
                             self.jobs[id as usize] = Job::None;
                         }
                         for piece in through {
-                            if self.dl_alive(dl) {
-                                self.feed(dl, Input::Verified { piece, from: None });
-                            }
+                            let digest = self.layers[layer].piece_digests[piece as usize];
+                            self.drive(dl, Some(Event::Verified { index: piece, digest, from: None }));
                         }
-                        if next >= end && self.dl_alive(dl) {
-                            self.feed(dl, Input::OriginDone { unfinished: Vec::new() });
+                        if next >= end {
+                            let ev = Event::OriginDone { first, end, unfinished: Vec::new(), error: None };
+                            self.drive(dl, Some(ev));
                         }
                     }
                 }
@@ -606,26 +764,60 @@ impl World {
                 }
                 let layer = self.layer_of(dl) as usize;
                 let me = self.node_of(dl);
-                let alive = &self.alive;
-                let records = &self.layers[layer].records;
-                for &c in &records.closest {
-                    if alive[c as usize] {
-                        self.msgs[c as usize].dht_received += 1;
+                let found = self.lookup(&self.layers[layer].records.closest.clone(), layer, None, me);
+                let phase = self.dls[dl as usize].sched.as_ref().map(|d| d.phase);
+                match phase {
+                    Some(Phase::Lookup { .. }) => {
+                        let mut out = Vec::new();
+                        if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                            d.providers(found, now, &mut out);
+                        }
+                        self.startup(dl, out);
                     }
+                    Some(Phase::Running) => {
+                        let ids = found.iter().map(|&p| self.node_ids[p as usize].clone()).collect();
+                        self.drive(dl, Some(Event::Providers(ids)));
+                    }
+                    _ => {}
                 }
-                let found: Vec<u32> =
-                    records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect();
-                self.feed(dl, Input::Providers(found));
             }
-            Ev::AddProvider { layer, k, provider } => {
-                let records = &mut self.layers[layer as usize].records;
+            Ev::Fetchers { dl } => {
+                if !self.running(dl) {
+                    return;
+                }
+                let layer = self.layer_of(dl) as usize;
+                let me = self.node_of(dl);
+                let keys: Vec<(u8, Vec<u32>)> =
+                    self.layers[layer].levels.iter().map(|(l, r)| (*l, r.closest.clone())).collect();
+                let mut found = Vec::new();
+                for (level, closest) in keys {
+                    let nodes = self.lookup(&closest, layer, Some(level), me);
+                    found.push((level, nodes.iter().map(|&p| self.node_ids[p as usize].clone()).collect()));
+                }
+                self.drive(dl, Some(Event::Fetchers(found)));
+            }
+            Ev::AddProvider { layer, level, k, provider } => {
+                let l = &mut self.layers[layer as usize];
+                let records = if level == 0 {
+                    &mut l.records
+                } else {
+                    match l.levels.iter_mut().find(|(x, _)| *x == level) {
+                        Some((_, r)) => r,
+                        None => return,
+                    }
+                };
                 let store = records.closest[k as usize];
                 if self.alive[store as usize] {
                     self.msgs[store as usize].dht_received += 1;
                     records.add(k as usize, provider);
                 }
             }
-            Ev::Head { dl } => self.feed(dl, Input::Head),
+            Ev::Head { dl } => {
+                if self.dl_alive(dl) {
+                    self.startup(dl, vec![Startup::Started]);
+                }
+            }
+            Ev::Whole { dl } => self.drive(dl, Some(Event::WholeDigest { matched: true })),
             Ev::Have { dl, peer } => {
                 if !self.dl_alive(dl) {
                     return;
@@ -633,29 +825,26 @@ impl World {
                 let layer = self.layer_of(dl);
                 let me = self.node_of(dl);
                 let pdl = peer * nl + layer;
-                if !self.alive[peer as usize] {
-                    self.feed(dl, Input::Have { peer, answer: HaveAnswer::Unreachable });
-                    return;
-                }
-                self.msgs[peer as usize].have_received += 1;
-                // The asker downloads the digest too: the peer counts it among the downloaders.
-                if self.dls[pdl as usize].sched.as_ref().is_some_and(|s| !s.complete()) {
-                    self.feed(pdl, Input::Asker(me));
-                }
-                let mut scratch = std::mem::take(&mut self.scratch[layer as usize]);
-                let mut complete = None;
-                if let Some(s) = self.dls[pdl as usize].sched.as_ref() {
-                    if let Some(h) = s.have() {
-                        scratch.copy_from(h);
-                        complete = Some(s.complete());
+                let result = if !self.alive[peer as usize] {
+                    Err(PeerError::Unreachable("the node is gone".into()))
+                } else {
+                    self.msgs[peer as usize].have_received += 1;
+                    // The asker downloads the digest too: the peer counts it among the
+                    // downloaders (task.rs: `Fetcher::have` records askers).
+                    let me_id = self.node_ids[me as usize].clone();
+                    self.drive(pdl, Some(Event::Asker(me_id)));
+                    self.have_answer(pdl, dl)
+                };
+                let peer_id = self.node_ids[peer as usize].clone();
+                if self.running(dl) {
+                    self.drive(dl, Some(Event::Have { peer: peer_id, result }));
+                } else {
+                    let mut out = Vec::new();
+                    if let Some(d) = self.dls[dl as usize].sched.as_mut() {
+                        d.have(peer_id, result, now, &mut out);
                     }
+                    self.startup(dl, out);
                 }
-                match complete {
-                    Some(complete) => self
-                        .feed(dl, Input::Have { peer, answer: HaveAnswer::Map { have: &scratch, complete } }),
-                    None => self.feed(dl, Input::Have { peer, answer: HaveAnswer::Lacks }),
-                }
-                self.scratch[layer as usize] = scratch;
             }
             Ev::PieceReq { dl, peer, piece } => {
                 if !self.dl_alive(dl) {
@@ -669,11 +858,12 @@ impl World {
                 }
                 self.msgs[peer as usize].piece_requests_received += 1;
                 let pdl = peer * nl + layer;
+                // Served only from the scheduler's map: what peers are told is what they get.
                 let has = self.dls[pdl as usize]
                     .sched
                     .as_ref()
-                    .and_then(|s| s.have())
-                    .is_some_and(|h| h.get(piece));
+                    .and_then(|d| d.sched.as_ref())
+                    .is_some_and(|s| s.map().verified.get(piece));
                 if !has {
                     self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, unreachable: false });
                     return;
@@ -682,7 +872,16 @@ impl World {
                 self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
             }
             Ev::Failed { dl, peer, piece, unreachable } => {
-                self.feed(dl, Input::PeerFailed { piece, peer, unreachable });
+                let error = if unreachable {
+                    PeerError::Unreachable("connection reset".into())
+                } else {
+                    PeerError::Lacks
+                };
+                let peer = match self.node_ids.get(peer as usize) {
+                    Some(p) => p.clone(),
+                    None => NodeId::new(b"unknown"),
+                };
+                self.drive(dl, Some(Event::PeerFailed { index: piece, peer, error }));
             }
             Ev::OriginReq { dl, first, end } => {
                 if !self.dl_alive(dl) {
@@ -695,22 +894,18 @@ impl World {
                 let origin = self.origin;
                 self.start_flow(origin, me, total, first_len, Job::Origin { dl, first, next: first, end });
             }
-            Ev::PlanReq { dl, attest, complete } => {
+            Ev::PlanReq { dl, report } => {
                 if !self.alive[self.node_of(dl) as usize] {
                     return;
                 }
-                let node = self.node_of(dl);
-                let layer = self.layer_of(dl);
-                let plan = self.plan(dl, node, layer, &attest, complete);
+                let plan = self.plan(dl, &report);
                 self.push(now + rtt / 2, Ev::PlanReply { dl, plan });
             }
             Ev::PlanReply { dl, plan } => {
-                self.feed(dl, Input::Plan(plan.map(|p| *p)));
+                self.drive(dl, Some(Event::Plan(plan.map(|p| *p))));
             }
             Ev::Heartbeat { node } => {
-                if !self.alive[node as usize]
-                    || self.node_done[node as usize].is_some() && self.remaining == 0
-                {
+                if !self.alive[node as usize] || self.remaining == 0 {
                     return;
                 }
                 self.heartbeat(node);
@@ -733,23 +928,36 @@ impl World {
         }
     }
 
-    fn plan(
-        &mut self,
-        dl: u32,
-        node: u32,
-        layer: u32,
-        attest: &[u32],
-        complete: bool,
-    ) -> Option<Box<PlanIn>> {
-        let l = &self.layers[layer as usize];
-        let have = self.dls[dl as usize].sched.as_ref()?.have()?.to_bytes();
+    /// A provider lookup of a layer key (`level` None) or a level key, by node `me`: the union
+    /// of the alive closest nodes' lists, without `me`; counts the requests they receive.
+    fn lookup(&mut self, closest: &[u32], layer: usize, level: Option<u8>, me: u32) -> Vec<u32> {
+        for &c in closest {
+            if self.alive[c as usize] {
+                self.msgs[c as usize].dht_received += 1;
+            }
+        }
+        let l = &self.layers[layer];
+        let records = match level {
+            None => &l.records,
+            Some(lv) => match l.levels.iter().find(|(x, _)| *x == lv) {
+                Some((_, r)) => r,
+                None => return Vec::new(),
+            },
+        };
+        let alive = &self.alive;
+        records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
+    }
+
+    fn plan(&mut self, dl: u32, report: &PlanReport) -> Option<Box<Plan>> {
+        let node = self.node_of(dl);
+        let l = &self.layers[self.layer_of(dl) as usize];
         let req = PlanRequest {
             digest: l.digest,
-            size: l.size,
-            piece_size: l.piece_size as u32,
-            have,
-            attest: attest.iter().map(|&i| (i, l.piece_digest(i))).collect(),
-            complete,
+            size: report.size,
+            piece_size: report.piece_size,
+            have: report.have.as_bytes().to_vec(),
+            attest: report.attest.clone(),
+            complete: report.complete,
         };
         let peer = self.peer_ids[node as usize];
         let at = self.instant(self.now);
@@ -761,14 +969,10 @@ impl World {
         self.cpu.plan_cpu_ns += spent;
         self.cpu.max_plan_cpu_ns = self.cpu.max_plan_cpu_ns.max(spent);
         match resp {
-            TrackerResponse::Plan(plan) => Some(Box::new(PlanIn {
-                peers: plan
-                    .peers
-                    .iter()
-                    .filter_map(|p| PeerId::from_bytes(&p.peer_id).ok())
-                    .filter_map(|p| self.by_peer.get(&p).copied())
-                    .collect(),
+            TrackerResponse::Plan(plan) => Some(Box::new(Plan {
+                peers: plan.peers.iter().map(|p| NodeId::new(&p.peer_id)).collect(),
                 assigned: plan.assigned,
+                piece_digests: plan.piece_digests,
             })),
             _ => None,
         }

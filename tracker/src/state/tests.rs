@@ -434,3 +434,42 @@ fn tick_forgets_old_nodes_and_digests_and_keeps_totals_monotonic() {
     assert_eq!(history.len(), 3);
     assert_eq!(history[0], HistorySample { unix_ms: 1_000, origin_bytes: 100, peer_bytes: 50 });
 }
+
+/// CPU per plan request with N nodes downloading one 1 GiB digest (1024 pieces), each holding a
+/// different third of it, all alive. Prints the median ns per plan of 5 rounds. Run with
+/// `cargo test -p shoal-tracker --lib plan_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: prints ns per plan"]
+fn plan_cost() {
+    const PIECES: u32 = 1024;
+    for n in [100usize, 1_000, 10_000] {
+        let mut state = State::new();
+        let t0 = Instant::now();
+        let peers: Vec<PeerId> = (0..n).map(|_| peer()).collect();
+        let reqs: Vec<PlanRequest> = (0..n)
+            .map(|k| {
+                let have: Vec<u32> = (0..PIECES).filter(|i| (*i as usize + k).is_multiple_of(3)).collect();
+                request(PIECES, &have)
+            })
+            .collect();
+        for (k, p) in peers.iter().enumerate() {
+            plan(&mut state, *p, &reqs[k], t0);
+        }
+        let per_round = 200usize;
+        let mut rounds = Vec::new();
+        for round in 0..5u32 {
+            let now = t0 + Duration::from_millis(100 * u64::from(round + 1));
+            let start = Instant::now();
+            for j in 0..per_round {
+                let k = (j * 7919 + round as usize * 31) % n;
+                std::hint::black_box(state.plan(peers[k], &addr(1), &reqs[k], now));
+            }
+            rounds.push(start.elapsed().as_nanos() / per_round as u128);
+        }
+        rounds.sort_unstable();
+        println!(
+            "plan_cost: nodes {n:>6}: {:>10} ns per plan (median of 5 rounds of {per_round})",
+            rounds[2]
+        );
+    }
+}
