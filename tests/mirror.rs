@@ -406,13 +406,9 @@ async fn range_requests_on_cached_blob() {
     assert_eq!(env.origin.access_log().blob_get_bytes_for(&layer.digest), layer.size);
 }
 
-/// The origin sits behind a proxy that paces all blob bodies together at 2 MiB/s, so a
-/// 6 MiB blob takes ~3 s however the agent splits it into Range requests. While that one
-/// download is in flight, a second full GET and every range case run concurrently; all get
-/// the right bytes, every request is sent before the download ends, and the origin sends
-/// each byte of the blob once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn range_requests_while_downloading() {
+/// An origin whose blobs come through a proxy at 2 MiB/s, and an agent in front of it: a
+/// download stays in flight long enough for concurrent requests to join it.
+async fn slow_blob_origin() -> (Origin, FaultyProxy, Agent) {
     let origin = Origin::start().await.unwrap();
     let proxy = FaultyProxy::start(
         format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
@@ -425,6 +421,17 @@ async fn range_requests_while_downloading() {
     .await
     .unwrap();
     let agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
+    (origin, proxy, agent)
+}
+
+/// The origin sits behind a proxy that paces all blob bodies together at 2 MiB/s, so a
+/// 6 MiB blob takes ~3 s however the agent splits it into Range requests. While that one
+/// download is in flight, a second full GET and every range case run concurrently; all get
+/// the right bytes, every request is sent before the download ends, and the origin sends
+/// each byte of the blob once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_while_downloading() {
+    let (origin, proxy, agent) = slow_blob_origin().await;
     let image = origin
         .push(&ImageSpec::new(ImageKind::OciManifest, "mirror/inflight", "v1").layers(&[(6 << 20) + 3]))
         .await
@@ -536,18 +543,7 @@ async fn range_requests_while_downloading() {
 /// ones from the cache) would pass the byte count without single flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_requests_make_one_origin_get() {
-    let origin = Origin::start().await.unwrap();
-    let proxy = FaultyProxy::start(
-        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
-        ProxyConfig {
-            total_bytes_per_sec: Some(2 << 20),
-            path_contains: Some("/blobs/".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
+    let (origin, proxy, agent) = slow_blob_origin().await;
     let image = origin
         .push(&ImageSpec::new(ImageKind::DockerManifest, "mirror/herd", "v1").layers(&[3 << 20]))
         .await
