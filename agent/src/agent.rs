@@ -19,11 +19,11 @@ use crate::fetch::{FetchConfig, Fetcher};
 use crate::metrics::{self, Readiness};
 use crate::origin::auth::{AuthFileError, CredentialStore};
 use crate::origin::{Origin, OriginError};
+use crate::p2p::{self, ServeOptions, SwarmNetwork};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{self, Api};
 use crate::store::{Store, StoreError};
 use crate::supervise::Supervisor;
-use crate::swarm::network::{self as p2p, ServeOptions, SwarmNetwork};
 use crate::swarm::SwarmError;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,13 @@ impl Agent {
             shutdown_grace: config.shutdown_grace,
         };
         let Some(p2p_config) = &config.p2p else {
-            let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), fetch_config);
+            let fetcher = Fetcher::new(
+                store,
+                origin.clone(),
+                Arc::new(Solo::default()),
+                fetch_config,
+                supervisor.clone(),
+            );
             let api = Api::new(fetcher, origin, config.default_registry.clone(), access.clone());
             return Ok(agent(api, None));
         };
@@ -108,7 +114,13 @@ impl Agent {
         store.set_evict_hook(Box::new(move |digest| withdraw.withdraw(*digest)));
         let needs_peer = !p2p_config.bootstrap.is_empty() || !p2p_config.trackers.is_empty();
         readiness.set_peer_id(client.local_peer_id().to_string(), needs_peer);
-        let fetcher = Fetcher::new(store, origin.clone(), network.clone() as Arc<dyn Network>, fetch_config);
+        let fetcher = Fetcher::new(
+            store,
+            origin.clone(),
+            network.clone() as Arc<dyn Network>,
+            fetch_config,
+            supervisor.clone(),
+        );
         let serve = ServeOptions {
             // Few enough that a queue of whole pieces drains well within the request timeout
             // on a slow link (8 MiB at 20 mbit is 3.4 s); more requests are answered `Busy`
@@ -133,7 +145,7 @@ impl Agent {
             let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone(), supervisor.clone()));
             supervisor.spawn(
                 "heartbeat",
-                crate::swarm::heartbeat::run(
+                crate::p2p::heartbeat::run(
                     client.clone(),
                     fetcher.clone(),
                     preheater,

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use crate::origin::{Kind, Origin, OriginError};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Entry, Partial, ReadGuard, Store, StoreError};
+use crate::supervise::Supervisor;
 use crate::types::{Digest, Registry, RepoName};
 pub use meta::PieceMap;
 use net::{Network, NodeId, PeerHave};
@@ -54,6 +55,9 @@ pub enum FetchError {
     Read(std::io::Error),
     #[error("no peer holds {0} and the origin cannot be asked for it ({1})")]
     NoSource(Digest, String),
+    /// The agent is shutting down: the verified pieces were saved for the next run.
+    #[error("the agent is shutting down; verified pieces are kept for the next start")]
+    ShuttingDown,
 }
 
 /// Where a download gets its bytes from the origin, from the first request that started it.
@@ -151,6 +155,9 @@ pub struct Fetcher {
     in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Peers that sent bad data, until when.
     bans: Mutex<HashMap<NodeId, Instant>>,
+    /// Every download runs under it, so SIGTERM stops them, saves their piece maps and
+    /// waits for them (see [`crate::supervise`]).
+    supervisor: Supervisor,
 }
 
 impl Fetcher {
@@ -159,6 +166,7 @@ impl Fetcher {
         origin: Arc<Origin>,
         net: Arc<dyn Network>,
         config: FetchConfig,
+        supervisor: Supervisor,
     ) -> Arc<Self> {
         let download_limit = RateLimiter::new(config.max_download_rate);
         Arc::new(Fetcher {
@@ -169,6 +177,7 @@ impl Fetcher {
             download_limit,
             in_flight: Mutex::default(),
             bans: Mutex::default(),
+            supervisor,
         })
     }
 
@@ -178,7 +187,7 @@ impl Fetcher {
 
     /// Digests being downloaded now.
     pub fn in_flight_digests(&self) -> Vec<Digest> {
-        self.in_flight.lock().expect("in-flight lock poisoned").keys().copied().collect()
+        crate::sync::lock(&self.in_flight).keys().copied().collect()
     }
 
     /// The stored blob, or the download of it (joining one in flight, else starting one).
@@ -186,7 +195,7 @@ impl Fetcher {
         if let Some((entry, guard)) = self.store.get(digest) {
             return Lookup::Cached(entry, guard);
         }
-        let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+        let mut in_flight = crate::sync::lock(&self.in_flight);
         if let Some(dl) = in_flight.get(digest) {
             return Lookup::Downloading(dl.clone());
         }
@@ -203,7 +212,7 @@ impl Fetcher {
         in_flight.insert(*digest, dl.clone());
         drop(in_flight);
         tracing::info!(%digest, registry = %source.registry, repo = %source.repo, "download started");
-        tokio::spawn(self.clone().run(dl.clone(), source.clone()));
+        self.supervisor.spawn("download", self.clone().run(dl.clone(), source.clone()));
         Lookup::Downloading(dl)
     }
 
@@ -215,7 +224,7 @@ impl Fetcher {
         data: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.store.contains(digest) || self.in_flight.lock().expect("in-flight lock").contains_key(digest)
+        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest)
         {
             return Ok(());
         }
@@ -235,7 +244,7 @@ impl Fetcher {
     }
 
     fn is_banned(&self, peer: &NodeId) -> bool {
-        let mut bans = self.bans.lock().expect("ban lock");
+        let mut bans = crate::sync::lock(&self.bans);
         match bans.get(peer) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -249,17 +258,17 @@ impl Fetcher {
     fn ban(&self, peer: &NodeId, why: &str) {
         tracing::warn!(%peer, why, "banning peer for sending bad data");
         crate::metrics::METRICS.peer_bans.inc();
-        self.bans.lock().expect("ban lock").insert(peer.clone(), Instant::now() + BAN_DURATION);
+        crate::sync::lock(&self.bans).insert(peer.clone(), Instant::now() + BAN_DURATION);
     }
 
     /// What this node holds of `digest`, for a `Have` request from peer `from`. A peer that
     /// asks while we download the digest is downloading it too: the download task counts it
     /// among the nodes that share the origin fetches, even before the DHT says so.
     pub async fn have(&self, digest: &Digest, from: Option<NodeId>) -> Option<PeerHave> {
-        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        let dl = crate::sync::lock(&self.in_flight).get(digest).cloned();
         if let Some(dl) = dl {
             if let Some(from) = from {
-                let mut askers = dl.askers.lock().expect("askers lock");
+                let mut askers = crate::sync::lock(&dl.askers);
                 if askers.len() < MAX_ASKERS {
                     askers.insert(from);
                 }
@@ -292,7 +301,7 @@ impl Fetcher {
     /// A verified piece of `digest`, for a peer's `Piece` request. Only local pieces are
     /// served: nothing is ever forwarded, so request loops cannot form.
     pub async fn piece(&self, digest: &Digest, index: u32) -> Option<Bytes> {
-        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        let dl = crate::sync::lock(&self.in_flight).get(digest).cloned();
         if let Some(dl) = dl {
             let shared = dl.shared.lock().await;
             if let Some(s) = shared.as_ref() {
