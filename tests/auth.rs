@@ -5,8 +5,12 @@
 //!   token service (a private and a public repository);
 //! - `ctr content fetch --user` through agent A with no node credentials, then through agent
 //!   B, which gets the bytes from A (the origin sees only the access checks' HEADs);
+//! - the kubelet path: the CRI plugin's `PullImage` over containerd's gRPC socket with an
+//!   `AuthConfig` (a pull secret, no server address), hosts dir from `containerd-config`;
 //! - no credentials, wrong credentials, a token for another repository: no content, from a
 //!   node that holds the blob; a public image needs nothing;
+//! - origin down: cached private content only for credentials accepted within
+//!   `--auth-offline-grace`;
 //! - registries that are not configured: 404, and no connection is made;
 //! - client-facing errors name no internal address; credentials and tokens are never logged.
 
