@@ -57,13 +57,20 @@ async fn sigterm_during_a_download_exits_0_in_time_and_the_restart_resumes() {
     .await
     .unwrap();
 
+    // Every piece verified before the signal must be resumed after it: the download saves
+    // its map when it is stopped, not only every few pieces.
+    let verified_before = agent.metric("shoal_pieces_verified_total", &[]).await;
     let sent = Instant::now();
     let status = agent.terminate_within(grace + Duration::from_secs(5));
     let took = sent.elapsed();
     let log = agent.log_tail();
     let status = status.unwrap_or_else(|| panic!("the agent did not exit on SIGTERM; log:\n{log}"));
     assert!(status.success(), "exit status {status} after SIGTERM; log:\n{log}");
-    assert!(took < grace + Duration::from_secs(2), "SIGTERM to exit took {took:?} (grace {grace:?})");
+    // The download stops at the signal (saving its map), not when the grace period cuts it.
+    assert!(
+        took < grace,
+        "SIGTERM to exit took {took:?}: the download ran on into the {grace:?} grace period"
+    );
     assert!(log.contains("shutting down"), "no shutdown in the log:\n{log}");
     // The client's download was cut (never a complete, wrong body).
     if let Ok(Ok(n)) = request.await {
@@ -76,11 +83,14 @@ async fn sigterm_during_a_download_exits_0_in_time_and_the_restart_resumes() {
     let body = resp.bytes().await.unwrap();
     assert_eq!(digest_of(&body), layer.digest);
     let resumed = agent.metric("shoal_pieces_resumed_total", &[]).await;
-    assert!(resumed >= 8.0, "resumed {resumed} pieces");
+    assert!(
+        resumed >= verified_before,
+        "resumed {resumed} pieces, but {verified_before} were verified before SIGTERM"
+    );
     let origin_sent = origin.access_log().blob_get_bytes_for(&layer.digest);
     assert!(origin_sent < size + size / 2, "the origin sent {origin_sent} bytes for {size}: no resume");
     eprintln!(
-        "SIGTERM to exit: {took:?}; resumed {resumed} pieces; origin sent {origin_sent} of {size} bytes"
+        "SIGTERM to exit: {took:?}; {verified_before} pieces verified before it, {resumed} resumed; origin sent {origin_sent} of {size} bytes"
     );
 }
 

@@ -1130,3 +1130,30 @@ async fn metrics_and_health_endpoints() {
     let cache_bytes = env.metric("shoal_cache_bytes", &[]).await;
     assert!(cache_bytes >= size, "cache bytes {cache_bytes} < {size}");
 }
+
+/// A digest that no peer and not the origin has is a 404 at once: the origin's HEAD runs
+/// while the agent waits for the provider records of nodes that started at the same moment
+/// (the settle delay, 500 ms), not after. Five sequential requests that each waited would
+/// take at least 2.5 s; each answered at once takes a few milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_nobody_has_is_a_404_without_the_settle_wait() {
+    let env = Env::start().await;
+    env.push(ImageKind::OciManifest, "errors/fast404", None).await;
+    let settle = Duration::from_millis(500);
+    let started = Instant::now();
+    for _ in 0..5 {
+        let resp = env
+            .client
+            .get(env.url(&format!("/v2/errors/fast404/blobs/{}", unknown_digest())))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < 5 * settle,
+        "5 unknown digests took {took:?}: each waited the settle delay before its 404"
+    );
+    eprintln!("5 unknown digests: {took:?}");
+}

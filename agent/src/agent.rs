@@ -90,7 +90,13 @@ impl Agent {
             shutdown_grace: config.shutdown_grace,
         };
         let Some(p2p_config) = &config.p2p else {
-            let fetcher = Fetcher::new(store, origin.clone(), Arc::new(Solo::default()), fetch_config);
+            let fetcher = Fetcher::new(
+                store,
+                origin.clone(),
+                Arc::new(Solo::default()),
+                fetch_config,
+                supervisor.clone(),
+            );
             let api = Api::new(fetcher, origin, config.default_registry.clone(), access.clone());
             return Ok(agent(api, None));
         };
@@ -109,7 +115,13 @@ impl Agent {
         store.set_evict_hook(Box::new(move |digest| withdraw.withdraw(*digest)));
         let needs_peer = !p2p_config.bootstrap.is_empty() || !p2p_config.trackers.is_empty();
         readiness.set_peer_id(client.local_peer_id().to_string(), needs_peer);
-        let fetcher = Fetcher::new(store, origin.clone(), network.clone() as Arc<dyn Network>, fetch_config);
+        let fetcher = Fetcher::new(
+            store,
+            origin.clone(),
+            network.clone() as Arc<dyn Network>,
+            fetch_config,
+            supervisor.clone(),
+        );
         let serve = ServeOptions {
             // Few enough that a queue of whole pieces drains well within the request timeout
             // on a slow link (8 MiB at 20 mbit is 3.4 s); more requests are answered `Busy`

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use crate::origin::{Kind, Origin, OriginError};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Entry, Partial, ReadGuard, Store, StoreError};
+use crate::supervise::Supervisor;
 use crate::types::{Digest, Registry, RepoName};
 pub use meta::PieceMap;
 use net::{Network, NodeId, PeerHave};
@@ -54,6 +55,9 @@ pub enum FetchError {
     Read(std::io::Error),
     #[error("no peer holds {0} and the origin cannot be asked for it ({1})")]
     NoSource(Digest, String),
+    /// The agent is shutting down: the verified pieces were saved for the next run.
+    #[error("the agent is shutting down; verified pieces are kept for the next start")]
+    ShuttingDown,
 }
 
 /// Where a download gets its bytes from the origin, from the first request that started it.
@@ -151,6 +155,9 @@ pub struct Fetcher {
     in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Peers that sent bad data, until when.
     bans: Mutex<HashMap<NodeId, Instant>>,
+    /// Every download runs under it, so SIGTERM stops them, saves their piece maps and
+    /// waits for them (see [`crate::supervise`]).
+    supervisor: Supervisor,
 }
 
 impl Fetcher {
@@ -159,6 +166,7 @@ impl Fetcher {
         origin: Arc<Origin>,
         net: Arc<dyn Network>,
         config: FetchConfig,
+        supervisor: Supervisor,
     ) -> Arc<Self> {
         let download_limit = RateLimiter::new(config.max_download_rate);
         Arc::new(Fetcher {
@@ -169,6 +177,7 @@ impl Fetcher {
             download_limit,
             in_flight: Mutex::default(),
             bans: Mutex::default(),
+            supervisor,
         })
     }
 
@@ -203,7 +212,7 @@ impl Fetcher {
         in_flight.insert(*digest, dl.clone());
         drop(in_flight);
         tracing::info!(%digest, registry = %source.registry, repo = %source.repo, "download started");
-        tokio::spawn(self.clone().run(dl.clone(), source.clone()));
+        self.supervisor.spawn("download", self.clone().run(dl.clone(), source.clone()));
         Lookup::Downloading(dl)
     }
 

@@ -9,7 +9,9 @@
 //!    which also bans every provider that named another size. A download that fails on a
 //!    size only peers named asks the origin too, and bans them if it disagrees. When nobody
 //!    holds the digest yet and there is no tracker, wait the network's settle delay for the
-//!    records of nodes that started at the same moment, and read the providers again.
+//!    records of nodes that started at the same moment, and read the providers again; the
+//!    origin's HEAD runs during that wait, so a digest the origin does not have is a 404 at
+//!    once.
 //! 3. Re-verify the pieces an earlier run saved, build the [`Scheduler`] (see its module docs
 //!    for every decision from here on), hand it the `Have` answers, and put it where readers
 //!    and peers find it (`Download::shared`): its piece map is the one `Have` answers report
@@ -93,6 +95,10 @@ impl Fetcher {
         let digest = dl.digest;
         match self.download(&dl, &source).await {
             Ok(()) => tracing::info!(%digest, "download verified and stored"),
+            Err(FetchError::ShuttingDown) => {
+                tracing::info!(%digest, "download stopped for shutdown; verified pieces saved");
+                dl.progress.send_replace(Progress::Failed(Arc::new(FetchError::ShuttingDown)));
+            }
             Err(e) => {
                 if matches!(e, FetchError::DigestMismatch { .. }) {
                     METRICS.origin_digest_mismatches.inc();
@@ -114,6 +120,10 @@ impl Fetcher {
         let providers = self.live_providers(digest).await;
         let mut answers = self.ask_have(providers, digest).await;
         let mut claim = SizeClaim::of(&answers);
+        let head =
+            || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
+        // What the origin said while we waited for peers, if we asked it then.
+        let mut origin_said = None;
         // With a tracker, its plans split the origin fetches from the first one on.
         if matches!(claim, SizeClaim::Unknown)
             && self.net.settle_delay() > Duration::ZERO
@@ -121,16 +131,28 @@ impl Fetcher {
         {
             // Nobody holds it yet. Nodes that start at the same moment announce at the same
             // moment: wait for their records, then read the provider set again, so the
-            // origin pieces are split among everyone from the first request on.
-            tokio::time::sleep(self.net.settle_delay()).await;
+            // origin pieces are split among everyone from the first request on. Ask the
+            // origin for the size meanwhile (a HEAD, no bytes), so a digest nobody has is
+            // a 404 at once, not after the wait.
+            let settle = tokio::time::sleep(self.net.settle_delay());
+            match head().await {
+                Err(e @ OriginError::NotFound(_)) => return Err(e.into()),
+                // Down or refusing: peers may still have it; decide after the wait.
+                Err(e) => tracing::debug!(%digest, error = %e, "origin HEAD failed while waiting for peers"),
+                Ok(info) => origin_said = Some(info),
+            }
+            settle.await;
             let again = self.live_providers(digest).await;
             let asked: Vec<NodeId> = answers.iter().map(|(p, _)| p.clone()).collect();
             let fresh: Vec<NodeId> = again.into_iter().filter(|p| !asked.contains(p)).collect();
             answers.extend(self.ask_have(fresh, digest).await);
             claim = SizeClaim::of(&answers);
+            if let (Some((size, _)), SizeClaim::Agreed(h)) = (&origin_said, &claim) {
+                if h.size != *size {
+                    claim = SizeClaim::Disputed { majority: h.clone() };
+                }
+            }
         }
-        let head =
-            || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
         // The peers whose word the size is, when it is only their word: if the download then
         // fails, the origin is asked whether they lied.
         let named = |size: u64| -> Vec<NodeId> {
@@ -143,26 +165,35 @@ impl Fetcher {
         let (total, mut media_type, claimed_size) = match claim {
             SizeClaim::Agreed(h) => (h.size, h.media_type, named(h.size)),
             SizeClaim::Unknown => {
-                let (size, media_type) = head().await?;
+                let (size, media_type) = match origin_said.take() {
+                    Some(info) => info,
+                    None => head().await?,
+                };
                 (size, media_type, Vec::new())
             }
             // A digest has one size: someone lies (or is broken). The origin settles it
             // without sending a byte, and whoever contradicts it is banned.
-            SizeClaim::Disputed { majority } => match head().await {
-                Ok((size, media_type)) => {
-                    for (peer, answer) in &answers {
-                        if answer.as_ref().is_ok_and(|h| h.size != size) {
-                            self.ban(peer, "claimed a size the origin contradicts");
+            SizeClaim::Disputed { majority } => {
+                let settled = match origin_said.take() {
+                    Some(info) => Ok(info),
+                    None => head().await,
+                };
+                match settled {
+                    Ok((size, media_type)) => {
+                        for (peer, answer) in &answers {
+                            if answer.as_ref().is_ok_and(|h| h.size != size) {
+                                self.ban(peer, "claimed a size the origin contradicts");
+                            }
                         }
+                        (size, media_type, Vec::new())
                     }
-                    (size, media_type, Vec::new())
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, size = majority.size,
+                            "peers disagree on the size and the origin cannot settle it: taking the size most name");
+                        (majority.size, majority.media_type, named(majority.size))
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, size = majority.size,
-                        "peers disagree on the size and the origin cannot settle it: taking the size most name");
-                    (majority.size, majority.media_type, named(majority.size))
-                }
-            },
+            }
         };
         if source.kind == Kind::Blob {
             media_type = None;
@@ -246,7 +277,7 @@ impl Fetcher {
                 // A lie about the size that every piece survives (a blob a whole number of
                 // pieces long, claimed longer) shows only as a failure: check it, so the next
                 // attempt does not believe the same peers.
-                if !claimed_size.is_empty() {
+                if !claimed_size.is_empty() && !matches!(e, FetchError::ShuttingDown) {
                     if let Ok((size, _)) = head().await {
                         if size != total {
                             for peer in &claimed_size {
@@ -457,6 +488,19 @@ impl Fetcher {
             let msg = tokio::select! {
                 msg = rx.recv() => msg,
                 _ = tokio::time::sleep_until(wake.into()) => None,
+                () = self.supervisor.cancelled() => {
+                    // Shutdown: stop the jobs, keep what they verified before they stopped
+                    // (the caller saves the map), and end.
+                    jobs.abort_all();
+                    let mut shared = dl.shared.lock().await;
+                    let s = &mut shared.as_mut().expect("the download owns its state").sched;
+                    while let Ok(msg) = rx.try_recv() {
+                        if let Msg::Sched(event @ Event::Verified { .. }) = msg {
+                            s.handle(event, Instant::now());
+                        }
+                    }
+                    return Err(FetchError::ShuttingDown);
+                }
             };
             next = match msg {
                 None => None,
@@ -749,8 +793,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path(), 1 << 30).unwrap();
         let origin = Arc::new(crate::origin::Origin::new(Default::default(), Default::default()).unwrap());
-        let fetcher =
-            Fetcher::new(store, origin, Arc::new(super::super::net::Solo::default()), Default::default());
+        let fetcher = Fetcher::new(
+            store,
+            origin,
+            Arc::new(super::super::net::Solo::default()),
+            Default::default(),
+            Default::default(),
+        );
         let data: Vec<u8> = (0..100u8).collect();
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = data.chunks(7).map(|c| Ok(c.to_vec())).collect();
         let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));

@@ -530,6 +530,10 @@ fn fetch_error(code: Code, e: &FetchError) -> ApiError {
             )
         }
         FetchError::Store(_) | FetchError::Read(_) => internal(e.to_string()),
+        // containerd retries on 503 (another agent, or this one after its restart).
+        FetchError::ShuttingDown => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unknown, "the agent is shutting down")
+        }
     }
 }
 
