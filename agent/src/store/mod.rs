@@ -113,6 +113,8 @@ pub struct Store {
     max_bytes: u64,
     on_evict: std::sync::OnceLock<EvictHook>,
     inner: Mutex<Inner>,
+    /// Piece reads shared by concurrent readers, by (digest, generation, piece).
+    pieces: Mutex<LruCache<(Digest, u64, u32), verify::PieceJob>>,
 }
 
 /// An indexed blob. `gen` tells one stored copy of a digest from a later one (after a
@@ -339,6 +341,9 @@ impl Store {
             max_bytes,
             on_evict: std::sync::OnceLock::new(),
             inner: Mutex::new(inner),
+            pieces: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(verify::SHARED_PIECES).expect("non-zero"),
+            )),
         });
         let victims = store.pick_victims(None);
         store.remove_files(&victims);
@@ -844,6 +849,13 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[0] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
+        // Concurrent readers share a just-verified piece from memory (correct bytes); a read
+        // after it left that small cache goes to the disk again.
+        let (_, guard) = store.get(&d3).unwrap();
+        let mut r = VerifiedRead::open(guard, 0, n).await.expect("piece 0 shared from memory");
+        assert_eq!(r.next_chunk().await.unwrap().unwrap(), &data[..256 << 10]);
+        drop(r);
+        store.pieces.lock().unwrap().clear();
         let (_, guard) = store.get(&d3).unwrap();
         assert!(matches!(VerifiedRead::open(guard, 0, n).await, Err(ReadError::Corrupt { .. })));
         // Vanished files are forgotten, not an error forever.

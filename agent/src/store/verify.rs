@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinHandle;
 
@@ -193,8 +194,57 @@ impl Store {
     }
 }
 
-/// A piece being read and hashed on the blocking pool: its bytes and whether they matched.
-type PieceJob = JoinHandle<io::Result<(Vec<u8>, bool)>>;
+/// A piece being read and hashed on the blocking pool: its verified bytes, or why not.
+/// Shared, so that readers of the same blob at the same time (several pods of a node
+/// starting one image) read and hash each piece once between them.
+pub(super) type PieceJob = Shared<BoxFuture<'static, Result<Bytes, PieceFailure>>>;
+
+#[derive(Clone, Debug)]
+pub(super) enum PieceFailure {
+    Mismatch,
+    Io(Arc<io::Error>),
+}
+
+/// How many recently verified pieces are kept for concurrent readers, at most
+/// [`SHARED_PIECE_MAX`] bytes each (so at most 32 MiB).
+pub(super) const SHARED_PIECES: usize = 16;
+const SHARED_PIECE_MAX: u32 = 2 << 20;
+
+impl Store {
+    /// The read-and-check job of piece `index` of the copy `guard` reads: joined if one
+    /// is in flight or just finished, else started on the blocking pool.
+    fn piece_job(
+        &self,
+        guard: &ReadGuard,
+        file: &Arc<std::fs::File>,
+        layout: Layout,
+        index: u32,
+        expected: [u8; 32],
+    ) -> PieceJob {
+        let key = (guard.digest, guard.gen, index);
+        let share = layout.piece_size <= SHARED_PIECE_MAX;
+        if share {
+            if let Some(job) = crate::sync::lock(&self.pieces).get(&key) {
+                return job.clone();
+            }
+        }
+        let file = file.clone();
+        let handle: JoinHandle<io::Result<(Vec<u8>, bool)>> =
+            tokio::task::spawn_blocking(move || read_and_check(&file, layout, index, &expected));
+        let job: BoxFuture<'static, Result<Bytes, PieceFailure>> = Box::pin(async move {
+            match flatten(handle.await) {
+                Ok((buf, true)) => Ok(Bytes::from(buf)),
+                Ok((_, false)) => Err(PieceFailure::Mismatch),
+                Err(e) => Err(PieceFailure::Io(Arc::new(e))),
+            }
+        });
+        let job = job.shared();
+        if share {
+            crate::sync::lock(&self.pieces).put(key, job.clone());
+        }
+        job
+    }
+}
 
 /// Bytes `start..end` of a complete blob, read in whole pieces, each verified before any of
 /// it is returned; pinned against eviction by its guard. See the module docs.
@@ -247,18 +297,20 @@ impl VerifiedRead {
             return Err(ReadError::NoSuchPiece { digest: self.guard.digest, index: self.next_piece });
         };
         let store = self.guard.store.clone();
-        let result = match flatten(job.await) {
-            Ok((buf, true)) => {
+        let result = match job.await {
+            Ok(bytes) => {
                 let at = u64::from(index) * u64::from(self.map.layout.piece_size);
-                self.current = Some((at, Bytes::from(buf)));
+                self.current = Some((at, bytes));
                 Ok(())
             }
-            Ok((_, false)) => {
+            Err(PieceFailure::Mismatch) => {
                 let what = format!("piece {index} does not match its sha256");
                 store.quarantine(&self.guard, &what);
                 Err(ReadError::Corrupt { digest: self.guard.digest, what })
             }
-            Err(e) => Err(store.read_failed(&self.guard, e)),
+            Err(PieceFailure::Io(e)) => {
+                Err(store.read_failed(&self.guard, io::Error::new(e.kind(), e.to_string())))
+            }
         };
         if result.is_ok() {
             self.fill();
@@ -276,9 +328,13 @@ impl VerifiedRead {
     fn fill(&mut self) {
         while self.ahead.len() <= READ_AHEAD && self.end > 0 && self.next_piece <= self.last_piece() {
             let index = self.next_piece;
-            let (file, layout, expected) =
-                (self.file.clone(), self.map.layout, self.map.digests[index as usize]);
-            let job = tokio::task::spawn_blocking(move || read_and_check(&file, layout, index, &expected));
+            let job = self.guard.store.piece_job(
+                &self.guard,
+                &self.file,
+                self.map.layout,
+                index,
+                self.map.digests[index as usize],
+            );
             self.ahead.push_back((index, job));
             self.next_piece += 1;
         }
