@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_agent::swarm::tracker_protocol::{
+use shoal_protocol::tracker::{
     encode_tracker_request, Heartbeat, NodeCounters, PlanRequest, PreheatJob, TrackerRequest,
     TrackerResponse, MAX_HELD_PER_HEARTBEAT, MAX_TRACKER_MESSAGE_BYTES,
 };

@@ -19,11 +19,11 @@ use crate::fetch::{FetchConfig, Fetcher};
 use crate::metrics::{self, Readiness};
 use crate::origin::auth::{AuthFileError, CredentialStore};
 use crate::origin::{Origin, OriginError};
+use crate::p2p::{self, ServeOptions, SwarmNetwork};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{self, Api};
 use crate::store::{Store, StoreError};
 use crate::supervise::Supervisor;
-use crate::swarm::network::{self as p2p, ServeOptions, SwarmNetwork};
 use crate::swarm::SwarmError;
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +146,7 @@ impl Agent {
             let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone(), supervisor.clone()));
             supervisor.spawn(
                 "heartbeat",
-                crate::swarm::heartbeat::run(
+                crate::p2p::heartbeat::run(
                     client.clone(),
                     fetcher.clone(),
                     preheater,

@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use crate::fetch::{Fetcher, Lookup, Source};
 use crate::origin::{Kind, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES};
 use crate::supervise::Supervisor;
-use crate::swarm::tracker_protocol::{PreheatJob, PreheatProgress, PreheatState, MAX_PREHEAT_JOBS};
 use crate::types::Digest;
+use shoal_protocol::tracker::{PreheatJob, PreheatProgress, PreheatState, MAX_PREHEAT_JOBS};
 
 /// Blob downloads one job runs at once.
 const BLOB_CONCURRENCY: usize = 4;
@@ -42,7 +42,7 @@ pub struct Preheater {
 /// Longest failure text kept for a job (it travels in heartbeats, whose texts are bounded by
 /// the tracker protocol).
 const MAX_FAILURE_TEXT: usize = 200;
-const _: () = assert!(MAX_FAILURE_TEXT <= crate::swarm::tracker_protocol::MAX_TEXT_BYTES);
+const _: () = assert!(MAX_FAILURE_TEXT <= shoal_protocol::tracker::MAX_TEXT_BYTES);
 
 /// The state a job ends in, from the result of [`run`].
 fn finished(result: Result<(), String>) -> PreheatState {

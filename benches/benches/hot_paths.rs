@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal_agent::store::Store;
-use shoal_agent::swarm::protocol::{
+use shoal_agent::types::Digest;
+use shoal_protocol::piece::{
     decode_request, decode_response, encode_request, encode_response, HaveInfo, PieceRequest, PieceResponse,
     MAX_RESPONSE_BYTES,
 };
-use shoal_agent::types::Digest;
 
 const MIB: usize = 1 << 20;
 const SAMPLES: usize = 21;

@@ -23,7 +23,7 @@ use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Stream
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
-use shoal_agent::swarm::tracker_protocol::{
+use shoal_protocol::tracker::{
     decode_tracker_response, encode_tracker_request, TrackerRequest, TrackerResponse, TRACKER_PROTOCOL,
 };
 use tempfile::TempDir;
@@ -426,7 +426,7 @@ impl TrackerClient {
         };
         let behaviour = request_response::Behaviour::with_codec(
             RawCodec,
-            [(TRACKER_PROTOCOL, ProtocolSupport::Outbound)],
+            [(libp2p::StreamProtocol::new(TRACKER_PROTOCOL), ProtocolSupport::Outbound)],
             request_response::Config::default().with_request_timeout(Duration::from_secs(15)),
         );
         let swarm = libp2p::SwarmBuilder::with_new_identity()

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use shoal_agent::config::{LogFormat, Upstreams};
-use shoal_agent::swarm::SwarmConfig;
-use shoal_agent::types::Registry;
+use shoal_protocol::types::Registry;
+use shoal_swarm::SwarmConfig;
 
 /// Why the configuration was refused. Each message names the flag.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum ConfigError {
     #[error("--p2p-listen needs at least one address")]
     NoListen,
     #[error("{0}")]
-    Swarm(#[from] shoal_agent::swarm::SwarmError),
+    Swarm(#[from] shoal_swarm::SwarmError),
     #[error("{0}")]
     Origin(#[from] shoal_agent::config::ConfigError),
 }
@@ -76,7 +76,7 @@ pub struct TrackerArgs {
 pub struct Config {
     pub http_listen: SocketAddr,
     pub cache_dir: PathBuf,
-    /// The swarm, with `role` already [`shoal_agent::swarm::Role::Tracker`].
+    /// The swarm, with `role` already [`shoal_swarm::Role::Tracker`].
     pub swarm: SwarmConfig,
     pub upstreams: Upstreams,
     pub default_registry: Registry,
@@ -88,14 +88,14 @@ impl TrackerArgs {
         if self.p2p_listen.is_empty() {
             return Err(ConfigError::NoListen);
         }
-        let mut swarm = shoal_agent::swarm::network::config_from_flags(
+        let mut swarm = shoal_swarm::config_from_flags(
             &self.p2p_listen,
             &self.bootstrap,
             &[],
             self.cache_dir.join("node.key"),
             self.swarm_key.clone(),
         )?;
-        swarm.role = shoal_agent::swarm::Role::Tracker;
+        swarm.role = shoal_swarm::Role::Tracker;
         swarm.validate()?;
         let (upstreams, default_registry) = origin_settings(&self.upstreams, &self.default_registry)?;
         Ok(Config {
@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(config.http_listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.swarm.listen[0].to_string(), "/ip4/0.0.0.0/tcp/5101");
         assert_eq!(config.swarm.key_path, PathBuf::from("/var/lib/shoal-tracker/node.key"));
-        assert_eq!(config.swarm.role, shoal_agent::swarm::Role::Tracker);
+        assert_eq!(config.swarm.role, shoal_swarm::Role::Tracker);
         assert_eq!(config.default_registry.as_str(), "docker.io");
         assert_eq!(config.upstreams.url(&"docker.io".parse().unwrap()), "https://registry-1.docker.io");
     }

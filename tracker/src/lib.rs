@@ -19,8 +19,9 @@
 //! - [`preheat`]: image references and their resolution at the origin.
 //! - [`metrics`]: Prometheus metrics (`shoal_tracker_`).
 //!
-//! The swarm, the tracker protocol and the origin client are the agent's
-//! (`shoal_agent::swarm`, `shoal_agent::origin`): one implementation of each side of the wire.
+//! The tracker protocol and the timing contract are `shoal_protocol`'s, the swarm is
+//! `shoal_swarm`'s (the same crates the agent builds on); the origin client is still the agent's
+//! (`shoal_agent::origin`). One implementation of each side of the wire.
 
 pub mod config;
 pub mod http;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use shoal_agent::swarm::SwarmStats;
+use shoal_swarm::SwarmStats;
 
 use crate::state::State;
 
@@ -130,7 +130,7 @@ impl Metrics {
 
     /// Copies the state's and the swarm's numbers into the metrics.
     pub fn sync(&self, state: &State, stats: &SwarmStats, now: Instant) {
-        let _serial = shoal_agent::sync::lock(&self.sync_lock);
+        let _serial = shoal_protocol::sync::lock(&self.sync_lock);
         let (nodes, alive, digests) = state.gauges(now);
         self.nodes.set(nodes as i64);
         self.alive_nodes.set(alive as i64);

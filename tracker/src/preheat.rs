@@ -6,7 +6,7 @@
 //! manifest) by digest and the blobs of the platforms they run; that part is the agent's.
 
 use shoal_agent::origin::{Kind, Origin, OriginError, MANIFEST_MEDIA_TYPES};
-use shoal_agent::types::{Digest, Registry, RepoName, Tag};
+use shoal_protocol::types::{Digest, Registry, RepoName, Tag};
 
 /// An image reference: `[registry/]repository(:tag|@sha256:…)`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_agent::origin::auth::CredentialStore;
 use shoal_agent::origin::Origin;
-use shoal_agent::swarm::tracker_protocol::TrackerRequest;
-use shoal_agent::swarm::{self, Client, EventLoop, InboundRequest, InboundTrackerRequest, PeerId};
-use shoal_agent::types::Registry;
+use shoal_protocol::tracker::TrackerRequest;
+use shoal_protocol::types::Registry;
+use shoal_swarm::{Client, EventLoop, InboundRequest, InboundTrackerRequest, PeerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -38,7 +38,7 @@ pub enum TrackerError {
     #[error("cannot listen on {addr} (--p2p-listen): {reason}")]
     P2pListen { addr: String, reason: String },
     #[error("{0}")]
-    Swarm(#[from] swarm::SwarmError),
+    Swarm(#[from] shoal_swarm::SwarmError),
     #[error("--registry-auth-file: {0}")]
     AuthFile(String),
     #[error("origin client: {0}")]
@@ -62,7 +62,7 @@ impl Shared {
     /// state partly updated, which the next announcements correct; refusing every later
     /// request would be worse.
     pub fn state(&self) -> MutexGuard<'_, State> {
-        shoal_agent::sync::lock(&self.state)
+        shoal_protocol::sync::lock(&self.state)
     }
 
     /// `/metrics` text, synced with the state and the swarm counters.
@@ -102,9 +102,9 @@ impl Tracker {
         let origin = Origin::new(config.upstreams.clone(), credentials)
             .map_err(|e| TrackerError::Origin(e.to_string()))?;
         // swarm::new refuses a P2P port another process holds; name the flag.
-        let swarm::Parts { client, inbound, tracker_inbound, event_loop } = swarm::new(config.swarm.clone())
-            .map_err(|e| match e {
-                swarm::SwarmError::Listen { addr, reason } => {
+        let shoal_swarm::Parts { client, inbound, tracker_inbound, event_loop } =
+            shoal_swarm::new(config.swarm.clone()).map_err(|e| match e {
+                shoal_swarm::SwarmError::Listen { addr, reason } => {
                     TrackerError::P2pListen { addr: addr.to_string(), reason }
                 }
                 other => other.into(),

@@ -53,23 +53,17 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
-use shoal_agent::swarm::tracker_protocol::{
+use shoal_protocol::tracker::{
     Heartbeat, NodeCounters, Plan, PlanPeer, PlanRequest, PreheatJob, PreheatProgress, PreheatState,
     TrackerResponse, MAX_PEER_ADDRS, MAX_PIECES, MAX_PLAN_DIGESTS, MAX_PREHEAT_JOBS, MAX_TEXT_BYTES,
 };
-use shoal_agent::types::Digest;
+use shoal_protocol::types::Digest;
 
-/// A node not seen (no heartbeat, no plan) for this long is dead: its assignments are
-/// released and it is no longer handed out as a peer. Agents heartbeat every 2 s and plan
-/// every 0.5 s while downloading; on a machine whose CPU is saturated their requests arrive
-/// seconds late, and releasing a live node's pieces duplicates origin traffic (measured:
-/// 1.05x the image with 6 s), so the margin is wide.
-pub const NODE_DEAD: Duration = Duration::from_secs(10);
+/// When a silent node is dead and a stalled assignee loses its pieces: the timing contract
+/// with agents ([`shoal_protocol::timing`]), one definition for both sides.
+pub use shoal_protocol::timing::{NODE_DEAD, STALL};
 /// Dead nodes stay listed (as not alive) for this long, then are forgotten.
 pub const NODE_FORGET: Duration = Duration::from_secs(120);
-/// An assignee that has held an assignment this long without gaining a piece for this long
-/// loses it.
-pub const STALL: Duration = Duration::from_secs(20);
 /// Origin pieces assigned to one node at a time.
 pub const BATCH: usize = 4;
 /// Peers in one plan.

@@ -187,7 +187,7 @@ impl Fetcher {
 
     /// Digests being downloaded now.
     pub fn in_flight_digests(&self) -> Vec<Digest> {
-        self.in_flight.lock().expect("in-flight lock poisoned").keys().copied().collect()
+        crate::sync::lock(&self.in_flight).keys().copied().collect()
     }
 
     /// The stored blob, or the download of it (joining one in flight, else starting one).
@@ -195,7 +195,7 @@ impl Fetcher {
         if let Some((entry, guard)) = self.store.get(digest) {
             return Lookup::Cached(entry, guard);
         }
-        let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+        let mut in_flight = crate::sync::lock(&self.in_flight);
         if let Some(dl) = in_flight.get(digest) {
             return Lookup::Downloading(dl.clone());
         }
@@ -224,7 +224,7 @@ impl Fetcher {
         data: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.store.contains(digest) || self.in_flight.lock().expect("in-flight lock").contains_key(digest)
+        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest)
         {
             return Ok(());
         }
@@ -244,7 +244,7 @@ impl Fetcher {
     }
 
     fn is_banned(&self, peer: &NodeId) -> bool {
-        let mut bans = self.bans.lock().expect("ban lock");
+        let mut bans = crate::sync::lock(&self.bans);
         match bans.get(peer) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -258,17 +258,17 @@ impl Fetcher {
     fn ban(&self, peer: &NodeId, why: &str) {
         tracing::warn!(%peer, why, "banning peer for sending bad data");
         crate::metrics::METRICS.peer_bans.inc();
-        self.bans.lock().expect("ban lock").insert(peer.clone(), Instant::now() + BAN_DURATION);
+        crate::sync::lock(&self.bans).insert(peer.clone(), Instant::now() + BAN_DURATION);
     }
 
     /// What this node holds of `digest`, for a `Have` request from peer `from`. A peer that
     /// asks while we download the digest is downloading it too: the download task counts it
     /// among the nodes that share the origin fetches, even before the DHT says so.
     pub async fn have(&self, digest: &Digest, from: Option<NodeId>) -> Option<PeerHave> {
-        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        let dl = crate::sync::lock(&self.in_flight).get(digest).cloned();
         if let Some(dl) = dl {
             if let Some(from) = from {
-                let mut askers = dl.askers.lock().expect("askers lock");
+                let mut askers = crate::sync::lock(&dl.askers);
                 if askers.len() < MAX_ASKERS {
                     askers.insert(from);
                 }
@@ -301,7 +301,7 @@ impl Fetcher {
     /// A verified piece of `digest`, for a peer's `Piece` request. Only local pieces are
     /// served: nothing is ever forwarded, so request loops cannot form.
     pub async fn piece(&self, digest: &Digest, index: u32) -> Option<Bytes> {
-        let dl = self.in_flight.lock().expect("in-flight lock").get(digest).cloned();
+        let dl = crate::sync::lock(&self.in_flight).get(digest).cloned();
         if let Some(dl) = dl {
             let shared = dl.shared.lock().await;
             if let Some(s) = shared.as_ref() {

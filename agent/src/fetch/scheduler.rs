@@ -114,16 +114,15 @@ pub const MAX_ORIGIN_FAILURES: u32 = 6;
 pub const SAVE_EVERY: u32 = 8;
 /// How long a busy peer is left alone.
 pub const BUSY_BACKOFF: Duration = Duration::from_millis(200);
-/// How often a download reports to its tracker and asks for a plan.
-pub const PLAN_POLL: Duration = Duration::from_millis(500);
+/// How often a download reports to its tracker and asks for a plan (the timing contract
+/// with trackers: [`shoal_protocol::timing`]).
+pub use shoal_protocol::timing::PLAN_POLL;
 /// Shortest gap between two plan requests.
 pub const PLAN_MIN_GAP: Duration = Duration::from_millis(50);
 /// A plan older than this no longer decides origin fetches: the tracker is gone, and the
-/// download falls back to the DHT rules. Generous, because a node whose answers are merely
-/// late (a starved CPU) must not fetch what the tracker gave to others; the tracker itself
-/// gives a silent node's pieces away after its `NODE_DEAD` (10 s), or a node that gains no
-/// piece for its `STALL` (20 s).
-pub const PLAN_STALE: Duration = Duration::from_secs(10);
+/// download falls back to the DHT rules (see [`shoal_protocol::timing`] for why it is not
+/// shorter than the tracker's `NODE_DEAD`).
+pub use shoal_protocol::timing::PLAN_STALE;
 
 /// Tuning of one download's scheduler.
 #[derive(Clone, Debug)]

@@ -108,7 +108,7 @@ impl Fetcher {
                 dl.progress.send_replace(Progress::Failed(Arc::new(e)));
             }
         }
-        self.in_flight.lock().expect("in-flight lock poisoned").remove(&digest);
+        crate::sync::lock(&self.in_flight).remove(&digest);
         METRICS.downloads_in_flight.dec();
     }
 
@@ -347,7 +347,7 @@ impl Fetcher {
                 let mut shared = dl.shared.lock().await;
                 let s = &mut shared.as_mut().expect("the download owns its state").sched;
                 s.set_tracker(self.net.has_coordinator(), now);
-                let askers: Vec<NodeId> = dl.askers.lock().expect("askers lock").drain().collect();
+                let askers: Vec<NodeId> = crate::sync::lock(&dl.askers).drain().collect();
                 for p in askers {
                     if p != me && !self.is_banned(&p) {
                         s.handle(Event::Asker(p), now);

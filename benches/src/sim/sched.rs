@@ -19,7 +19,7 @@ use super::flow::Time;
 pub type NodeIx = u32;
 
 pub const MS: Time = 1_000_000;
-/// The agent's settle delay (`swarm/network.rs::SETTLE_DELAY`).
+/// The agent's settle delay (`agent/src/p2p/mod.rs::SETTLE_DELAY`).
 pub const SETTLE: Time = 500 * MS;
 
 /// A cheap, well-mixed 64-bit hash (splitmix64's finaliser).

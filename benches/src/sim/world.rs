@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use sha2::{Digest as _, Sha256};
-use shoal_agent::swarm::tracker_protocol::{Heartbeat, NodeCounters, PlanRequest, TrackerResponse};
+use shoal_protocol::tracker::{Heartbeat, NodeCounters, PlanRequest, TrackerResponse};
 use shoal_tracker::state::State;
 
 use shoal_agent::fetch::herd;

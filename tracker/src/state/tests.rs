@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use shoal_agent::swarm::tracker_protocol::{
+use shoal_protocol::tracker::{
     Heartbeat, NodeCounters, Plan, PlanRequest, PreheatProgress, PreheatState, TrackerResponse,
 };
 

@@ -34,15 +34,14 @@
 
 use std::io;
 
-use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::types::Digest;
 
 /// The protocol name negotiated on each stream.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/piece/1.0.0");
+pub const PROTOCOL: &str = "/shoal/piece/1.0.0";
 
 /// Largest piece a peer sends (and the largest piece size a `Have` answer may announce).
 pub const MAX_PIECE_BYTES: usize = 16 << 20;
@@ -210,7 +209,7 @@ const CONFIG: bincode::config::Configuration<
     bincode::config::Limit<MAX_RESPONSE_BYTES>,
 > = bincode::config::standard().with_limit::<MAX_RESPONSE_BYTES>();
 
-pub(crate) fn encode_capped<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
+pub fn encode_capped<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
     let bytes =
         bincode::serde::encode_to_vec(message, CONFIG).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     if bytes.len() > limit {
@@ -219,7 +218,7 @@ pub(crate) fn encode_capped<T: Serialize>(message: &T, limit: usize) -> Result<V
     Ok(bytes)
 }
 
-pub(crate) fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
+pub fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
     if bytes.len() > limit {
         return Err(ProtocolError::TooLarge { len: bytes.len(), limit });
     }
@@ -253,19 +252,9 @@ pub fn decode_response(bytes: &[u8], limit: usize) -> Result<PieceResponse, Prot
     Ok(response)
 }
 
-/// The request-response codec: whole-stream messages, capped reads (see the module docs).
-#[derive(Clone, Debug)]
-pub(crate) struct PieceCodec {
-    /// Largest response this node reads or writes.
-    pub(crate) max_response_bytes: usize,
-}
-
 /// Reads to end of stream, at most `limit` bytes: one byte more is an error, so a peer cannot
 /// make us buffer more than `limit + 1` bytes whatever it sends.
-pub(crate) async fn read_capped<T: AsyncRead + Unpin + Send>(
-    io: &mut T,
-    limit: usize,
-) -> io::Result<Vec<u8>> {
+pub async fn read_capped<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     read_rest_capped(io, &mut buf, limit).await?;
     Ok(buf)
@@ -285,54 +274,8 @@ async fn read_rest_capped<T: AsyncRead + Unpin>(
     Ok(())
 }
 
-fn invalid_data(e: ProtocolError) -> io::Error {
+pub fn invalid_data(e: ProtocolError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-impl libp2p::request_response::Codec for PieceCodec {
-    type Protocol = StreamProtocol;
-    type Request = PieceRequest;
-    type Response = PieceResponse;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<PieceRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let bytes = read_capped(io, MAX_REQUEST_BYTES).await?;
-        decode_request(&bytes).map_err(invalid_data)
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<PieceResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_response(io, self.max_response_bytes).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        request: PieceRequest,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        let bytes = encode_request(&request).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        io.write_all(&bytes).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        response: PieceResponse,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_response(io, &response, self.max_response_bytes).await
-    }
 }
 
 /// Longest `Piece` header: the variant (a one-byte varint), the index (a `u32` varint, at most
@@ -350,7 +293,7 @@ const PIECE_VARIANT: u32 = 1;
 
 /// Writes a response; a piece's data goes to the stream as it is, without first being copied
 /// into an encoding buffer (the bytes on the wire are those of [`encode_response`]).
-pub(crate) async fn write_response<T: AsyncWrite + Unpin>(
+pub async fn write_response<T: AsyncWrite + Unpin>(
     io: &mut T,
     response: &PieceResponse,
     limit: usize,
@@ -376,10 +319,7 @@ pub(crate) async fn write_response<T: AsyncWrite + Unpin>(
 /// its announced length (once the length is checked against the limit), which becomes the
 /// message's `data`: no growing buffer, no second copy while decoding. Every other message is
 /// read whole and decoded by [`decode_response`].
-pub(crate) async fn read_response<T: AsyncRead + Unpin>(
-    io: &mut T,
-    limit: usize,
-) -> io::Result<PieceResponse> {
+pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T, limit: usize) -> io::Result<PieceResponse> {
     let limit = limit.min(MAX_RESPONSE_BYTES);
     let mut head = [0u8; PIECE_HEADER_MAX];
     let mut got = 0;

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::types::Digest;
+use shoal_protocol::types::Digest;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -9,9 +9,9 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, identify, kad, StreamProtocol};
 
-use super::protocol::{PieceCodec, PROTOCOL};
-use super::tracker_protocol::{TrackerCodec, TRACKER_PROTOCOL};
 use super::{Role, SwarmConfig, SwarmStats};
+use crate::codec::{PieceCodec, PIECE_PROTOCOL as PROTOCOL};
+use crate::codec::{TrackerCodec, TRACKER_PROTOCOL};
 
 /// Kademlia under a private name, so a Shoal node never answers or joins a public DHT.
 pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");

@@ -8,10 +8,10 @@ use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{PieceRequest, PieceResponse};
-use super::tracker_protocol::{TrackerRequest, TrackerResponse};
 use super::{SwarmError, SwarmStats};
-use crate::types::Digest;
+use shoal_protocol::piece::{PieceRequest, PieceResponse};
+use shoal_protocol::tracker::{TrackerRequest, TrackerResponse};
+use shoal_protocol::types::Digest;
 
 /// Why a piece request got no answer. The caller branches on it: `Protocol` means the peer
 /// misbehaved (penalise it); the others say nothing about the peer's honesty.

@@ -29,10 +29,11 @@ use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::client::{
     Command, InboundRequest, InboundTrackerRequest, RequestError, ResponseHandle, TrackerResponseHandle,
 };
-use super::protocol::{PieceRequest, PieceResponse};
-use super::tracker_protocol::{TrackerRequest, TrackerResponse, TRACKER_PROTOCOL};
 use super::{is_loopback, Bootstrap, SwarmConfig, SwarmError, SwarmStats};
-use crate::types::Digest;
+use crate::codec::TRACKER_PROTOCOL;
+use shoal_protocol::piece::{PieceRequest, PieceResponse};
+use shoal_protocol::tracker::{TrackerRequest, TrackerResponse};
+use shoal_protocol::types::Digest;
 
 /// Every held digest is re-published this often (well within the provider record TTL).
 pub(crate) const REPUBLISH_INTERVAL: Duration = Duration::from_secs(10 * 60);
@@ -585,7 +586,7 @@ impl EventLoop {
             if is_loopback(&addr) && !keep_loopback {
                 continue;
             }
-            if kept.len() < super::tracker_protocol::MAX_PEER_ADDRS {
+            if kept.len() < shoal_protocol::tracker::MAX_PEER_ADDRS {
                 kept.push(addr.clone());
             }
             self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);

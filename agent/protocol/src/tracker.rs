@@ -21,17 +21,13 @@
 //! lists are bounded by the constants below and checked by `validate` on both sides, so a
 //! tracker never has to trust a count an agent sent.
 
-use std::io;
-
-use libp2p::futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{decode_capped, encode_capped, read_capped, ProtocolError};
+use crate::piece::{decode_capped, encode_capped, ProtocolError};
 use crate::types::Digest;
 
 /// The protocol name negotiated on each stream.
-pub const TRACKER_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/tracker/1.0.0");
+pub const TRACKER_PROTOCOL: &str = "/shoal/tracker/1.0.0";
 /// Largest encoded tracker request or response.
 pub const MAX_TRACKER_MESSAGE_BYTES: usize = 256 << 10;
 /// Digests in one heartbeat's added or removed list; a larger change goes in several beats.
@@ -174,7 +170,7 @@ impl PlanRequest {
 
     /// Number of pieces the request describes.
     pub fn pieces(&self) -> u64 {
-        super::protocol::HaveInfo::piece_count(self.size, self.piece_size)
+        crate::piece::HaveInfo::piece_count(self.size, self.piece_size)
     }
 }
 
@@ -222,7 +218,7 @@ impl TrackerRequest {
                 Ok(())
             }
             TrackerRequest::Plan(plan) => {
-                let max_piece = super::protocol::MAX_PIECE_BYTES as u32;
+                let max_piece = crate::piece::MAX_PIECE_BYTES as u32;
                 if plan.piece_size == 0 || plan.piece_size > max_piece {
                     return invalid(format!("piece size {} outside 1..={max_piece}", plan.piece_size));
                 }
@@ -296,77 +292,6 @@ pub fn decode_tracker_response(bytes: &[u8]) -> Result<TrackerResponse, Protocol
     let response: TrackerResponse = decode_capped(bytes, MAX_TRACKER_MESSAGE_BYTES)?;
     response.validate()?;
     Ok(response)
-}
-
-/// The request-response codec of the tracker protocol.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct TrackerCodec {
-    /// Counts requests that could not be read (libp2p drops those without an event).
-    pub(crate) stats: std::sync::Arc<super::SwarmStats>,
-}
-
-fn invalid_data(e: ProtocolError) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-impl libp2p::request_response::Codec for TrackerCodec {
-    type Protocol = StreamProtocol;
-    type Request = TrackerRequest;
-    type Response = TrackerResponse;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<TrackerRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let request = match read_capped(io, MAX_TRACKER_MESSAGE_BYTES).await {
-            Ok(bytes) => decode_tracker_request(&bytes).map_err(invalid_data),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = &request {
-            self.stats.tracker_requests_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(error = %e, "refused a malformed tracker request");
-        }
-        request
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<TrackerResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let bytes = read_capped(io, MAX_TRACKER_MESSAGE_BYTES).await?;
-        if bytes.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the tracker closed the stream"));
-        }
-        decode_tracker_response(&bytes).map_err(invalid_data)
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        request: TrackerRequest,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        let bytes =
-            encode_tracker_request(&request).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        io.write_all(&bytes).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        response: TrackerResponse,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        let bytes =
-            encode_tracker_response(&response).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        io.write_all(&bytes).await
-    }
 }
 
 #[cfg(test)]

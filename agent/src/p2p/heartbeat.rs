@@ -12,25 +12,23 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use libp2p::PeerId;
+use crate::swarm::PeerId;
 use tokio::time::MissedTickBehavior;
 
-use super::client::Client;
-use super::tracker_protocol::{
-    Heartbeat, NodeCounters, TrackerRequest, TrackerResponse, MAX_DOWNLOADING, MAX_HELD_PER_HEARTBEAT,
-    MAX_PREHEAT_JOBS,
-};
 use crate::fetch::Fetcher;
 use crate::metrics::METRICS;
 use crate::preheat::Preheater;
+use crate::swarm::Client;
 use crate::types::Digest;
+use shoal_protocol::tracker::{
+    Heartbeat, NodeCounters, TrackerRequest, TrackerResponse, MAX_DOWNLOADING, MAX_HELD_PER_HEARTBEAT,
+    MAX_PREHEAT_JOBS,
+};
 
-/// How often each tracker hears from this node.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-/// With no tracker answer for this long, downloads stop asking trackers for plans.
-const OFFLINE_AFTER: Duration = Duration::from_secs(6);
+pub use shoal_protocol::timing::HEARTBEAT_INTERVAL;
+use shoal_protocol::timing::TRACKER_OFFLINE_AFTER as OFFLINE_AFTER;
 
 /// What one tracker has been told.
 #[derive(Default)]

@@ -1,30 +1,32 @@
-//! The swarm seen from the rest of the agent: [`SwarmNetwork`] implements the download
-//! task's [`Network`] trait over a [`Client`], and [`serve_peers`] answers peers' piece
-//! requests from this node's store and downloads. Peer ids become [`NodeId`]s here, so no
-//! libp2p type leaves this module.
+//! The agent's P2P adapter, the one module that knows both the swarm (`shoal-swarm`) and the
+//! agent's downloads: [`SwarmNetwork`] implements the download task's [`Network`] trait over
+//! a [`Client`], [`serve_peers`] answers peers' piece requests from this node's store and
+//! downloads, and [`heartbeat`] keeps the trackers informed. Peer ids become [`NodeId`]s
+//! here, so no libp2p type reaches `fetch`.
+
+pub mod heartbeat;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::swarm::{Multiaddr, PeerId};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
-use super::client::{Client, InboundRequest, RequestError};
-use super::protocol::{HaveInfo, PieceRequest, PieceResponse};
-use super::tracker_protocol::{PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS};
-use super::{Bootstrap, SwarmConfig, SwarmError, SwarmStats};
 use crate::fetch::net::{Network, NodeId, PeerError, PeerHave, Plan, PlanReport};
 use crate::fetch::Fetcher;
 use crate::metrics::{OutcomeLabels, METRICS};
 use crate::pieces::Bitfield;
 use crate::ratelimit::RateLimiter;
 use crate::supervise::{CancellationToken, Supervisor};
+use crate::swarm::{Client, InboundRequest, RequestError};
+use crate::swarm::{SwarmConfig, SwarmError, SwarmStats};
 use crate::types::Digest;
+use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse};
+use shoal_protocol::tracker::{PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS};
 
 /// How long a provider lookup may take before the download goes on with what it found.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,30 +34,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// round trips inside a cluster).
 const SETTLE_DELAY: Duration = Duration::from_millis(500);
 
-/// A [`SwarmConfig`] from the agent's flags (strings, so `config` stays free of libp2p).
-pub fn config_from_flags(
-    listen: &[String],
-    bootstrap: &[String],
-    trackers: &[String],
-    key_path: std::path::PathBuf,
-    swarm_key: Option<std::path::PathBuf>,
-) -> Result<SwarmConfig, SwarmError> {
-    let mut config = SwarmConfig::new(key_path);
-    config.listen = listen
-        .iter()
-        .map(|a| {
-            Multiaddr::from_str(a)
-                .map_err(|e| SwarmError::Multiaddr { addr: a.clone(), reason: e.to_string() })
-        })
-        .collect::<Result<_, _>>()?;
-    config.bootstrap = bootstrap.iter().map(|b| b.parse::<Bootstrap>()).collect::<Result<_, _>>()?;
-    // A tracker is a bootstrap peer too; agents recognise it through identify.
-    for tracker in trackers {
-        config.bootstrap.push(Bootstrap::parse(tracker, super::TRACKER_PORT)?);
-    }
-    config.swarm_key = swarm_key;
-    Ok(config)
-}
+pub use crate::swarm::config_from_flags;
 
 /// An agent's [`SwarmConfig`]: [`config_from_flags`] plus its bound on peers.
 pub fn agent_config(
@@ -71,7 +50,7 @@ pub fn agent_config(
 pub struct SwarmNetwork {
     client: Client,
     me: NodeId,
-    /// A tracker answered a heartbeat lately (set by [`super::heartbeat`]).
+    /// A tracker answered a heartbeat lately (set by [`heartbeat`]).
     tracker_online: Arc<AtomicBool>,
     /// Peers whose plan addresses were handed to the swarm already.
     addressed: Arc<Mutex<HashSet<PeerId>>>,

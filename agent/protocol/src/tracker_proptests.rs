@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 
-use super::tracker_protocol::*;
+use crate::tracker::*;
 
 fn plan_request(size: u64, piece_size: u32, have: Vec<u8>, attest: Vec<(u32, [u8; 32])>) -> TrackerRequest {
     TrackerRequest::Plan(PlanRequest { digest: [7; 32], size, piece_size, have, attest, complete: false })

@@ -1,9 +1,13 @@
-//! The peer-to-peer side of the agent: every libp2p type lives in this module.
+//! # shoal-swarm
+//!
+//! The peer-to-peer network of Shoal's agents and trackers: every libp2p type lives in this
+//! crate. It knows the wire protocols ([`shoal_protocol`]) but not what a node does with a
+//! request: the agent's P2P adapter (`shoal_agent::p2p`) and the tracker answer them.
 //!
 //! ## Why it looks like this
 //!
 //! Agents find each other through a Kademlia DHT and move verified pieces between each other
-//! with a small request-response protocol ([`protocol`]). libp2p gives both, plus authenticated
+//! with a small request-response protocol ([`shoal_protocol::piece`]). libp2p gives both, plus authenticated
 //! encrypted connections (noise: a peer *is* its key) and, with a cluster pre-shared key
 //! (pnet), a swarm that a process without the key cannot even finish a handshake with.
 //!
@@ -33,14 +37,14 @@
 //! ## Use
 //!
 //! ```no_run
-//! # async fn demo(config: shoal_agent::swarm::SwarmConfig) -> Result<(), Box<dyn std::error::Error>> {
-//! let shoal_agent::swarm::Parts { client, mut inbound, event_loop, .. } = shoal_agent::swarm::new(config)?;
+//! # async fn demo(config: shoal_swarm::SwarmConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let shoal_swarm::Parts { client, mut inbound, event_loop, .. } = shoal_swarm::new(config)?;
 //! tokio::spawn(event_loop.run(std::future::pending()));
 //! // A serving task answers from the store:
 //! let server = client.clone();
 //! tokio::spawn(async move {
 //!     while let Some(request) = inbound.recv().await {
-//!         let _ = server.respond(request.channel, shoal_agent::swarm::PieceResponse::NotFound).await;
+//!         let _ = server.respond(request.channel, shoal_swarm::PieceResponse::NotFound).await;
 //!     }
 //! });
 //! # Ok(()) }
@@ -48,16 +52,11 @@
 
 mod behaviour;
 mod client;
+mod codec;
 mod event_loop;
-pub mod heartbeat;
 mod identity;
-pub mod network;
-pub mod protocol;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tracker_proptests;
-pub mod tracker_protocol;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -80,7 +79,7 @@ pub use client::{
 };
 pub use event_loop::EventLoop;
 pub use libp2p::{Multiaddr, PeerId};
-pub use protocol::{HaveInfo, PieceRequest, PieceResponse, MAX_PIECE_BYTES, MAX_RESPONSE_BYTES};
+pub use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse, MAX_PIECE_BYTES, MAX_RESPONSE_BYTES};
 
 /// The agent's default P2P port.
 pub const DEFAULT_PORT: u16 = 5001;
@@ -257,7 +256,7 @@ pub enum SwarmError {
     #[error("invalid swarm configuration: {0}")]
     Config(String),
     #[error("cannot provide {digest}: {reason}")]
-    Provide { digest: crate::types::Digest, reason: String },
+    Provide { digest: shoal_protocol::types::Digest, reason: String },
     #[error("the swarm event loop has stopped")]
     Stopped,
 }
@@ -388,4 +387,29 @@ fn is_loopback(addr: &Multiaddr) -> bool {
         Some(Protocol::Ip6(ip)) => ip.is_loopback(),
         _ => false,
     }
+}
+
+/// A [`SwarmConfig`] from the agent's flags (strings, so `config` stays free of libp2p).
+pub fn config_from_flags(
+    listen: &[String],
+    bootstrap: &[String],
+    trackers: &[String],
+    key_path: std::path::PathBuf,
+    swarm_key: Option<std::path::PathBuf>,
+) -> Result<SwarmConfig, SwarmError> {
+    let mut config = SwarmConfig::new(key_path);
+    config.listen = listen
+        .iter()
+        .map(|a| {
+            Multiaddr::from_str(a)
+                .map_err(|e| SwarmError::Multiaddr { addr: a.clone(), reason: e.to_string() })
+        })
+        .collect::<Result<_, _>>()?;
+    config.bootstrap = bootstrap.iter().map(|b| b.parse::<Bootstrap>()).collect::<Result<_, _>>()?;
+    // A tracker is a bootstrap peer too; agents recognise it through identify.
+    for tracker in trackers {
+        config.bootstrap.push(Bootstrap::parse(tracker, TRACKER_PORT)?);
+    }
+    config.swarm_key = swarm_key;
+    Ok(config)
 }
