@@ -224,8 +224,7 @@ impl Fetcher {
         data: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest)
-        {
+        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest) {
             return Ok(());
         }
         let (partial, _) = self.store.open_partial(digest).await?;
