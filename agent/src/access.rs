@@ -16,7 +16,8 @@
 //!   `HEAD` at the origin carrying exactly that value (Basic is exchanged for a token where
 //!   the origin uses tokens). 2xx: allowed. 401/403: 403 `DENIED`. A token for one
 //!   repository opens no other: the decision is per repository and object.
-//! - Decisions are kept at most [`DECISION_TTL`] and never past a JWT's `exp`, keyed by an
+//! - Decisions are kept at most `--auth-decision-ttl` (default and upper bound
+//!   [`DECISION_TTL`]) and never past a JWT's `exp`, keyed by an
 //!   HMAC-SHA256 of the `Authorization` value under a random per-process key, so the cache
 //!   holds no credential and a memory dump tells nothing about other processes' keys.
 //! - A manifest served to an allowed client grants the same client, for the same time, the
@@ -44,10 +45,10 @@ use crate::origin::auth::Challenge;
 use crate::origin::{As, Kind, Origin, OriginError, Resolved};
 use crate::types::{Registry, RepoName};
 
-/// Longest time a decision is reused without asking the origin again.
+/// Longest time a decision (and "this repository needs credentials", which saves the
+/// anonymous HEAD) is reused without asking the origin again; `--auth-decision-ttl` may
+/// shorten it.
 pub const DECISION_TTL: Duration = Duration::from_secs(60);
-/// How long "this repository needs credentials" is remembered (saves the anonymous HEAD).
-const PRIVATE_TTL: Duration = Duration::from_secs(60);
 /// Remembered decisions (also the memory used while the origin is unreachable).
 const DECISION_MEMORY: usize = 32_768;
 /// Lent credentials outlive a Basic decision this long (a download of a large layer runs
@@ -124,6 +125,7 @@ struct Decision {
 pub struct Access {
     key: [u8; 32],
     registries: RegistryList,
+    ttl: Duration,
     offline_grace: Duration,
     decisions: Mutex<LruCache<DecisionKey, Decision>>,
     /// Repositories whose anonymous check failed, with the challenge to send.
@@ -131,11 +133,13 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(registries: RegistryList, offline_grace: Duration) -> Self {
+    /// `ttl` is capped at [`DECISION_TTL`].
+    pub fn new(registries: RegistryList, ttl: Duration, offline_grace: Duration) -> Self {
         let memory = NonZeroUsize::new(DECISION_MEMORY).expect("non-zero");
         Access {
             key: rand::random(),
             registries,
+            ttl: ttl.min(DECISION_TTL),
             offline_grace,
             decisions: Mutex::new(LruCache::new(memory)),
             private: Mutex::new(LruCache::new(memory)),
@@ -211,7 +215,7 @@ impl Access {
         let status = answer.status;
         if status.is_success() {
             METRICS.auth_check("allowed");
-            let mut until = now + DECISION_TTL;
+            let mut until = now + self.ttl;
             for expiry in [who.expires, answer.token_expires].into_iter().flatten() {
                 until = until.min(expiry);
             }
@@ -238,7 +242,7 @@ impl Access {
         self.private
             .lock()
             .expect("private lock")
-            .put((registry.clone(), repo.clone()), (challenge.clone(), now + PRIVATE_TTL));
+            .put((registry.clone(), repo.clone()), (challenge.clone(), now + self.ttl));
         Err(Refusal::Challenge(challenge))
     }
 
@@ -397,8 +401,8 @@ mod tests {
 
     #[test]
     fn identities_are_keyed_and_hold_no_secret() {
-        let a = Access::new(RegistryList::Any, Duration::ZERO);
-        let b = Access::new(RegistryList::Any, Duration::ZERO);
+        let a = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
+        let b = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
         let (x, y) = (a.identity(Some("Basic dTpw")), a.identity(Some("Basic dTpx")));
         assert_ne!(x.key, y.key);
         assert_eq!(x.key, a.identity(Some("Basic dTpw")).key);

@@ -28,6 +28,8 @@ pub enum ConfigError {
     PeerConcurrency,
     #[error("--zone {0:?}: use 1 to 63 letters, digits, '-', '_' or '.'")]
     Zone(String),
+    #[error("--auth-decision-ttl must be between 1s and 60s, got {0:?}")]
+    DecisionTtl(std::time::Duration),
 }
 
 /// Log output format.
@@ -85,6 +87,12 @@ pub struct RunArgs {
     /// credentials the origin accepted for it within this window, e.g. 10m (0: refuse).
     #[arg(long, env = "SHOAL_AUTH_OFFLINE_GRACE", default_value = "0", value_parser = parse_duration)]
     pub auth_offline_grace: std::time::Duration,
+
+    /// How long an access decision (allowed, or "this repository needs credentials") is
+    /// reused before the origin is asked again, 1s to 60s. Shorter: a revoked credential
+    /// stops working sooner, at one more origin `HEAD` per tag and client per period.
+    #[arg(long, env = "SHOAL_AUTH_DECISION_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub auth_decision_ttl: std::time::Duration,
 
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value = "text")]
@@ -189,6 +197,7 @@ pub struct Config {
     /// The registries mirrored (`--upstream`, the built-in defaults, `--mirror-any-registry`).
     pub registries: crate::access::RegistryList,
     pub auth_offline_grace: std::time::Duration,
+    pub auth_decision_ttl: std::time::Duration,
     /// `None` with `--no-p2p`.
     pub p2p: Option<P2pConfig>,
     pub max_download_rate: Option<u64>,
@@ -230,6 +239,10 @@ impl RunArgs {
         if self.max_requests == 0 {
             return Err(ConfigError::Bound { flag: "max-requests", min: 1 });
         }
+        let ttl = self.auth_decision_ttl;
+        if ttl < std::time::Duration::from_secs(1) || ttl > crate::access::DECISION_TTL {
+            return Err(ConfigError::DecisionTtl(ttl));
+        }
         if let Some(zone) = &self.zone {
             let ok = !zone.is_empty()
                 && zone.len() <= 63
@@ -268,6 +281,7 @@ impl RunArgs {
             registry_auth_file: self.registry_auth_file,
             registries,
             auth_offline_grace: self.auth_offline_grace,
+            auth_decision_ttl: self.auth_decision_ttl,
         })
     }
 }
@@ -408,6 +422,13 @@ mod tests {
         assert_eq!(cfg.p2p.map(|p| p.max_peers), Some(256));
         let args = Cli::try_parse_from(["x", "--max-peers", "1"]).unwrap().run;
         assert!(matches!(args.into_config(), Err(ConfigError::Bound { flag: "max-peers", .. })));
+        assert_eq!(cfg.auth_decision_ttl, Duration::from_secs(60));
+        for bad in ["500ms", "61s", "2m"] {
+            let args = Cli::try_parse_from(["x", "--auth-decision-ttl", bad]).unwrap().run;
+            assert!(matches!(args.into_config(), Err(ConfigError::DecisionTtl(_))), "{bad}");
+        }
+        let args = Cli::try_parse_from(["x", "--auth-decision-ttl", "1s"]).unwrap().run;
+        assert_eq!(args.into_config().unwrap().auth_decision_ttl, Duration::from_secs(1));
     }
 
     #[test]

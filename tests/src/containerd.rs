@@ -4,6 +4,11 @@
 //! and snapshotters that cannot work in a temp dir are disabled so it boots in ~20 ms
 //! and leaves nothing outside its temp dir.
 //!
+//! [`Containerd::start_cri`] keeps the CRI plugin (kubelet's API, on the same socket) for
+//! `PullImage`: images land in its `k8s.io` namespace and are unpacked with the `native`
+//! snapshotter (plain copies: it works as root in a sandbox, where overlayfs may not); its
+//! registry `config_path` is a hosts directory, as on a node; no CNI (pulls need none).
+//!
 //! Mirrors are configured the containerd 1.6 way, a `hosts.toml` per registry host under
 //! a directory passed with `--hosts-dir`. A `http://` URL in `server` or `[host."..."]`
 //! makes that host plain HTTP; no `skip_verify`/`--plain-http` needed. For every request
@@ -23,9 +28,15 @@ use crate::util::{digest_hex, digest_of_file, find_binary, poll_until, tail_file
 
 /// The containerd namespace the tests use.
 pub const NAMESPACE: &str = "shoaltest";
+/// The namespace of the CRI plugin (kubelet's images).
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+const CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
+/// How `ctr plugins ls` names it (type and id in two columns).
+const CRI_PLUGIN_ID: &str = "cri";
 
 const DISABLED_PLUGINS: &[&str] = &[
-    "io.containerd.grpc.v1.cri",
+    CRI_PLUGIN,
     "io.containerd.internal.v1.opt",
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
@@ -37,6 +48,8 @@ const DISABLED_PLUGINS: &[&str] = &[
 pub struct Containerd {
     daemon: Option<Daemon>,
     ctr: PathBuf,
+    /// `ctr -n`: [`NAMESPACE`], or [`CRI_NAMESPACE`] with CRI.
+    namespace: &'static str,
     socket: PathBuf,
     root: PathBuf,
     log_path: PathBuf,
@@ -46,6 +59,36 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with its own root/state/socket and waits for the socket.
     pub async fn start() -> Result<Containerd> {
+        Containerd::start_with(None).await
+    }
+
+    /// Starts containerd with the CRI plugin, whose registry `config_path` is `hosts_dir`
+    /// (the directory `shoal-agent containerd-config --hosts-dir` writes), and waits until the
+    /// CRI plugin answers on [`Containerd::socket`].
+    pub async fn start_cri(hosts_dir: &Path) -> Result<Containerd> {
+        let ctd = Containerd::start_with(Some(hosts_dir)).await?;
+        // The CRI service registers with the socket's gRPC server after the plugin's init; a
+        // CRI call before that gets "unknown service". `ctr plugins ls` shows its status.
+        poll_until("the CRI plugin", Duration::from_secs(20), Duration::from_millis(50), || async {
+            let out = ctd.ctr(&["plugins", "ls"], Duration::from_secs(10)).await?;
+            // TYPE ID PLATFORMS STATUS
+            let status = out.stdout.lines().find_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols.len() >= 3 && cols[1] == CRI_PLUGIN_ID).then(|| cols[cols.len() - 1].to_string())
+            });
+            match status.as_deref() {
+                Some("ok") => Ok(Some(())),
+                Some("error") | Some("skip") => {
+                    bail!("the CRI plugin did not start ({status:?}):\n{}", ctd.log())
+                }
+                _ => Ok(None),
+            }
+        })
+        .await?;
+        Ok(ctd)
+    }
+
+    async fn start_with(cri_hosts_dir: Option<&Path>) -> Result<Containerd> {
         let binary = find_binary("containerd", "containerd")?;
         let ctr = find_binary("ctr", "containerd")?;
         // Unix socket paths are limited to 108 bytes: keep the dir short.
@@ -54,7 +97,30 @@ impl Containerd {
         let state = dir.path().join("state");
         let socket = dir.path().join("c.sock");
         let config = dir.path().join("config.toml");
-        let disabled = DISABLED_PLUGINS.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", ");
+        let disabled = DISABLED_PLUGINS
+            .iter()
+            .filter(|p| cri_hosts_dir.is_none() || **p != CRI_PLUGIN)
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cri = match cri_hosts_dir {
+            None => String::new(),
+            Some(hosts) => format!(
+                "[plugins.\"{CRI_PLUGIN}\"]\n\
+                 \x20 disable_tcp_service = true\n\
+                 \x20 stream_server_address = \"127.0.0.1\"\n\
+                 \x20 stream_server_port = \"0\"\n\
+                 \x20 [plugins.\"{CRI_PLUGIN}\".containerd]\n\
+                 \x20   snapshotter = \"native\"\n\
+                 \x20 [plugins.\"{CRI_PLUGIN}\".cni]\n\
+                 \x20   bin_dir = \"{cni}/bin\"\n\
+                 \x20   conf_dir = \"{cni}/net.d\"\n\
+                 \x20 [plugins.\"{CRI_PLUGIN}\".registry]\n\
+                 \x20   config_path = \"{hosts}\"\n",
+                cni = dir.path().join("cni").display(),
+                hosts = hosts.display(),
+            ),
+        };
         std::fs::write(
             &config,
             format!(
@@ -65,7 +131,8 @@ impl Containerd {
                  [grpc]\n  address = \"{sock}\"\n\
                  [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
                  [debug]\n  address = \"\"\n  level = \"info\"\n\
-                 [metrics]\n  address = \"\"\n",
+                 [metrics]\n  address = \"\"\n\
+                 {cri}",
                 root = root.display(),
                 state = state.display(),
                 sock = socket.display(),
@@ -82,7 +149,8 @@ impl Containerd {
         })
         .await
         .with_context(|| format!("containerd log:\n{}", tail_file(&log_path, 4000)))?;
-        Ok(Containerd { daemon: Some(daemon), ctr, socket, root, log_path, dir })
+        let namespace = if cri_hosts_dir.is_some() { CRI_NAMESPACE } else { NAMESPACE };
+        Ok(Containerd { daemon: Some(daemon), ctr, namespace, socket, root, log_path, dir })
     }
 
     pub fn socket(&self) -> &Path {
@@ -104,11 +172,11 @@ impl Containerd {
         tail_file(&self.log_path, 16 * 1024)
     }
 
-    /// Runs `ctr --address <sock> -n shoaltest <args>` (bounded; non-zero exit is returned,
-    /// not an error).
+    /// Runs `ctr --address <sock> -n <namespace> <args>` (`shoaltest`, or `k8s.io` with CRI;
+    /// bounded; non-zero exit is returned, not an error).
     pub async fn ctr(&self, args: &[&str], timeout: Duration) -> Result<CmdOutput> {
         let mut cmd = Command::new(&self.ctr);
-        cmd.arg("--address").arg(&self.socket).args(["-n", NAMESPACE]).args(args);
+        cmd.arg("--address").arg(&self.socket).args(["-n", self.namespace]).args(args);
         run_bounded(cmd, timeout).await
     }
 

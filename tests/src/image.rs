@@ -98,6 +98,10 @@ pub struct ImageSpec {
     /// Layer sizes in bytes, per platform (lists get this many layers per platform).
     pub layer_sizes: Vec<u64>,
     pub seed: u64,
+    /// Each layer is a tar holding one file of random bytes (the size is the file's), so
+    /// containerd can unpack it (CRI `PullImage` does). OCI kinds only: their layers are
+    /// uncompressed tars.
+    pub tar_layers: bool,
 }
 
 impl ImageSpec {
@@ -109,6 +113,7 @@ impl ImageSpec {
             tag: tag.to_string(),
             layer_sizes: vec![256 * 1024, 384 * 1024 + 17],
             seed: rand::random(),
+            tar_layers: false,
         }
     }
 
@@ -119,6 +124,12 @@ impl ImageSpec {
 
     pub fn seed(mut self, seed: u64) -> ImageSpec {
         self.seed = seed;
+        self
+    }
+
+    /// Layers containerd can unpack (see [`ImageSpec::tar_layers`]).
+    pub fn unpackable(mut self) -> ImageSpec {
+        self.tar_layers = true;
         self
     }
 }
@@ -174,14 +185,19 @@ impl Image {
     pub fn build(spec: &ImageSpec) -> Result<Image> {
         let dir = tempfile::Builder::new().prefix("shoal-image-").tempdir()?;
         let kind = spec.kind;
+        ensure!(!spec.tar_layers || kind.is_oci(), "tar layers are for OCI images (uncompressed layers)");
         let mut rng = SmallRng::seed_from_u64(spec.seed);
         let mut blobs = Vec::new();
         let platforms: &[&str] = if kind.is_list() { &["amd64", "arm64"] } else { &["amd64"] };
         let mut children = Vec::new();
         for arch in platforms {
             let mut layers = Vec::new();
-            for &size in &spec.layer_sizes {
-                let blob = write_random_blob(dir.path(), &mut rng, size, kind.layer_type())?;
+            for (i, &size) in spec.layer_sizes.iter().enumerate() {
+                let blob = if spec.tar_layers {
+                    write_tar_blob(dir.path(), &mut rng, size, &format!("shoal-{arch}-{i}"))?
+                } else {
+                    write_random_blob(dir.path(), &mut rng, size, kind.layer_type())?
+                };
                 layers.push(blob);
             }
             let config = json!({
@@ -384,4 +400,45 @@ fn write_random_blob(dir: &Path, rng: &mut SmallRng, size: u64, media_type: &str
     let path = dir.join(digest_hex(&digest));
     std::fs::rename(&tmp_path, &path)?;
     Ok(Blob { digest, size, media_type: media_type.to_string(), path })
+}
+
+/// A POSIX tar (ustar) with one regular file `name` of `size` random bytes, as an OCI layer.
+fn write_tar_blob(dir: &Path, rng: &mut SmallRng, size: u64, name: &str) -> Result<Blob> {
+    ensure!(name.len() < 100, "tar member name too long");
+    let mut header = [0u8; 512];
+    let mut field = |at: usize, bytes: &[u8]| header[at..at + bytes.len()].copy_from_slice(bytes);
+    field(0, name.as_bytes());
+    field(100, b"0000644\0");
+    field(108, b"0000000\0");
+    field(116, b"0000000\0");
+    field(124, format!("{size:011o}\0").as_bytes());
+    field(136, b"15125334400\0"); // 2026-01-01 00:00 UTC
+    field(148, b"        "); // the checksum counts its own field as spaces
+    field(156, b"0");
+    field(257, b"ustar\0");
+    field(263, b"00");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+
+    let tmp_path = dir.join(format!("partial-{}", rng.next_u64()));
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp_path)?);
+    file.write_all(&header)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        file.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    let padding = (512 - size % 512) % 512;
+    // The file's padding, then the two zero blocks that end the archive.
+    file.write_all(&vec![0u8; padding as usize + 1024])?;
+    file.flush()?;
+    drop(file);
+    let digest = digest_of_file(&tmp_path)?;
+    let path = dir.join(digest_hex(&digest));
+    std::fs::rename(&tmp_path, &path)?;
+    let total = 512 + size + padding + 1024;
+    Ok(Blob { digest, size: total, media_type: OCI_LAYER.to_string(), path })
 }

@@ -61,12 +61,26 @@
 //!      span (up to [`MAX_SPAN`], or [`SHARED_SPAN`] while others download it too).
 //!    - a piece whose owner made no progress for [`herd::takeover_delay`] (or that waited four
 //!      times that) is taken over, so a blob always completes, at worst from the origin.
-//! 2. Peers' piece maps are polled every [`HAVE_POLL`], providers every [`PROVIDER_POLL`], the
-//!    origin group every [`FETCHERS_POLL`], the tracker every [`PLAN_POLL`] (sooner once every
-//!    assigned piece is done or on its way, never closer than [`PLAN_MIN_GAP`]). With a tracker
-//!    no origin piece is fetched before its first answer, so the first request already follows
-//!    its assignment; without one (or once its plans went stale), none before the first
-//!    origin-group lookup answered, for the same reason.
+//!    - the origin owner of a window piece nobody holds is polled as a peer (it is where the
+//!      first copy appears), whether or not we met it otherwise.
+//!
+//!    Work per step is bounded: one pass over the active peers per piece requested, and the
+//!    walk stops past the window once peers and origin are at capacity and
+//!    `peer_concurrency` known pieces wait.
+//! 2. Peers: at most [`MAX_PEERS`] are active (polled, asked for pieces); more wait as spares
+//!    ([`MAX_SPARE`]) and take the place of one that fails, or of one that has nothing we lack
+//!    after its polls backed off. Each active peer is polled every [`HAVE_POLL`] while its
+//!    answers bring pieces we lack, the gap doubling up to [`HAVE_POLL_MAX`] otherwise; while
+//!    `peer_concurrency` known pieces wait for capacity, only owners of pieces nobody holds are
+//!    polled. Providers are looked up every [`PROVIDER_POLL`], the tracker asked every
+//!    [`PLAN_POLL`] (sooner once every assigned piece is done or on its way, never closer than
+//!    [`PLAN_MIN_GAP`]). The origin group is looked up after [`FETCHERS_RETRY`], the gap
+//!    doubling to [`FETCHERS_POLL`] while it stays the same; it is used once two answers in a
+//!    row agree (or after [`MAX_UNSETTLED`]), and "no group" while we know `GROUP_MIN`
+//!    downloaders whose level announces is an incomplete lookup, not a small swarm. With a
+//!    tracker no origin piece is fetched before its first answer, so the first request already
+//!    follows its assignment; without one (or once its plans went stale), none before the
+//!    origin group is settled, for the same reason.
 //! 3. Origin failures back off (250 ms times the failures in a row); [`MAX_ORIGIN_FAILURES`]
 //!    in a row, or one "not found", fail the download.
 //!
@@ -82,7 +96,7 @@
 //! the whole digest is checked again. Unmarking first is what keeps the map peers read equal to
 //! the bytes they are served: the origin's good bytes are never served under the bad digest.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -99,8 +113,27 @@ pub const HAVE_POLL: Duration = Duration::from_millis(500);
 pub const PROVIDER_POLL: Duration = Duration::from_secs(2);
 /// The first provider poll after the download started.
 pub const FIRST_PROVIDER_POLL: Duration = Duration::from_millis(300);
-/// How often the origin group's level keys are looked up again.
+/// How often the origin group's level keys are looked up again once the group is stable.
 pub const FETCHERS_POLL: Duration = Duration::from_secs(10);
+/// The first gap between origin-group lookups; doubled while the group stays the same (up to
+/// [`FETCHERS_POLL`]), back to this when it changed.
+pub const FETCHERS_RETRY: Duration = Duration::from_millis(250);
+/// Origin-group lookups after which a group that keeps changing (or a lookup that keeps
+/// looking incomplete) is taken as it is, so origin fetches always start.
+pub const MAX_UNSETTLED: u32 = 4;
+/// Peers a download polls and requests pieces from at once. Others it learns of (providers,
+/// askers, the tracker's peers) wait as spares and replace peers that fail, or that have
+/// nothing we lack.
+pub const MAX_PEERS: usize = 32;
+/// Spare peers remembered beyond [`MAX_PEERS`].
+pub const MAX_SPARE: usize = 64;
+/// Downloaders remembered (for ownership in a small swarm, where all of them count; a swarm
+/// with more than this forms an origin group).
+pub const MAX_DOWNLOADERS: usize = 256;
+/// Longest gap between two `Have` polls of a peer whose answers brought nothing we lack (the
+/// gap doubles from [`HAVE_POLL`] with each such answer, and is back to `HAVE_POLL` after one
+/// that did).
+pub const HAVE_POLL_MAX: Duration = Duration::from_secs(4);
 /// Pieces near the watermark whose order is rotated per node.
 pub const WINDOW: u32 = 32;
 /// Most pieces in one origin span when no other node downloads the digest.
@@ -318,6 +351,22 @@ struct PeerState {
     last_gain: Instant,
     busy_until: Option<Instant>,
     polling: bool,
+    /// Tie-break among equally loaded holders: from sha256(peer, us), once.
+    salt: u64,
+    /// Gap to its next `Have` poll, and when that is.
+    every: Duration,
+    next_poll: Instant,
+}
+
+/// What a download knows of its origin group (see [`herd`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Herd {
+    /// No usable answer yet, or the level lookups missed downloaders we know of.
+    Unknown,
+    /// Too few nodes for a group: every known downloader owns a share.
+    Small,
+    /// The origin group, sorted.
+    Group(Vec<NodeId>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,10 +390,18 @@ pub struct Scheduler {
     suppliers: Vec<Option<NodeId>>,
     in_flight: Vec<bool>,
     waiting_since: Vec<Option<Instant>>,
+    /// Takeover delay per piece, and whether we were a group member when it was computed.
+    delays: Vec<Option<(bool, Duration)>>,
     /// How many known peers hold each piece.
     avail: Vec<u32>,
+    /// The peers we poll and request from (at most [`MAX_PEERS`]).
     peers: HashMap<NodeId, PeerState>,
-    downloaders: BTreeSet<NodeId>,
+    /// Peers known beyond those, oldest first (at most [`MAX_SPARE`]).
+    spare: VecDeque<NodeId>,
+    /// Known downloaders (at most [`MAX_DOWNLOADERS`]) with their herd level.
+    downloaders: BTreeMap<NodeId, u8>,
+    /// How many of them have a level that announces (`>= herd::MIN_LEVEL`).
+    leveled: usize,
     banned: HashSet<NodeId>,
     peer_jobs: usize,
     origin_jobs: usize,
@@ -357,10 +414,18 @@ pub struct Scheduler {
     providers_polling: bool,
     next_fetchers_poll: Instant,
     fetchers_polling: bool,
-    /// Some origin-group lookup answered: origin fetches under the DHT rules may start.
-    fetchers_answered: bool,
-    /// The origin group (`None`: not known yet, or a small swarm).
-    group: Option<Vec<NodeId>>,
+    fetchers_every: Duration,
+    /// Origin-group answers so far.
+    fetchers_answers: u32,
+    /// The origin group view is settled: origin fetches under the DHT rules may start.
+    herd_ready: bool,
+    herd: Herd,
+    /// Known pieces that peers hold and we could not request yet (capacity), counted up to
+    /// [`Config::peer_concurrency`] by the last step: when that many wait, polling more peers
+    /// would teach nothing we could use now.
+    backlog: usize,
+    /// Origin owners of the window's pieces nobody holds, as of the last step.
+    wanted: Vec<NodeId>,
     /// Owners by rendezvous and each piece's owner (an index into it), recomputed when the
     /// set changes.
     owners: Vec<NodeId>,
@@ -373,6 +438,8 @@ pub struct Scheduler {
     repair: HashMap<u32, (NodeId, [u8; 32])>,
     repaired: bool,
     wake: Option<Instant>,
+    /// The `now` of the call being handled.
+    clock: Instant,
     actions: VecDeque<Action>,
     stats: Stats,
 }
@@ -381,6 +448,13 @@ const NO_OWNER: u32 = u32::MAX;
 
 fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
+}
+
+/// splitmix64's finaliser: a cheap, well-mixed tie-break.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
@@ -419,9 +493,12 @@ impl Scheduler {
             suppliers: vec![None; n as usize],
             in_flight: vec![false; n as usize],
             waiting_since: vec![None; n as usize],
+            delays: vec![None; n as usize],
             avail: vec![0; n as usize],
             peers: HashMap::new(),
-            downloaders: BTreeSet::new(),
+            spare: VecDeque::new(),
+            downloaders: BTreeMap::new(),
+            leveled: 0,
             banned: HashSet::new(),
             peer_jobs: 0,
             origin_jobs: 0,
@@ -434,8 +511,12 @@ impl Scheduler {
             providers_polling: false,
             next_fetchers_poll: now,
             fetchers_polling: false,
-            fetchers_answered: false,
-            group: None,
+            fetchers_every: FETCHERS_RETRY,
+            fetchers_answers: 0,
+            herd_ready: false,
+            herd: Herd::Unknown,
+            backlog: 0,
+            wanted: Vec::new(),
             owners: Vec::new(),
             owner_of: vec![NO_OWNER; n as usize],
             owners_dirty: true,
@@ -445,6 +526,7 @@ impl Scheduler {
             repair: HashMap::new(),
             repaired: false,
             wake: None,
+            clock: now,
             actions: VecDeque::new(),
             stats: Stats::default(),
         };
@@ -478,7 +560,15 @@ impl Scheduler {
 
     /// The origin group, when one formed (see [`herd`]).
     pub fn group(&self) -> Option<&[NodeId]> {
-        self.group.as_deref()
+        match &self.herd {
+            Herd::Group(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Peers polled and requested from (at most [`MAX_PEERS`]).
+    pub fn active_peers(&self) -> usize {
+        self.peers.len()
     }
 
     /// Whether the download ended ([`Action::Done`] or [`Action::Failed`] was emitted).
@@ -490,6 +580,7 @@ impl Scheduler {
     pub fn set_tracker(&mut self, present: bool, now: Instant) {
         if present != self.cfg.tracker {
             self.cfg.tracker = present;
+            self.clock = now;
             if present {
                 self.coord.next_ask = None;
             } else {
@@ -512,6 +603,7 @@ impl Scheduler {
 
     /// Time passed: polls, retries, takeovers.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = now;
         self.step(now);
     }
 
@@ -520,6 +612,7 @@ impl Scheduler {
         if self.phase == Phase::Ended {
             return;
         }
+        self.clock = now;
         match event {
             Event::Verified { index, digest, from } => self.on_verified(index, digest, from, now),
             Event::BadPiece { index, peer } => {
@@ -578,20 +671,16 @@ impl Scheduler {
             Event::Providers(found) => {
                 self.providers_polling = false;
                 for p in found {
-                    self.add_peer(p, now);
+                    self.add_peer(p, now, true);
                 }
             }
-            Event::Fetchers(found) => {
-                self.fetchers_polling = false;
-                self.fetchers_answered = true;
-                let group = herd::group(&self.digest, &self.me, &found)
-                    .map(|g| g.into_iter().filter(|p| !self.banned.contains(p)).collect::<Vec<_>>());
-                if group != self.group {
-                    self.group = group;
-                    self.owners_dirty = true;
+            Event::Fetchers(found) => self.on_fetchers(&found, now),
+            Event::Asker(p) => {
+                // Askers arrive with every `Have` a peer sends: only a new one changes anything.
+                if !self.add_peer(p, now, false) {
+                    return;
                 }
             }
-            Event::Asker(p) => self.add_peer(p, now),
             Event::Plan(plan) => {
                 let attest = self.coord.asking.take().unwrap_or_default();
                 self.coord.answered = true;
@@ -606,7 +695,7 @@ impl Scheduler {
                             }
                         }
                         for p in plan.peers {
-                            self.add_peer(p, now);
+                            self.add_peer(p, now, true);
                         }
                     }
                     // Not delivered: report them with the next plan request.
@@ -694,12 +783,15 @@ impl Scheduler {
         let known = self.peers.contains_key(&peer);
         match result {
             Ok(have) => {
-                if !known {
-                    self.insert_peer(peer.clone(), now);
+                if !known && !self.add_peer(peer.clone(), now, true) && !self.peers.contains_key(&peer) {
+                    // No room: it waits as a spare, and this answer is not kept.
+                    return;
                 }
                 self.stop_polling(&peer);
                 if !self.update_peer(&peer, have, now) {
                     self.drop_peer(&peer);
+                } else {
+                    self.rotate_if_useless(&peer, now);
                 }
             }
             // Announced, but no size yet: downloading too.
@@ -707,7 +799,7 @@ impl Scheduler {
                 if known {
                     self.stop_polling(&peer);
                 } else {
-                    self.insert_peer(peer, now);
+                    self.add_peer(peer, now, false);
                 }
             }
             Err(_) => self.drop_peer(&peer),
@@ -733,11 +825,14 @@ impl Scheduler {
         if have.have.count() > s.have.count() {
             s.last_gain = now;
         }
+        let ours = self.map.verified.as_bytes();
+        let mut useful = false;
         for (j, (old, new)) in s.have.as_bytes().iter().zip(have.have.as_bytes()).enumerate() {
             let diff = old ^ new;
             if diff == 0 {
                 continue;
             }
+            useful |= diff & new & !ours[j] != 0;
             for b in 0..8 {
                 if diff & (1 << b) != 0 {
                     let i = j * 8 + b;
@@ -749,6 +844,9 @@ impl Scheduler {
                 }
             }
         }
+        // Poll a peer that gains what we lack every HAVE_POLL; one that does not, ever less.
+        s.every = if useful { HAVE_POLL } else { (s.every * 2).min(HAVE_POLL_MAX) };
+        s.next_poll = now + s.every;
         s.have = have.have;
         for (i, d) in have.piece_digests {
             if i < layout.pieces() {
@@ -758,13 +856,65 @@ impl Scheduler {
         true
     }
 
-    fn add_peer(&mut self, peer: NodeId, now: Instant) {
-        if peer != self.me && !self.banned.contains(&peer) && !self.peers.contains_key(&peer) {
+    /// A peer we learnt of: polled at once if there is room, else kept as a spare (`evict`: a
+    /// source worth room, a provider or the tracker's choice, may replace an active peer that
+    /// has nothing we lack). True if it was not known before.
+    fn add_peer(&mut self, peer: NodeId, now: Instant, evict: bool) -> bool {
+        if peer == self.me || self.banned.contains(&peer) || self.peers.contains_key(&peer) {
+            return false;
+        }
+        let new = self.note_downloader(&peer);
+        if self.peers.len() < MAX_PEERS {
+            self.spare.retain(|p| *p != peer);
             self.insert_peer(peer, now);
+            return true;
+        }
+        if evict {
+            if let Some(out) = self.useless_peer() {
+                self.park(&out);
+                self.spare.retain(|p| *p != peer);
+                self.insert_peer(peer, now);
+                return true;
+            }
+        }
+        if !self.spare.contains(&peer) && self.spare.len() < MAX_SPARE {
+            self.spare.push_back(peer);
+            return true;
+        }
+        new
+    }
+
+    /// Records a downloader; true if it was not known.
+    fn note_downloader(&mut self, peer: &NodeId) -> bool {
+        if self.downloaders.contains_key(peer) || self.downloaders.len() >= MAX_DOWNLOADERS {
+            return false;
+        }
+        let level = herd::level(&self.digest, peer);
+        if level >= herd::MIN_LEVEL {
+            self.leveled += 1;
+        }
+        self.downloaders.insert(peer.clone(), level);
+        if self.herd == Herd::Small {
+            self.owners_dirty = true;
+        }
+        true
+    }
+
+    fn forget_downloader(&mut self, peer: &NodeId) {
+        if let Some(level) = self.downloaders.remove(peer) {
+            if level >= herd::MIN_LEVEL {
+                self.leveled -= 1;
+            }
+            if self.herd == Herd::Small {
+                self.owners_dirty = true;
+            }
         }
     }
 
     fn insert_peer(&mut self, peer: NodeId, now: Instant) {
+        let salt = u64::from_le_bytes(
+            sha256(&[peer.as_bytes(), self.me.as_bytes()].concat())[..8].try_into().expect("8 bytes"),
+        );
         let state = PeerState {
             have: Bitfield::new(self.layout.pieces()),
             attested: HashMap::new(),
@@ -772,24 +922,87 @@ impl Scheduler {
             last_gain: now,
             busy_until: None,
             polling: false,
+            salt,
+            every: HAVE_POLL,
+            next_poll: now,
         };
-        self.peers.insert(peer.clone(), state);
-        if self.downloaders.insert(peer) && self.group.is_none() {
-            self.owners_dirty = true;
+        self.note_downloader(&peer);
+        self.peers.insert(peer, state);
+    }
+
+    /// An active peer with nothing we lack, nothing in flight and not complete (a complete
+    /// one costs no polls), other than an origin owner; the smallest such id (deterministic).
+    fn useless_peer(&self) -> Option<NodeId> {
+        let ours = self.map.verified.as_bytes();
+        let members = match &self.herd {
+            Herd::Group(g) => Some(g),
+            _ => None,
+        };
+        self.peers
+            .iter()
+            .filter(|(p, s)| {
+                s.in_flight == 0
+                    && !s.polling
+                    && !s.have.is_full()
+                    && !members.is_some_and(|g| g.contains(p))
+                    && s.have.as_bytes().iter().zip(ours).all(|(h, o)| h & !o == 0)
+            })
+            .map(|(p, _)| p)
+            .min()
+            .cloned()
+    }
+
+    /// Moves an active peer to the spares (it stays a known downloader).
+    fn park(&mut self, peer: &NodeId) {
+        if let Some(s) = self.peers.remove(peer) {
+            self.forget_avail(&s);
+            if self.spare.len() >= MAX_SPARE {
+                self.spare.pop_front();
+            }
+            self.spare.push_back(peer.clone());
+        }
+    }
+
+    /// After a `Have` answer: a peer polled at the longest gap that still has nothing we lack
+    /// gives its place to the oldest spare, so a node meets more of the swarm than its first
+    /// [`MAX_PEERS`].
+    fn rotate_if_useless(&mut self, peer: &NodeId, now: Instant) {
+        if self.spare.is_empty() {
+            return;
+        }
+        let ours = self.map.verified.as_bytes();
+        let useless = self.peers.get(peer).is_some_and(|s| {
+            s.every >= HAVE_POLL_MAX
+                && s.in_flight == 0
+                && !s.have.is_full()
+                && s.have.as_bytes().iter().zip(ours).all(|(h, o)| h & !o == 0)
+        });
+        let member = matches!(&self.herd, Herd::Group(g) if g.contains(peer));
+        if useless && !member {
+            let next = self.spare.pop_front().expect("not empty");
+            self.park(peer);
+            self.insert_peer(next, now);
+        }
+    }
+
+    fn forget_avail(&mut self, s: &PeerState) {
+        for (i, a) in self.avail.iter_mut().enumerate() {
+            if s.have.get(i as u32) {
+                *a -= 1;
+            }
         }
     }
 
     fn drop_peer(&mut self, peer: &NodeId) {
         if let Some(s) = self.peers.remove(peer) {
-            for (i, a) in self.avail.iter_mut().enumerate() {
-                if s.have.get(i as u32) {
-                    *a -= 1;
-                }
+            self.forget_avail(&s);
+            if let Some(next) = self.spare.pop_front() {
+                // In its place, the oldest spare (first seen when it takes the place).
+                self.insert_peer(next, self.clock);
             }
         }
-        if self.downloaders.remove(peer) && self.group.is_none() {
-            self.owners_dirty = true;
-        }
+        self.spare.retain(|p| p != peer);
+        self.forget_downloader(peer);
     }
 
     fn ban(&mut self, peer: NodeId) {
@@ -800,7 +1013,7 @@ impl Scheduler {
         self.drop_peer(&peer);
         if self.banned.insert(peer.clone()) {
             self.stats.bans += 1;
-            if let Some(g) = &mut self.group {
+            if let Herd::Group(g) = &mut self.herd {
                 g.retain(|p| *p != peer);
                 self.owners_dirty = true;
             }
@@ -883,13 +1096,15 @@ impl Scheduler {
             return;
         }
         self.owners_dirty = false;
-        self.owners = match &self.group {
-            Some(g) => g.clone(),
-            None => self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect(),
+        self.owners = match &self.herd {
+            Herd::Group(g) => g.clone(),
+            Herd::Small => self.downloaders.keys().cloned().chain(std::iter::once(self.me.clone())).collect(),
+            Herd::Unknown => Vec::new(),
         };
         self.owner_of.fill(NO_OWNER);
     }
 
+    /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece).
     fn owner(&mut self, i: u32) -> Option<&NodeId> {
         if self.owners.is_empty() {
             return None;
@@ -897,9 +1112,47 @@ impl Scheduler {
         let slot = &mut self.owner_of[i as usize];
         if *slot == NO_OWNER {
             let owner = origin_owner(&self.digest, i, &self.owners).expect("not empty");
-            *slot = self.owners.iter().position(|o| o == owner).expect("an owner") as u32;
+            *slot = self.owners.iter().position(|o| std::ptr::eq(o, owner)).expect("an owner") as u32;
         }
         self.owners.get(*slot as usize)
+    }
+
+    /// An origin-group lookup answered. The view becomes usable once two answers in a row agree
+    /// (announcements of nodes that started at the same moment may still be on their way), or
+    /// after [`MAX_UNSETTLED`] answers. "No group" with at least `GROUP_MIN` known downloaders
+    /// whose level announces means the lookup missed them: unknown, asked again.
+    fn on_fetchers(&mut self, found: &[(u8, Vec<NodeId>)], now: Instant) {
+        self.fetchers_polling = false;
+        self.fetchers_answers += 1;
+        let view = match herd::group(&self.digest, &self.me, found) {
+            Some(g) => Herd::Group(g.into_iter().filter(|p| !self.banned.contains(p)).collect()),
+            None if self.leveled + usize::from(herd::level(&self.digest, &self.me) >= herd::MIN_LEVEL)
+                >= herd::GROUP_MIN =>
+            {
+                Herd::Unknown
+            }
+            None => Herd::Small,
+        };
+        let settled = self.fetchers_answers >= MAX_UNSETTLED;
+        let view = match view {
+            // Once usable, an incomplete answer changes nothing.
+            Herd::Unknown if self.herd_ready => self.herd.clone(),
+            Herd::Unknown if settled => Herd::Small,
+            v => v,
+        };
+        let stable = view == self.herd && view != Herd::Unknown;
+        self.fetchers_every =
+            if stable { (self.fetchers_every * 2).min(FETCHERS_POLL) } else { FETCHERS_RETRY };
+        self.next_fetchers_poll = now + self.fetchers_every;
+        if !stable {
+            self.herd = view;
+            self.owners_dirty = true;
+        }
+        self.herd_ready |= match self.herd {
+            Herd::Small => true,
+            Herd::Group(_) => stable || settled,
+            Herd::Unknown => false,
+        };
     }
 
     fn mine(&mut self, i: u32, coordinated: bool) -> bool {
@@ -917,8 +1170,19 @@ impl Scheduler {
         let window_end = (first + WINDOW).min(n);
         let wlen = window_end - first;
         let mut nobody_holds = Vec::new();
+        // The walk stops once peers and origin are at capacity past the window and enough
+        // known pieces wait: what lies beyond could not be acted on now.
+        let origin_room = self.origin_jobs < self.cfg.origin_concurrency;
+        let mut backlog = 0;
         for k in 0..n - first {
             let i = if k < wlen { first + (k + self.rotate) % wlen } else { first + k };
+            if i >= window_end
+                && self.peer_jobs >= self.cfg.peer_concurrency
+                && !origin_room
+                && backlog >= self.cfg.peer_concurrency
+            {
+                break;
+            }
             if self.map.verified.get(i) || self.in_flight[i as usize] {
                 continue;
             }
@@ -926,32 +1190,37 @@ impl Scheduler {
                 nobody_holds.push(i);
                 continue;
             }
+            if self.peer_jobs >= self.cfg.peer_concurrency {
+                backlog += 1;
+                continue;
+            }
+            // One pass over the peers: is there a holder whose digest we can check against,
+            // and the least loaded one free to ask (ties broken per peer and piece).
             let coord = &self.coord;
-            let has_holder = self.peers.values().any(|s| s.have.get(i) && coord.expected(i, s).is_some());
+            let cfg = &self.cfg;
+            let mut has_holder = false;
+            let mut best: Option<(&NodeId, (usize, u64), [u8; 32])> = None;
+            for (p, st) in &self.peers {
+                if !st.have.get(i) {
+                    continue;
+                }
+                let Some(expected) = coord.expected(i, st) else { continue };
+                has_holder = true;
+                if st.in_flight >= cfg.per_peer_concurrency || st.busy_until.is_some_and(|t| t > now) {
+                    continue;
+                }
+                let key = (st.in_flight, mix(st.salt ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+                if best.as_ref().is_none_or(|(_, k, _)| key < *k) {
+                    best = Some((p, key, expected));
+                }
+            }
             if !has_holder {
                 nobody_holds.push(i);
                 continue;
             }
-            if self.peer_jobs >= self.cfg.peer_concurrency {
-                continue;
-            }
-            let cfg = &self.cfg;
-            let me = &self.me;
-            let best = self
-                .peers
-                .iter()
-                .filter(|(_, s)| {
-                    s.have.get(i)
-                        && coord.expected(i, s).is_some()
-                        && s.in_flight < cfg.per_peer_concurrency
-                        && s.busy_until.is_none_or(|t| t <= now)
-                })
-                .min_by_key(|(p, s)| {
-                    (s.in_flight, sha256(&[p.as_bytes(), &i.to_le_bytes(), me.as_bytes()].concat()))
-                })
-                .map(|(p, s)| (p.clone(), coord.expected(i, s).expect("filtered")));
-            let Some((peer, expected)) = best else {
+            let Some((peer, _, expected)) = best.map(|(p, k, e)| (p.clone(), k, e)) else {
                 // Every holder is busy or full: wake when a backoff ends.
+                backlog += 1;
                 let t = self.peers.values().filter_map(|s| s.busy_until).filter(|t| *t > now).min();
                 if let Some(t) = t {
                     self.wake = earliest(self.wake, t);
@@ -963,6 +1232,7 @@ impl Scheduler {
             self.in_flight[i as usize] = true;
             self.actions.push_back(Action::RequestPiece { peer, index: i, expected });
         }
+        self.backlog = backlog;
 
         // Pieces nobody holds, in order so that consecutive ones share a span: the origin
         // owner fetches them.
@@ -976,9 +1246,10 @@ impl Scheduler {
                 self.waiting_since[i as usize].get_or_insert(now);
             }
         }
+        self.meet_owners(&nobody_holds, window_end, coordinated, now);
         // Nothing from the origin before the tracker's first answer, or (under the DHT rules)
         // before the origin group is known: the first request already follows them.
-        if !self.coord.answered || (!coordinated && !self.fetchers_answered) {
+        if !self.coord.answered || (!coordinated && !self.herd_ready) {
             return;
         }
         if let Some(t) = self.origin_retry_at {
@@ -990,7 +1261,10 @@ impl Scheduler {
             }
         }
         let stall = self.cfg.owner_stall;
-        let member = self.group.as_ref().is_none_or(|g| g.contains(&self.me));
+        let member = match &self.herd {
+            Herd::Group(g) => g.contains(&self.me),
+            _ => true,
+        };
         for i in nobody_holds {
             if self.origin_jobs >= self.cfg.origin_concurrency {
                 break;
@@ -1013,13 +1287,15 @@ impl Scheduler {
             } else if i >= window_end {
                 false
             } else {
-                let delay = herd::takeover_delay(&self.digest, i, &self.me, stall, member);
+                let delay = self.takeover_delay(i, stall, member);
                 let owner = self.owner(i).cloned();
                 let owner_gain = match owner.as_ref().and_then(|o| self.peers.get(o)) {
                     Some(s) => Some(s.last_gain),
                     // An owner we do not poll (a group member we never met): judge the swarm
                     // by the peers we know. In a small swarm an unknown owner is stalled.
-                    None if self.group.is_some() => self.peers.values().map(|s| s.last_gain).max(),
+                    None if matches!(self.herd, Herd::Group(_)) => {
+                        self.peers.values().map(|s| s.last_gain).max()
+                    }
                     None => None,
                 };
                 let owner_stalled = owner_gain.is_none_or(|t| now.saturating_duration_since(t) > stall);
@@ -1071,6 +1347,43 @@ impl Scheduler {
                 unplanned,
                 repair: false,
             });
+        }
+    }
+
+    /// [`herd::takeover_delay`] of piece `i`, cached per piece (a hash each).
+    fn takeover_delay(&mut self, i: u32, stall: Duration, member: bool) -> Duration {
+        let slot = &mut self.delays[i as usize];
+        match *slot {
+            Some((m, d)) if m == member => d,
+            _ => {
+                let d = herd::takeover_delay(&self.digest, i, &self.me, stall, member);
+                *slot = Some((member, d));
+                d
+            }
+        }
+    }
+
+    /// The first copy of a piece nobody holds comes from its origin owner: poll the owners of
+    /// such pieces in the window (beyond [`MAX_PEERS`] if need be; at most the group), so the
+    /// piece reaches us from its owner or we see the owner stall. Without this a node that
+    /// met no owner waits for the takeover delay while the piece sits one hop away.
+    fn meet_owners(&mut self, nobody_holds: &[u32], window_end: u32, coordinated: bool, now: Instant) {
+        self.wanted.clear();
+        if coordinated || !self.herd_ready || self.herd == Herd::Unknown {
+            return;
+        }
+        for &i in nobody_holds.iter().filter(|&&i| i < window_end) {
+            let Some(owner) = self.owner(i).cloned() else { continue };
+            if owner != self.me && !self.banned.contains(&owner) && !self.wanted.contains(&owner) {
+                self.wanted.push(owner);
+            }
+        }
+        for k in 0..self.wanted.len() {
+            let owner = self.wanted[k].clone();
+            if !self.peers.contains_key(&owner) {
+                self.spare.retain(|p| *p != owner);
+                self.insert_peer(owner, now);
+            }
         }
     }
 
@@ -1128,9 +1441,21 @@ impl Scheduler {
         }
         if now >= self.next_have_poll {
             self.next_have_poll = now + HAVE_POLL;
+            // Each peer at its own gap (see HAVE_POLL_MAX). While enough known pieces wait
+            // for capacity, only the owners of pieces nobody holds are polled (their progress
+            // decides takeovers).
+            let saturated = self.backlog >= self.cfg.peer_concurrency;
+            let wanted = &self.wanted;
             let mut asked: Vec<NodeId> = Vec::new();
-            for (peer, state) in self.peers.iter_mut().filter(|(_, s)| !s.polling && !s.have.is_full()) {
+            for (peer, state) in self.peers.iter_mut() {
+                if state.polling || state.have.is_full() || now < state.next_poll {
+                    continue;
+                }
+                if saturated && !wanted.contains(peer) {
+                    continue;
+                }
                 state.polling = true;
+                state.next_poll = now + state.every;
                 asked.push(peer.clone());
             }
             asked.sort_unstable();
@@ -1153,7 +1478,7 @@ impl Scheduler {
         let herd_rules = !self.cfg.tracker || (self.coord.answered && !self.coord.active(now));
         if herd_rules && !self.fetchers_polling {
             if now >= self.next_fetchers_poll {
-                self.next_fetchers_poll = now + FETCHERS_POLL;
+                self.next_fetchers_poll = now + self.fetchers_every;
                 self.fetchers_polling = true;
                 self.actions.push_back(Action::FindFetchers);
             } else {

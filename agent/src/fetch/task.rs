@@ -3,7 +3,8 @@
 //! ## What the shell does
 //!
 //! 1. Announce the digest at once, so nodes that start at the same moment see each other, and
-//!    the node's origin-group level key ([`super::herd`]); then ask the network who provides
+//!    the node's origin-group level key ([`super::herd`], withdrawn when the download ends
+//!    however it ends); then ask the network who provides
 //!    the digest and what each provider holds.
 //! 2. Size: from the providers when they agree, else a HEAD at the origin (no bytes move),
 //!    which also bans every provider that named another size. A download that fails on a
@@ -93,7 +94,20 @@ impl Fetcher {
     pub(super) async fn run(self: Arc<Self>, dl: Arc<Download>, source: Source) {
         METRICS.downloads_in_flight.inc();
         let digest = dl.digest;
-        match self.download(&dl, &source).await {
+        // Our origin-group level key (see `herd`), announced with the digest at the start so
+        // that it has reached the DHT by the time nodes starting with us look the group up,
+        // and withdrawn however the download ends.
+        let me = self.net.local_id();
+        let level = herd::level(&digest, &me);
+        let level_key = (level >= herd::MIN_LEVEL).then(|| herd::level_key(&digest, level));
+        if let Some(key) = level_key {
+            self.net.announce(key);
+        }
+        let result = self.download(&dl, &source).await;
+        if let Some(key) = level_key {
+            self.net.withdraw(key);
+        }
+        match result {
             Ok(()) => tracing::info!(%digest, "download verified and stored"),
             Err(FetchError::ShuttingDown) => {
                 tracing::info!(%digest, "download stopped for shutdown; verified pieces saved");
@@ -240,16 +254,7 @@ impl Fetcher {
             available: watermark,
         });
 
-        // Our origin-group level key (see `herd`), for as long as the download runs.
-        let level = herd::level(&digest, &me);
-        let level_key = (level >= herd::MIN_LEVEL).then(|| herd::level_key(&digest, level));
-        if let Some(key) = level_key {
-            self.net.announce(key);
-        }
         let outcome = self.drive(dl, source, &partial, total).await;
-        if let Some(key) = level_key {
-            self.net.withdraw(key);
-        }
 
         let mut shared = dl.shared.lock().await;
         let map = shared.take().map(|s| s.sched.map().clone()).unwrap_or_else(|| PieceMap::new(layout));

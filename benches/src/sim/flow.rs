@@ -79,6 +79,8 @@ pub struct Network {
     /// Bytes each host sent and received (settled so far), for utilisation.
     pub sent: Vec<f64>,
     pub received: Vec<f64>,
+    /// Milestone events: stale, early, reached.
+    pub counts: [u64; 3],
 }
 
 /// Milestone precision: a flow within this many bytes of its milestone has reached it.
@@ -97,6 +99,7 @@ impl Network {
             free: Vec::new(),
             sent: vec![0.0; up.len()],
             received: vec![0.0; up.len()],
+            counts: [0; 3],
         }
     }
 
@@ -249,14 +252,17 @@ impl Network {
     pub fn reached(&mut self, id: u32, version: u32, now: Time, wakes: &mut Vec<Wake>) -> Option<f64> {
         let f = &self.flows[id as usize];
         if !f.alive || f.version != version {
+            self.counts[0] += 1;
             return None;
         }
         self.settle(id, now);
         let f = &mut self.flows[id as usize];
         if f.milestone - f.done <= EPS {
             f.done = f.done.max(f.milestone);
+            self.counts[2] += 1;
             return Some(f.done);
         }
+        self.counts[1] += 1;
         f.version = f.version.wrapping_add(1);
         f.sched_rate = f.rate;
         wakes.push((id, f.version, Self::eta(f, now)));

@@ -207,6 +207,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         for f in o.failures.iter().take(10) {
             eprintln!("sim: {}: download failed: {f}", scenario.name());
         }
+        eprintln!("sim: {}: origin piece requests: {:?}", scenario.name(), o.origin_why);
         eprintln!(
             "sim: {}: {}/{} done, p99 {:.1} s, origin egress {:.3}× image, {} events, {:.1} s wall",
             scenario.name(),
@@ -236,6 +237,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             "events": o.events,
             "rollout_end_s": o.end_s,
             "peer_piece_bytes": o.peer_piece_bytes,
+            "origin_requests": o.origin_why,
             "tracker_refused": o.tracker_refused,
             "download_failures": o.failures,
             "messages": messages(&o),

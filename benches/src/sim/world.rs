@@ -140,6 +140,28 @@ pub struct Msgs {
     pub plan_requests: u64,
 }
 
+/// Origin piece requests by the requester's reason, and how many pieces left the origin more
+/// than once: what explains an egress above 1×.
+#[derive(Clone, Copy, Default, Debug, serde::Serialize)]
+pub struct OriginWhy {
+    /// Pieces requested from the origin (every request counts).
+    pub pieces: u64,
+    /// Pieces of a layer requested more than once (the excess over one each).
+    pub duplicates: u64,
+    /// Requested as the owner in an origin group.
+    pub group_owner: u64,
+    /// Requested as an owner over the known downloaders (a swarm too small for a group).
+    pub small_swarm_owner: u64,
+    /// Requested as the tracker's assignee.
+    pub assigned: u64,
+    /// Taken over from a stalled owner.
+    pub taken_over: u64,
+    /// Requested with a tracker present but outside its plan.
+    pub unplanned: u64,
+    /// Refetched by a repair.
+    pub repair: u64,
+}
+
 /// Tracker CPU actually spent (thread CPU clock), reported, never used in a decision.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct TrackerCpu {
@@ -181,6 +203,8 @@ pub struct Outcome {
     pub events: u64,
     pub end_s: f64,
     pub peer_piece_bytes: f64,
+    /// Why pieces left the origin (see [`OriginWhy`]).
+    pub origin_why: OriginWhy,
     /// Downloads the scheduler gave up on (`Action::Failed`).
     pub failures: Vec<String>,
 }
@@ -246,6 +270,10 @@ pub struct World {
     killed: usize,
     failures: Vec<String>,
     peer_piece_bytes: f64,
+    origin_why: OriginWhy,
+    /// Per layer, per piece: origin requests so far.
+    origin_count: Vec<Vec<u32>>,
+    kinds: std::collections::BTreeMap<String, u64>,
 }
 
 impl World {
@@ -330,6 +358,13 @@ impl World {
             killed: 0,
             failures: Vec::new(),
             peer_piece_bytes: 0.0,
+            origin_why: OriginWhy::default(),
+            kinds: Default::default(),
+            origin_count: cfg
+                .layer_sizes
+                .iter()
+                .map(|&z| vec![0; Layout::for_size(z).pieces() as usize])
+                .collect(),
             rng,
             cfg,
         }
@@ -394,12 +429,19 @@ impl World {
             }
         }
         self.push(self.cfg.sample, Ev::Sample);
+        // Diagnostics: events by kind on stderr.
+        let count_kinds = std::env::var_os("SHOAL_SIM_EVENT_KINDS").is_some();
         while let Some(Reverse(q)) = self.queue.pop() {
             if q.at > self.cfg.max_time || self.remaining == 0 {
                 break;
             }
             self.now = q.at;
             self.events += 1;
+            if count_kinds {
+                let name = format!("{:?}", q.ev);
+                let name = name.split([' ', '{', '(']).next().unwrap_or("").to_string();
+                *self.kinds.entry(name).or_insert(0) += 1;
+            }
             self.event(q.ev);
             self.flush_wakes();
         }
@@ -407,6 +449,12 @@ impl World {
     }
 
     fn finish(mut self) -> Outcome {
+        if !self.kinds.is_empty() {
+            eprintln!(
+                "sim: events by kind: {:?}; flow events stale/early/reached {:?}",
+                self.kinds, self.net.counts
+            );
+        }
         let n = self.cfg.nodes;
         let end = self.node_done.iter().flatten().copied().max().unwrap_or(self.now);
         for h in 0..=n as u32 {
@@ -442,6 +490,7 @@ impl World {
             events: self.events,
             end_s,
             peer_piece_bytes: self.peer_piece_bytes,
+            origin_why: self.origin_why,
             failures: self.failures,
         }
     }
@@ -508,13 +557,8 @@ impl World {
                     let mut cfg = self.cfg.sched.clone();
                     cfg.tracker = self.tracker.is_some();
                     let now = self.instant(self.now);
-                    // Our origin-group level key, as task.rs announces it.
-                    let level = herd::level(&digest, &me);
                     if let Some(d) = self.dls[dl as usize].sched.as_mut() {
                         d.start(cfg, digest, layout, me, now);
-                    }
-                    if level >= herd::MIN_LEVEL {
-                        self.announce(node, layer, Some(level));
                     }
                     self.drive(dl, None);
                 }
@@ -583,7 +627,35 @@ impl World {
                     self.push(now + rtt, Ev::Failed { dl, peer: u32::MAX, piece: index, unreachable: true })
                 }
             },
-            Action::FetchOrigin { first, end, .. } => {
+            Action::FetchOrigin { first, end, taken_over, unplanned, repair } => {
+                let k = u64::from(end - first);
+                let small = self.dls[dl as usize]
+                    .sched
+                    .as_ref()
+                    .and_then(|d| d.sched.as_ref())
+                    .is_some_and(|s| s.group().is_none());
+                let w = &mut self.origin_why;
+                w.pieces += k;
+                if repair {
+                    w.repair += k;
+                } else if taken_over {
+                    w.taken_over += k;
+                } else if unplanned {
+                    w.unplanned += k;
+                } else if self.tracker.is_some() {
+                    w.assigned += k;
+                } else if small {
+                    w.small_swarm_owner += k;
+                } else {
+                    w.group_owner += k;
+                }
+                for i in first..end {
+                    let c = &mut self.origin_count[layer as usize][i as usize];
+                    if *c > 0 {
+                        self.origin_why.duplicates += 1;
+                    }
+                    *c += 1;
+                }
                 self.push(now + rtt / 2, Ev::OriginReq { dl, first, end });
             }
             Action::AskPlan(report) => {
@@ -680,8 +752,14 @@ impl World {
                         continue;
                     }
                     self.dls[dl as usize].sched = Some(Download::new(self.tracker.is_some()));
-                    // task.rs: announce at once, then look the providers up.
+                    // task.rs: announce the digest and our origin-group level key at once,
+                    // then look the providers up.
                     self.announce(node, layer, None);
+                    let level =
+                        herd::level(&self.layers[layer as usize].agent_digest, &self.node_ids[node as usize]);
+                    if level >= herd::MIN_LEVEL {
+                        self.announce(node, layer, Some(level));
+                    }
                     self.startup(dl, vec![Startup::FindProviders]);
                 }
             }

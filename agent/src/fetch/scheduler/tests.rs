@@ -544,6 +544,10 @@ fn only_the_origin_group_fetches_from_the_origin() {
 
     let mut m = Timeline::new(64 * MIB, Config::default(), member.clone(), &[]);
     m.actions();
+    let acts = m.event(Event::Fetchers(found.clone()));
+    assert!(origin(&acts).is_empty(), "one answer is not a settled group yet");
+    let acts = m.until(FETCHERS_RETRY);
+    assert!(acts.contains(&Action::FindFetchers), "asked again soon: {acts:?}");
     let acts = m.event(Event::Fetchers(found));
     let owned: Vec<u32> = (0..64).filter(|&i| origin_owner(&digest, i, &group) == Some(&member)).collect();
     assert!(!owned.is_empty());
@@ -552,4 +556,119 @@ fn only_the_origin_group_fetches_from_the_origin() {
         !fetched.is_empty() && fetched.iter().all(|i| owned.contains(i)),
         "{fetched:?} not within {owned:?}"
     );
+}
+
+/// The peer set is bounded: beyond MAX_PEERS peers wait as spares, and a spare takes the
+/// place of a peer that fails.
+#[test]
+fn peers_are_bounded_and_spares_replace_failed_ones() {
+    let mut t = Timeline::new(4 * MIB, Config::default(), node(0), &[]);
+    t.actions();
+    let many: Vec<NodeId> =
+        (0..MAX_PEERS as u32 + 5).map(|i| NodeId::new(&(1000 + i).to_le_bytes())).collect();
+    t.event(Event::Providers(many.clone()));
+    assert_eq!(t.s.active_peers(), MAX_PEERS);
+    assert_eq!(t.s.downloaders(), MAX_PEERS + 5);
+    let acts = t.until(HAVE_POLL);
+    let asked: Vec<NodeId> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::AskHave(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), MAX_PEERS, "only the active peers are polled");
+    let gone = asked[0].clone();
+    t.event(Event::Have { peer: gone.clone(), result: Err(PeerError::Unreachable("reset".into())) });
+    assert_eq!(t.s.active_peers(), MAX_PEERS, "a spare took its place");
+    let later = t.until(HAVE_POLL * 3);
+    assert!(!later.iter().any(|a| *a == Action::AskHave(gone.clone())), "the failed peer is not polled");
+    assert!(
+        later.iter().any(|a| matches!(a, Action::AskHave(p) if !asked.contains(p))),
+        "the spare is polled: {later:?}"
+    );
+}
+
+/// A peer whose answers bring nothing we lack is polled ever less often (up to
+/// HAVE_POLL_MAX), and at HAVE_POLL again once it gains a piece we lack.
+#[test]
+fn a_peer_with_nothing_new_is_polled_less_often() {
+    let mut t = Timeline::new(4 * MIB, Config::default(), node(1), &[]);
+    t.actions();
+    let layout = t.layout;
+    let empty = have(layout, [], good);
+    t.event(Event::Have { peer: node(2), result: Ok(empty.clone()) });
+    let mut polls = Vec::new();
+    for step in 1..=200u32 {
+        let acts = t.until(Duration::from_millis(100) * step);
+        if acts.contains(&Action::AskHave(node(2))) {
+            polls.push(t.now - t.t0);
+            t.event(Event::Have { peer: node(2), result: Ok(empty.clone()) });
+        }
+    }
+    // 20 s: 0.5 s each would be 40 polls; doubling to 4 s gives far fewer.
+    assert!(polls.len() <= 10, "polled {} times: {polls:?}", polls.len());
+    let gaps: Vec<Duration> = polls.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g <= HAVE_POLL_MAX + Duration::from_millis(600)), "{gaps:?}");
+    // It gains a piece we lack: the next gap is HAVE_POLL again.
+    t.event(Event::Have { peer: node(2), result: Ok(have(layout, [0], good)) });
+    let at = t.now - t.t0;
+    let acts = t.until(at + HAVE_POLL + Duration::from_millis(1));
+    assert!(acts.contains(&Action::AskHave(node(2))), "{acts:?}");
+}
+
+/// "No group" from a lookup while we know at least GROUP_MIN downloaders whose level
+/// announces means the lookup missed them: no origin fetch on that view, and the group is
+/// looked up again after FETCHERS_RETRY. After MAX_UNSETTLED such answers the small-swarm
+/// rules apply, so the download always starts.
+#[test]
+fn an_incomplete_group_lookup_is_asked_again() {
+    let digest = Digest::of(b"blob");
+    let mut t = Timeline::new(8 * MIB, Config::default(), node(1), &[]);
+    t.actions();
+    let leveled: Vec<NodeId> = (0..2000u32)
+        .map(|i| NodeId::new(&i.to_le_bytes()))
+        .filter(|n| herd::level(&digest, n) >= herd::MIN_LEVEL)
+        .take(herd::GROUP_MIN)
+        .collect();
+    for p in &leveled {
+        t.event(Event::Have { peer: p.clone(), result: Err(PeerError::Lacks) });
+    }
+    let mut acts = t.event(Event::Fetchers(Vec::new()));
+    for answer in 1..MAX_UNSETTLED {
+        assert!(origin(&acts).is_empty(), "answer {answer}: no origin fetch on an incomplete view");
+        let at = t.now - t.t0 + FETCHERS_RETRY;
+        let next = t.until(at);
+        assert!(next.contains(&Action::FindFetchers), "answer {answer}: asked again: {next:?}");
+        acts = t.event(Event::Fetchers(Vec::new()));
+    }
+    assert!(!origin(&acts).is_empty(), "after MAX_UNSETTLED answers the small-swarm rules start it");
+}
+
+/// A node whose window piece nobody it polls holds starts polling that piece's origin owner
+/// (a group member it never met), instead of waiting for the takeover delay.
+#[test]
+fn the_owner_of_a_piece_nobody_holds_is_polled() {
+    let digest = Digest::of(b"blob");
+    let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
+    let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
+    for x in &nodes {
+        let l = herd::level(&digest, x);
+        if l >= herd::MIN_LEVEL {
+            lists[usize::from(l - herd::MIN_LEVEL)].1.push(x.clone());
+        }
+    }
+    let group = herd::group(&digest, &nodes[0], &lists).expect("a group");
+    let outsider = nodes.iter().find(|n| !group.contains(n)).unwrap().clone();
+    let found: Vec<(u8, Vec<NodeId>)> =
+        lists.iter().map(|(l, v)| (*l, v.iter().take(20).cloned().collect())).collect();
+    let mut t = Timeline::new(4 * MIB, Config::default(), outsider, &[]);
+    t.actions();
+    t.event(Event::Fetchers(found.clone()));
+    t.until(FETCHERS_RETRY);
+    t.event(Event::Fetchers(found));
+    let owner = origin_owner(&digest, 0, &group).unwrap().clone();
+    let acts = t.until(FETCHERS_RETRY + HAVE_POLL);
+    assert!(acts.contains(&Action::AskHave(owner.clone())), "the owner of piece 0 is polled: {acts:?}");
+    assert!(origin(&acts).is_empty());
 }
