@@ -350,6 +350,19 @@ mod cri {
 /// gets nothing from the agent, which holds the image by then; a public image needs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pull_image_with_auth_config_through_the_agent() {
+    cri_pull_through_the_agent(false).await;
+}
+
+/// The same with the htpasswd origin: containerd answers the agent's Basic challenge with the
+/// pull secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pull_image_with_auth_config_through_the_agent_basic_origin() {
+    cri_pull_through_the_agent(true).await;
+}
+
+/// `basic`: the htpasswd origin (no public repository: the public control is skipped); else
+/// the token-auth origin.
+async fn cri_pull_through_the_agent(basic: bool) {
     let tokens =
         TokenServer::start(Grants::default().public("public/app").user(USER, PASSWORD, &["private/app"]))
             .await
@@ -359,7 +372,11 @@ async fn cri_pull_image_with_auth_config_through_the_agent() {
     let image = open.push(&private_spec).await.expect("push");
     let public_spec = ImageSpec::new(ImageKind::OciManifest, "public/app", "v1").unpackable();
     let public = open.push(&public_spec).await.expect("push");
-    let view = open.token_view(&tokens).await.expect("start the token-auth registry");
+    let view = if basic {
+        open.locked_view(USER, PASSWORD).await.expect("start the htpasswd registry")
+    } else {
+        open.token_view(&tokens).await.expect("start the token-auth registry")
+    };
     let agent = Agent::start(AgentOptions::new().upstream(&view.host(), &view.url())).await.unwrap();
 
     // The node's hosts directory, as the DaemonSet's init container writes it. Its `server`
@@ -392,7 +409,7 @@ async fn cri_pull_image_with_auth_config_through_the_agent() {
     ctd.verify_image(&image).await.expect("the CRI plugin's content is the pushed image");
     let served = metric(&agent, "shoal_served_bytes_total", &[]).await;
     assert!(served >= image.total_blob_bytes() as f64, "the agent served {served} bytes");
-    assert!(tokens.requests() > 0);
+    assert!(basic || tokens.requests() > 0, "containerd never went to the token service");
 
     // A node whose containerd has nothing yet, served by the same agent, which holds the
     // image: no credentials, and a wrong password, get nothing.
@@ -413,6 +430,10 @@ async fn cri_pull_image_with_auth_config_through_the_agent() {
     assert!(denied > denied_before, "the agent was not asked (denied {denied_before} -> {denied})");
 
     // The control: a public image through the same path needs no pull secret.
+    if basic {
+        assert_no_secret_logged(&agent, &[]);
+        return;
+    }
     let public_ref = public.reference().replace(&open.host(), &view.host());
     images.pull(&public_ref, None).await.unwrap_or_else(|e| panic!("public PullImage: {e}"));
     fresh.verify_image(&public).await.expect("public image content");

@@ -1104,6 +1104,7 @@ async fn metrics_and_health_endpoints() {
         "shoal_origin_bytes_total",
         "shoal_cache_bytes",
         "shoal_cache_evictions_total",
+        "shoal_corrupt_blobs_total",
     ] {
         assert!(text.lines().any(|l| l.starts_with(name)), "/metrics has no sample for {name}:\n{text}");
     }

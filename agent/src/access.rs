@@ -184,7 +184,7 @@ impl Access {
             who,
         };
         let fresh = |k: &DecisionKey| {
-            let mut decisions = self.decisions.lock().expect("decision lock");
+            let mut decisions = crate::sync::lock(&self.decisions);
             decisions.get(k).copied().filter(|d| d.until > now)
         };
         // Public, or allowed for this very credential, recently.
@@ -196,7 +196,7 @@ impl Access {
         }
         if who.is_anonymous() {
             let known_private = {
-                let mut private = self.private.lock().expect("private lock");
+                let mut private = crate::sync::lock(&self.private);
                 private.get(&(registry.clone(), repo.clone())).filter(|(_, until)| *until > now).cloned()
             };
             if let Some((challenge, _)) = known_private {
@@ -273,7 +273,7 @@ impl Access {
         until: Instant,
     ) {
         let checked = Instant::now();
-        let mut decisions = self.decisions.lock().expect("decision lock");
+        let mut decisions = crate::sync::lock(&self.decisions);
         for reference in references {
             let k = DecisionKey { registry: registry.clone(), repo: repo.clone(), reference, who: who.key };
             decisions.put(k, Decision { until, checked });
@@ -291,7 +291,7 @@ impl Access {
     ) -> Result<Grant, Refusal> {
         METRICS.auth_check("origin_unreachable");
         let now = Instant::now();
-        let mut decisions = self.decisions.lock().expect("decision lock");
+        let mut decisions = crate::sync::lock(&self.decisions);
         let k = |who: [u8; 32]| DecisionKey {
             registry: registry.clone(),
             repo: repo.clone(),

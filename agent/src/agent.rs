@@ -81,6 +81,7 @@ impl Agent {
         ));
         let readiness = Readiness::default();
         let supervisor = Supervisor::new();
+        supervisor.spawn("cache check", check_cache(store.clone(), readiness.clone(), supervisor.token()));
         let agent = |api, swarm_loop| Agent {
             api,
             registry_listener,
@@ -230,5 +231,32 @@ impl Agent {
     /// The supervisor of this agent's tasks (for tests and embedding).
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
+    }
+}
+
+/// How often the cache directory is checked for being writable.
+const CACHE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reports an unwritable or vanished cache directory on `/readyz` and in the log (once per
+/// change), instead of failing every download with it unexplained; recovers when it is back.
+async fn check_cache(store: Arc<Store>, readiness: Readiness, cancel: tokio_util::sync::CancellationToken) {
+    let mut last: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CACHE_CHECK_INTERVAL) => {}
+            () = cancel.cancelled() => return,
+        }
+        let s = store.clone();
+        let now = tokio::task::spawn_blocking(move || s.check().err()).await.unwrap_or(None);
+        if now != last {
+            match &now {
+                Some(problem) => {
+                    tracing::error!(%problem, "cache directory unusable: not ready, serving what can be served")
+                }
+                None => tracing::info!("cache directory usable again"),
+            }
+            readiness.set_cache_problem(now.clone());
+            last = now;
+        }
     }
 }

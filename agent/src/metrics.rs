@@ -53,6 +53,7 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
     pub cache_evictions: Counter,
+    pub corrupt_blobs: Counter,
     pub received_bytes: Family<SourceLabels, Counter>,
     pub origin_pieces: Counter,
     pub pieces_verified: Counter,
@@ -128,6 +129,13 @@ impl Metrics {
             "cache_evictions",
             "Blobs evicted to keep the cache under its byte quota",
             cache_evictions.clone(),
+        );
+        let corrupt_blobs = Counter::default();
+        registry.register(
+            "corrupt_blobs",
+            "Complete blobs found changed on disk when read (a piece or the whole did not match \
+             its sha256) and quarantined: removed, withdrawn, downloaded again on the next request",
+            corrupt_blobs.clone(),
         );
         let received_bytes = Family::<SourceLabels, Counter>::default();
         registry.register(
@@ -239,6 +247,7 @@ impl Metrics {
             cache_bytes,
             cache_blobs,
             cache_evictions,
+            corrupt_blobs,
         }
     }
 
@@ -288,6 +297,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 pub struct Readiness {
     registry_serving: Arc<AtomicBool>,
     peer: Arc<std::sync::OnceLock<(String, bool)>>,
+    /// Why the cache directory cannot be written now, if it cannot (see `store::Store::check`).
+    cache_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Readiness {
@@ -300,13 +311,21 @@ impl Readiness {
         let _ = self.peer.set((peer_id, needs_peer));
     }
 
+    /// Records whether the cache directory can be written (`None`: it can).
+    pub fn set_cache_problem(&self, problem: Option<String>) {
+        *crate::sync::lock(&self.cache_problem) = problem;
+    }
+
     /// `None` when ready, else why not.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    pub fn not_ready(&self) -> Option<String> {
         if !self.registry_serving.load(Ordering::SeqCst) {
-            return Some("registry API not serving yet");
+            return Some("registry API not serving yet".into());
         }
         if self.peer.get().is_some_and(|(_, needs)| *needs) && METRICS.connected_peers.get() < 1 {
-            return Some("no swarm peer connected yet");
+            return Some("no swarm peer connected yet".into());
+        }
+        if let Some(problem) = crate::sync::lock(&self.cache_problem).as_ref() {
+            return Some(format!("cache directory unusable: {problem}"));
         }
         None
     }

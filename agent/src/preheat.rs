@@ -125,7 +125,7 @@ async fn manifest(fetcher: &Arc<Fetcher>, digest: &Digest, source: &Source) -> R
     }
     fetcher
         .store()
-        .read_blob_at(&guard, 0, entry.size as usize)
+        .read_verified(guard, entry.size)
         .await
         .map_err(|e| format!("reading manifest {digest}: {e}"))
 }

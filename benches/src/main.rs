@@ -10,6 +10,16 @@
 //! SHOAL_AGENT_BIN=target/release/shoal-agent cargo run --release -p shoal-benches -- peer-path --size 1GiB
 //! ```
 //!
+//! `cached-read`: what verify-on-read costs. A 1 GiB blob cached by an agent is read through
+//! the agent and straight from `docker-registry`, alternating, in the same run: one reader,
+//! four readers at once, and `ctr content fetch` of the whole image (a fresh containerd each
+//! time); prints medians and the agent/direct throughput ratio.
+//!
+//! ```text
+//! cargo build --release -p shoal-agent && cargo build -p shoal-benches && \
+//! SHOAL_AGENT_BIN=target/release/shoal-agent target/debug/shoal-benches cached-read --size 1GiB
+//! ```
+//!
 //! `rollout`: N nodes pull one image at the same moment, each in its own shaped network
 //! namespace (or on loopback), for the `direct`, `dht` and `tracker` scenarios; origin egress
 //! and completion times against the physical limit (module [`rollout`], `benches/README.md`).
@@ -53,6 +63,16 @@ enum Command {
         /// then start from the same memory state (see `settle` in the source).
         #[arg(long, default_value = "3")]
         settle_secs: u64,
+    },
+    /// Cached blob throughput through the agent (every piece verified on read) against the
+    /// origin `docker-registry` directly: 1 and 4 readers, and `ctr content fetch`.
+    CachedRead {
+        /// Blob size, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Measured rounds (each: every case, direct and through the agent).
+        #[arg(long, default_value = "3")]
+        rounds: usize,
     },
     /// N nodes pull one image at once: origin egress and completion times per scenario
     /// (`direct`, `dht`, `tracker`), in shaped network namespaces or on loopback.
@@ -201,6 +221,106 @@ async fn peer_path(
     Ok(())
 }
 
+/// GETs `url` with `readers` clients at once; seconds until the last body was read whole.
+async fn read_parallel(url: &str, size: u64, readers: usize) -> Result<f64> {
+    let started = Instant::now();
+    let results = join_all((0..readers).map(|_| async {
+        let mut resp = http_client().get(url).timeout(Duration::from_secs(600)).send().await?;
+        if resp.status() != 200 {
+            bail!("GET {url}: {}", resp.status());
+        }
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            n += chunk.len() as u64;
+        }
+        if n != size {
+            bail!("GET {url}: {n} of {size} bytes");
+        }
+        Ok(())
+    }))
+    .await;
+    for r in results {
+        r?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// `ctr content fetch` of `image` through `hosts_dir` into a fresh containerd: seconds.
+async fn ctr_fetch(image: &Image, hosts_dir: &std::path::Path) -> Result<f64> {
+    let ctd = shoal_tests::Containerd::start().await?;
+    let started = Instant::now();
+    ctd.fetch(&image.reference(), hosts_dir, &[]).await?;
+    let t = started.elapsed().as_secs_f64();
+    drop(ctd);
+    Ok(t)
+}
+
+async fn cached_read(size: u64, rounds: usize) -> Result<()> {
+    let origin = Origin::start().await?;
+    let image =
+        origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/cached", "v1").layers(&[size])).await?;
+    let agent = Agent::start(agent_options(&origin, None).arg("--no-p2p")).await?;
+    fetch(&agent, &origin, &image).await.context("caching the blob in the agent")?;
+    let blob = image.largest_layer();
+    let direct_url = format!("{}/v2/{}/blobs/{}", origin.url(), image.repo, blob.digest);
+    let agent_url = format!("{}/v2/{}/blobs/{}?ns={}", agent.url(), image.repo, blob.digest, origin.host());
+    let hosts = tempfile::tempdir()?;
+    let direct_hosts = hosts.path().join("direct");
+    let agent_hosts = hosts.path().join("agent");
+    shoal_tests::write_hosts_toml(&direct_hosts, &origin.host(), None, &origin.url())?;
+    shoal_tests::write_hosts_toml(
+        &agent_hosts,
+        &origin.host(),
+        Some(&agent.url()),
+        &shoal_tests::dead_url(),
+    )?;
+    // Warm both sides' page cache once, so neither measures the disk.
+    read_parallel(&direct_url, blob.size, 1).await?;
+    read_parallel(&agent_url, blob.size, 1).await?;
+    let mib = blob.size as f64 / 1048576.0;
+    let image_mib = image.total_blob_bytes() as f64 / 1048576.0;
+    println!(
+        "cached blob {mib:.0} MiB, {rounds} rounds, agent {} (every piece verified on read)",
+        shoal_tests::agent_binary()?.display()
+    );
+    let cases = ["1 reader", "4 readers", "ctr content fetch"];
+    let mut times: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; cases.len()];
+    for round in 0..rounds {
+        for (k, case) in cases.iter().enumerate() {
+            for (side, label) in [(0, "direct"), (1, "agent")] {
+                let (url, hosts_dir) =
+                    if side == 0 { (&direct_url, &direct_hosts) } else { (&agent_url, &agent_hosts) };
+                let (t, bytes) = match k {
+                    0 => (read_parallel(url, blob.size, 1).await?, mib),
+                    1 => (read_parallel(url, blob.size, 4).await?, 4.0 * mib),
+                    _ => (ctr_fetch(&image, hosts_dir).await?, image_mib),
+                };
+                println!("round {round}: {case:18} {label:6} {:8.1} MiB/s", bytes / t);
+                times[k][side].push(t);
+            }
+        }
+    }
+    let served = agent.metric("shoal_served_bytes_total", &[("source", "cache")]).await;
+    println!("\nmedian throughput (MiB/s), agent / direct:");
+    for (k, case) in cases.iter().enumerate() {
+        let bytes = match k {
+            0 => mib,
+            1 => 4.0 * mib,
+            _ => image_mib,
+        };
+        let direct = median(&mut times[k][0]);
+        let through = median(&mut times[k][1]);
+        println!(
+            "  {case:18} direct {:8.1}  agent {:8.1}  ratio {:.3}",
+            bytes / direct,
+            bytes / through,
+            direct / through
+        );
+    }
+    println!("(agent served {:.0} MiB from its cache)", served / 1048576.0);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -213,6 +333,7 @@ async fn main() -> Result<()> {
             }
             peer_path(size, peers, rounds.max(1), min_piece_size, settle_secs).await
         }
+        Command::CachedRead { size, rounds } => cached_read(size, rounds.max(1)).await,
         Command::Rollout(args) => rollout::main(args).await,
         Command::Sim(args) => sim::run(args),
         Command::Probe { url, timeout_ms } => rollout::probe(&url, Duration::from_millis(timeout_ms)).await,

@@ -224,8 +224,7 @@ impl Fetcher {
         data: &[u8],
         media_type: &str,
     ) -> Result<(), StoreError> {
-        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest)
-        {
+        if self.store.contains(digest) || crate::sync::lock(&self.in_flight).contains_key(digest) {
             return Ok(());
         }
         let (partial, _) = self.store.open_partial(digest).await?;
@@ -324,13 +323,16 @@ impl Fetcher {
                 return still.then_some(data);
             }
         }
-        let (entry, guard) = self.store.get(digest)?;
-        let layout = crate::pieces::Layout::for_size(entry.size);
-        if index >= layout.pieces() {
-            return None;
+        // Verified against its digest on the way out; a damaged blob is quarantined by the
+        // store and the peer is told NotFound (it takes the piece elsewhere).
+        let (_, guard) = self.store.get(digest)?;
+        match self.store.read_piece(&guard, index).await {
+            Ok(data) => Some(data),
+            Err(e) => {
+                tracing::warn!(%digest, piece = index, error = %e, "not serving a piece to a peer");
+                None
+            }
         }
-        let (start, end) = layout.range(index);
-        self.store.read_blob_at(&guard, start, (end - start) as usize).await.ok().map(Bytes::from)
     }
 }
 
@@ -382,7 +384,7 @@ impl Download {
             end,
             follow: Some(self.progress.subscribe()),
             hold_last,
-            _guard: None,
+            verified: None,
         }))
     }
 }
@@ -398,7 +400,8 @@ pub struct BlobStream {
     follow: Option<watch::Receiver<Progress>>,
     /// Release the blob's last byte only once the whole digest matched.
     hold_last: bool,
-    _guard: Option<ReadGuard>,
+    /// A complete blob: verified pieces from the store (then `file` is not read).
+    verified: Option<crate::store::VerifiedRead>,
 }
 
 /// Why a client's body stream ended early.
@@ -408,18 +411,27 @@ pub enum StreamError {
     Download(Arc<FetchError>),
     #[error("reading blob: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::ReadError),
 }
 
 impl BlobStream {
-    /// A range of a complete blob in the store.
+    /// A range of a complete blob in the store, every piece verified before it is sent.
     pub async fn cached(
         store: &Store,
         guard: ReadGuard,
         start: u64,
         end: u64,
-    ) -> std::io::Result<BlobStream> {
-        let file = Arc::new(store.open_blob(&guard).await?);
-        Ok(BlobStream { file, pos: start, end, follow: None, hold_last: false, _guard: Some(guard) })
+    ) -> Result<BlobStream, crate::store::ReadError> {
+        let digest = *guard.digest();
+        let verified = crate::store::VerifiedRead::open(guard, start, end).await?;
+        let file = Arc::new(
+            store
+                .open_blob_path(&digest)
+                .await
+                .map_err(|source| crate::store::ReadError::Io { digest, source })?,
+        );
+        Ok(BlobStream { file, pos: start, end, follow: None, hold_last: false, verified: Some(verified) })
     }
 
     /// Whether the bytes come from a download in flight (metrics: `origin`) or the cache.
@@ -428,6 +440,9 @@ impl BlobStream {
     }
 
     async fn next_chunk(&mut self) -> Option<Result<Bytes, StreamError>> {
+        if let Some(v) = &mut self.verified {
+            return v.next_chunk().await.map(|r| r.map_err(StreamError::from));
+        }
         if self.pos >= self.end {
             return None;
         }

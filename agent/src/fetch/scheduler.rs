@@ -623,11 +623,19 @@ impl Scheduler {
                 self.piece_returned(index, &peer);
                 match error {
                     PeerError::Lacks => {
+                        let mut lost_whole = false;
                         if let Some(s) = self.peers.get_mut(&peer) {
+                            // A holder of the whole blob never lacks a piece unless it lost the
+                            // blob (quarantined as damaged, evicted): it is no source, and no
+                            // origin owner to wait for, any more.
+                            lost_whole = s.have.is_full();
                             if s.have.get(index) {
                                 s.have.unset(index);
                                 self.avail[index as usize] -= 1;
                             }
+                        }
+                        if lost_whole {
+                            self.drop_peer(&peer);
                         }
                     }
                     PeerError::Busy => {

@@ -216,6 +216,8 @@ impl Fetcher {
 
         // Resume what an earlier run verified, after checking it again.
         let (partial, saved) = self.store.open_partial(&digest).await?;
+        // The whole size up front: a full disk fails here, cleanly, not midway.
+        self.store.reserve(&partial, total).await?;
         let mut resumed = Vec::new();
         if let Some(saved) = saved.and_then(|b| PieceMap::decode_state(&b, layout)) {
             for i in (0..layout.pieces()).filter(|&i| saved.verified.get(i)) {
@@ -289,7 +291,10 @@ impl Fetcher {
                         }
                     }
                 }
-                if matches!(e, FetchError::DigestMismatch { .. }) {
+                if matches!(e, FetchError::DigestMismatch { .. })
+                    || matches!(&e, FetchError::Store(s) if s.is_no_space())
+                {
+                    // A full disk gets back what this download wrote.
                     partial.discard().await;
                 } else {
                     // Keep verified pieces for the next attempt.

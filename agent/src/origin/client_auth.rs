@@ -71,13 +71,9 @@ impl Origin {
         };
         let mut authorization = match who {
             As::Anonymous => {
-                self.anonymous_tokens.lock().expect("token lock").get(
-                    registry.as_str(),
-                    &scope,
-                    Instant::now(),
-                )
+                { crate::sync::lock(&self.anonymous_tokens).get(registry.as_str(), &scope, Instant::now()) }
+                    .map(|t| format!("Bearer {t}"))
             }
-            .map(|t| format!("Bearer {t}")),
             As::Client(value) => Some(value.to_string()),
         };
         let mut first_challenge = None;
@@ -145,7 +141,7 @@ impl Origin {
             };
             if basic.is_none() {
                 let lifetime = expires.saturating_duration_since(Instant::now());
-                self.anonymous_tokens.lock().expect("token lock").put(
+                crate::sync::lock(&self.anonymous_tokens).put(
                     registry.as_str(),
                     &scope,
                     token.clone(),
@@ -203,7 +199,7 @@ impl Origin {
         if self.credentials.get(registry.as_str()).is_some() {
             return;
         }
-        let mut lent = self.lent.lock().expect("lent lock");
+        let mut lent = crate::sync::lock(&self.lent);
         if lent.len() >= MAX_LENT {
             let now = Instant::now();
             lent.retain(|_, (_, until)| *until > now);
@@ -216,7 +212,7 @@ impl Origin {
 
     /// A lent client credential for `repo`, while it is valid.
     pub(super) fn lent_authorization(&self, registry: &Registry, repo: &RepoName) -> Option<String> {
-        let lent = self.lent.lock().expect("lent lock");
+        let lent = crate::sync::lock(&self.lent);
         let (value, until) = lent.get(&(registry.clone(), repo.clone()))?;
         (*until > Instant::now()).then(|| value.clone())
     }

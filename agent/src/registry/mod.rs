@@ -37,6 +37,7 @@ use crate::access::{Access, Grant, Identity, Refusal};
 use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
 use crate::metrics::{RequestLabels, METRICS};
 use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
+use crate::store::ReadError;
 use crate::types::{Digest, ParseError, Reference, Registry, RepoName, Tag};
 use error::{ApiError, Code};
 pub use limit::RequestLimit;
@@ -368,8 +369,8 @@ impl Api {
         for _ in 0..2 {
             match self.fetcher.lookup(digest, source) {
                 Lookup::Cached(entry, guard) => {
-                    let size = entry.size.min(crate::origin::MAX_MANIFEST_BYTES) as usize;
-                    if let Ok(bytes) = self.fetcher.store().read_blob_at(&guard, 0, size).await {
+                    let size = entry.size.min(crate::origin::MAX_MANIFEST_BYTES);
+                    if let Ok(bytes) = self.fetcher.store().read_verified(guard, size).await {
                         let refs = crate::access::referenced_digests(&bytes);
                         self.access.grant(&source.registry, &source.repo, who, refs, until);
                     }
@@ -395,9 +396,10 @@ impl Api {
     ) -> Result<Response, ApiError> {
         let unknown = if source.kind == Kind::Manifest { Code::ManifestUnknown } else { Code::BlobUnknown };
         let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-        // At most twice: a download that completes between the lookup and opening its
-        // partial file is then read from the store.
-        for _ in 0..2 {
+        // A few rounds: a download that completes between the lookup and opening its
+        // partial file is then read from the store; a cached copy found damaged when opened
+        // is downloaded again.
+        for _ in 0..3 {
             let (size, stored_type, opened) = match self.fetcher.lookup(&digest, &source) {
                 Lookup::Cached(entry, guard) => (entry.size, entry.media_type, Opened::Cached(guard)),
                 Lookup::Downloading(dl) => {
@@ -418,9 +420,18 @@ impl Api {
                 return Ok(respond(Body::empty()));
             }
             let stream = match opened {
-                Opened::Cached(guard) => BlobStream::cached(self.fetcher.store(), guard, start, end)
-                    .await
-                    .map_err(|e| internal(format!("opening {digest}: {e}")))?,
+                Opened::Cached(guard) => {
+                    match BlobStream::cached(self.fetcher.store(), guard, start, end).await {
+                        Ok(stream) => stream,
+                        // Its first piece was damaged (now quarantined) or the file is gone: the
+                        // next lookup downloads it again, for this request already.
+                        Err(e @ (ReadError::Corrupt { .. } | ReadError::Vanished { .. })) => {
+                            tracing::warn!(%digest, error = %e, "cached copy unusable: downloading it again");
+                            continue;
+                        }
+                        Err(e) => return Err(internal(format!("opening {digest}: {e}"))),
+                    }
+                }
                 Opened::Downloading(dl) => {
                     match dl.stream(start, end).await.map_err(|e| fetch_error(unknown, &e))? {
                         Some(stream) => stream,
@@ -508,6 +519,14 @@ fn fetch_error(code: Code, e: &FetchError) -> ApiError {
                 StatusCode::NOT_FOUND,
                 code,
                 "no peer holds it and the origin cannot be asked for it",
+            )
+        }
+        FetchError::Store(s) if s.is_no_space() => {
+            // Said plainly to the client; containerd then tries its next host.
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                code,
+                "the agent's cache directory is full: this blob does not fit",
             )
         }
         FetchError::Store(_) | FetchError::Read(_) => internal(e.to_string()),

@@ -20,6 +20,16 @@
 //! The quota is enforced by evicting the least recently used complete blobs that no request is
 //! reading ([`ReadGuard`] pins a blob while a response streams it). All `std::fs` use of the
 //! agent lives here.
+//!
+//! Nothing leaves a complete blob unverified: [`verify`] reads whole pieces, checks each
+//! against its sha256 from the `.pieces` metainfo (rebuilt from the whole digest when it is
+//! missing) before a byte of it is handed out, and quarantines a blob whose bytes changed on
+//! disk: removed from the index and the disk, withdrawn from the swarm, counted, so the next
+//! request downloads it again.
+
+mod verify;
+
+pub use verify::{ReadError, VerifiedRead};
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -39,6 +49,52 @@ pub enum StoreError {
     Unusable { path: PathBuf, source: io::Error },
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error(
+        "no space for {size} bytes in the cache directory {path} ({free} bytes free, {evictable} more \
+         could be evicted): {source}"
+    )]
+    NoSpace { path: PathBuf, size: u64, free: u64, evictable: u64, source: io::Error },
+}
+
+impl StoreError {
+    /// Whether the disk (not the quota) is full: what was written must be given back.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Write { source, .. } | StoreError::Unusable { source, .. } => is_enospc(source),
+        }
+    }
+}
+
+fn is_enospc(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Allocates `len` bytes of `file` from 0 (`posix_fallocate`): later writes there cannot fail
+/// for lack of space. `Ok(false)` where the filesystem cannot preallocate.
+fn preallocate(file: &std::fs::File, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(true);
+    }
+    // SAFETY: a valid open file descriptor; posix_fallocate returns an errno, it sets none.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) } {
+        0 => Ok(true),
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(false),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
 }
 
 /// What the store knows about a complete blob.
@@ -57,20 +113,57 @@ pub struct Store {
     max_bytes: u64,
     on_evict: std::sync::OnceLock<EvictHook>,
     inner: Mutex<Inner>,
+    /// Piece reads shared by concurrent readers, by (digest, generation, piece).
+    pieces: Mutex<LruCache<(Digest, u64, u32), verify::PieceJob>>,
+}
+
+/// An indexed blob. `gen` tells one stored copy of a digest from a later one (after a
+/// quarantine and a fresh download), so a reader of the old copy cannot remove the new one.
+struct Slot {
+    entry: Entry,
+    gen: u64,
 }
 
 struct Inner {
     /// Complete blobs, least recently used first out.
-    index: LruCache<Digest, Entry>,
+    index: LruCache<Digest, Slot>,
     /// How many responses are reading each blob now; those are never evicted.
     readers: HashMap<Digest, usize>,
     total_bytes: u64,
+    next_gen: u64,
+    /// Decoded piece digests of recently read blobs, by generation.
+    hashes: LruCache<Digest, (u64, Arc<crate::fetch::PieceMap>)>,
 }
+
+/// How many blobs' piece digests are kept decoded in memory (32 bytes per MiB of blob).
+const HASH_CACHE: usize = 64;
 
 impl Inner {
     fn publish_gauges(&self) {
         METRICS.cache_bytes.set(self.total_bytes as i64);
         METRICS.cache_blobs.set(self.index.len() as i64);
+    }
+
+    fn insert(&mut self, digest: Digest, entry: Entry) {
+        self.next_gen += 1;
+        let size = entry.size;
+        if let Some(old) = self.index.put(digest, Slot { entry, gen: self.next_gen }) {
+            self.total_bytes -= old.entry.size;
+        }
+        self.hashes.pop(&digest);
+        self.total_bytes += size;
+    }
+
+    /// Drops `digest` from the index if it is still generation `gen`; its size if it was.
+    fn remove_gen(&mut self, digest: &Digest, gen: u64) -> Option<u64> {
+        if self.index.peek(digest).is_none_or(|s| s.gen != gen) {
+            return None;
+        }
+        let slot = self.index.pop(digest)?;
+        self.hashes.pop(digest);
+        self.total_bytes -= slot.entry.size;
+        self.publish_gauges();
+        Some(slot.entry.size)
     }
 }
 
@@ -78,6 +171,13 @@ impl Inner {
 pub struct ReadGuard {
     store: Arc<Store>,
     digest: Digest,
+    gen: u64,
+}
+
+impl ReadGuard {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
 }
 
 impl Drop for ReadGuard {
@@ -220,10 +320,15 @@ impl Store {
             found.push((used, digest, Entry { size: meta.len(), media_type }));
         }
         found.sort_by_key(|(used, _, _)| *used);
-        let mut inner = Inner { index: LruCache::unbounded(), readers: HashMap::new(), total_bytes: 0 };
+        let mut inner = Inner {
+            index: LruCache::unbounded(),
+            readers: HashMap::new(),
+            total_bytes: 0,
+            next_gen: 0,
+            hashes: LruCache::new(std::num::NonZeroUsize::new(HASH_CACHE).expect("non-zero")),
+        };
         for (_, digest, entry) in found {
-            inner.total_bytes += entry.size;
-            inner.index.put(digest, entry);
+            inner.insert(digest, entry);
         }
         tracing::info!(
             blobs = inner.index.len(),
@@ -236,11 +341,51 @@ impl Store {
             max_bytes,
             on_evict: std::sync::OnceLock::new(),
             inner: Mutex::new(inner),
+            pieces: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(verify::SHARED_PIECES).expect("non-zero"),
+            )),
         });
         let victims = store.pick_victims(None);
         store.remove_files(&victims);
         crate::sync::lock(&store.inner).publish_gauges();
         Ok(store)
+    }
+
+    /// Checks that the cache directory can still be written (it may have been removed,
+    /// remounted read-only or had its permissions changed while the agent runs): recreates
+    /// `blobs/` and `tmp/` if they vanished and writes a probe file. `Err` says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let blobs = self.root.join("blobs").join("sha256");
+        let tmp = self.root.join("tmp");
+        let vanished = !blobs.is_dir() || !tmp.is_dir();
+        for dir in [&blobs, &tmp] {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        if vanished {
+            // Whatever was indexed went with the directory.
+            let gone: Vec<(Digest, u64)> = {
+                let inner = crate::sync::lock(&self.inner);
+                inner
+                    .index
+                    .iter()
+                    .filter(|(d, _)| !self.blob_path(d).exists())
+                    .map(|(d, s)| (*d, s.gen))
+                    .collect()
+            };
+            for (digest, gen) in &gone {
+                crate::sync::lock(&self.inner).remove_gen(digest, *gen);
+                if let Some(hook) = self.on_evict.get() {
+                    hook(digest);
+                }
+            }
+            tracing::warn!(root = %self.root.display(), forgotten = gone.len(), "cache directory had vanished: recreated");
+        }
+        // An empty file: a full disk still passes (it is not unwritable, and eviction and
+        // `reserve` deal with it), a read-only or forbidden directory does not.
+        let probe = tmp.join(".write-probe");
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| format!("{}: {e}", probe.display()))
     }
 
     /// Sets what to call when a blob is evicted (once; later calls are ignored).
@@ -269,18 +414,118 @@ impl Store {
     /// Looks a complete blob up, marks it used, and pins it until the guard is dropped.
     pub fn get(self: &Arc<Self>, digest: &Digest) -> Option<(Entry, ReadGuard)> {
         let mut inner = crate::sync::lock(&self.inner);
-        let entry = inner.index.get(digest)?.clone();
+        let slot = inner.index.get(digest)?;
+        let (entry, gen) = (slot.entry.clone(), slot.gen);
         *inner.readers.entry(*digest).or_insert(0) += 1;
-        Some((entry, ReadGuard { store: self.clone(), digest: *digest }))
+        Some((entry, ReadGuard { store: self.clone(), digest: *digest, gen }))
     }
 
-    /// Opens a complete blob for reading; hold its [`ReadGuard`] while reading.
-    pub async fn open_blob(&self, _guard: &ReadGuard) -> io::Result<std::fs::File> {
-        Ok(tokio::fs::File::open(self.blob_path(&_guard.digest)).await?.into_std().await)
+    /// Opens a complete blob for reading; hold its [`ReadGuard`] while reading. The bytes are
+    /// not verified: what is sent anywhere goes through [`VerifiedRead`] or
+    /// [`Store::read_piece`].
+    pub async fn open_blob(&self, guard: &ReadGuard) -> io::Result<std::fs::File> {
+        self.open_blob_path(&guard.digest).await
+    }
+
+    /// [`Store::open_blob`] by digest, for a caller that handed its guard on.
+    pub async fn open_blob_path(&self, digest: &Digest) -> io::Result<std::fs::File> {
+        Ok(tokio::fs::File::open(self.blob_path(digest)).await?.into_std().await)
     }
 
     fn pieces_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join("sha256").join(format!("{}.pieces", digest.hex()))
+    }
+
+    /// Reserves the disk space a download of `size` bytes needs, before anything is fetched,
+    /// so a full disk ends it at once with a clear error instead of midway. When the disk is
+    /// full and evicting least recently used blobs (none being read) would make room, and the
+    /// blob fits the quota at all, those are evicted first. On failure the partial download is
+    /// removed: a failed download leaves nothing behind.
+    pub async fn reserve(self: &Arc<Self>, partial: &Partial, size: u64) -> Result<(), StoreError> {
+        let file = partial.file.clone();
+        let attempt = move || {
+            let file = file.clone();
+            async move { flatten(tokio::task::spawn_blocking(move || preallocate(&file, size)).await) }
+        };
+        let first = attempt().await;
+        let source = match first {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                tracing::debug!(path = %partial.path.display(), "filesystem cannot preallocate; writes may still find it full");
+                return Ok(());
+            }
+            Err(e) if !is_enospc(&e) => {
+                partial.clone().discard().await;
+                return Err(StoreError::Write { path: partial.path.clone(), source: e });
+            }
+            Err(e) => e,
+        };
+        let free = free_bytes(&self.root).unwrap_or(0);
+        let allocated =
+            partial.file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        // Leave a little for metadata and sidecar files.
+        let shortfall = size.saturating_sub(allocated).saturating_add(1 << 20).saturating_sub(free);
+        let victims = if size <= self.max_bytes { self.pick_space_victims(shortfall) } else { None };
+        let evictable = self.evictable_bytes();
+        let retried = match victims {
+            Some(victims) => {
+                tracing::info!(
+                    digest = %partial.digest,
+                    size,
+                    free,
+                    blobs = victims.len(),
+                    "disk full: evicting least recently used blobs to make room"
+                );
+                let store = self.clone();
+                let _ = tokio::task::spawn_blocking(move || store.remove_files(&victims)).await;
+                attempt().await
+            }
+            None => Err(source),
+        };
+        match retried {
+            Ok(_) => Ok(()),
+            Err(source) => {
+                partial.clone().discard().await;
+                let err = StoreError::NoSpace { path: self.root.clone(), size, free, evictable, source };
+                tracing::warn!(digest = %partial.digest, error = %err, "cannot store the download");
+                Err(err)
+            }
+        }
+    }
+
+    /// Bytes of complete blobs no request is reading.
+    fn evictable_bytes(&self) -> u64 {
+        let inner = crate::sync::lock(&self.inner);
+        inner.index.iter().filter(|(d, _)| !inner.readers.contains_key(d)).map(|(_, s)| s.entry.size).sum()
+    }
+
+    /// Takes least recently used unread blobs out of the index until they add up to `bytes`;
+    /// `None` (and nothing taken) if all of them together would not.
+    fn pick_space_victims(&self, bytes: u64) -> Option<Vec<Digest>> {
+        let mut inner = crate::sync::lock(&self.inner);
+        let mut picked = Vec::new();
+        let mut freed = 0u64;
+        for (digest, slot) in inner.index.iter().rev() {
+            if freed >= bytes {
+                break;
+            }
+            if inner.readers.contains_key(digest) {
+                continue;
+            }
+            picked.push(*digest);
+            freed += slot.entry.size;
+        }
+        if freed < bytes || picked.is_empty() {
+            return None;
+        }
+        for digest in &picked {
+            if let Some(slot) = inner.index.pop(digest) {
+                inner.total_bytes -= slot.entry.size;
+            }
+            inner.hashes.pop(digest);
+        }
+        inner.publish_gauges();
+        Some(picked)
     }
 
     /// Opens the partial download of `digest` (creating it if needed), with the piece map an
@@ -316,19 +561,6 @@ impl Store {
     /// The saved piece metainfo of a complete blob.
     pub async fn piece_meta(&self, guard: &ReadGuard) -> Option<Vec<u8>> {
         tokio::fs::read(self.pieces_path(&guard.digest)).await.ok()
-    }
-
-    /// Reads `len` bytes at `offset` of a complete blob.
-    pub async fn read_blob_at(&self, guard: &ReadGuard, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let path = self.blob_path(&guard.digest);
-        flatten(
-            tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(path)?;
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, offset).map(|_| buf)
-            })
-            .await,
-        )
     }
 
     /// Makes a verified download a complete blob: fsync, rename into `blobs/`, index it, and
@@ -370,10 +602,7 @@ impl Store {
         {
             let mut inner = crate::sync::lock(&self.inner);
             let entry = Entry { size: written, media_type: media_type.map(str::to_string) };
-            if let Some(old) = inner.index.put(digest, entry) {
-                inner.total_bytes -= old.size;
-            }
-            inner.total_bytes += written;
+            inner.insert(digest, entry);
             inner.publish_gauges();
         }
         let victims = self.pick_victims(Some(&digest));
@@ -393,7 +622,8 @@ impl Store {
             return victims;
         }
         // Oldest first: `iter()` yields most recent first.
-        let candidates: Vec<(Digest, u64)> = inner.index.iter().rev().map(|(d, e)| (*d, e.size)).collect();
+        let candidates: Vec<(Digest, u64)> =
+            inner.index.iter().rev().map(|(d, s)| (*d, s.entry.size)).collect();
         for (digest, size) in candidates {
             if inner.total_bytes <= self.max_bytes {
                 break;
@@ -402,6 +632,7 @@ impl Store {
                 continue;
             }
             inner.index.pop(&digest);
+            inner.hashes.pop(&digest);
             inner.total_bytes -= size;
             victims.push(digest);
         }
@@ -423,12 +654,57 @@ impl Store {
             if let Some(hook) = self.on_evict.get() {
                 hook(digest);
             }
-            for path in [self.blob_path(digest), self.type_path(digest), self.pieces_path(digest)] {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        tracing::warn!(path = %path.display(), error = %e, "could not remove evicted blob");
-                    }
+            self.unlink(digest);
+        }
+    }
+
+    /// Removes a blob's files (the caller dropped it from the index).
+    fn unlink(&self, digest: &Digest) {
+        for path in [self.blob_path(digest), self.type_path(digest), self.pieces_path(digest)] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a blob's file");
                 }
+            }
+        }
+    }
+
+    /// Takes a complete blob whose bytes on disk are not what was verified out of service:
+    /// out of the index, off the disk, withdrawn from the swarm, counted. Only the copy the
+    /// guard reads is affected (a later download of the same digest is left alone). The next
+    /// request for the digest downloads it again.
+    pub fn quarantine(&self, guard: &ReadGuard, why: &str) {
+        let removed = {
+            let mut inner = crate::sync::lock(&self.inner);
+            let removed = inner.remove_gen(&guard.digest, guard.gen);
+            // Under the lock: no new download of this digest can start (and commit a new
+            // file) before the old files are gone.
+            if removed.is_some() {
+                self.unlink(&guard.digest);
+            }
+            removed
+        };
+        let Some(size) = removed else { return };
+        tracing::error!(
+            digest = %guard.digest,
+            size,
+            why,
+            "blob damaged on disk: quarantined (removed, withdrawn from the swarm); the next request downloads it again"
+        );
+        METRICS.corrupt_blobs.inc();
+        if let Some(hook) = self.on_evict.get() {
+            hook(&guard.digest);
+        }
+    }
+
+    /// Drops a blob whose file disappeared from under the store (removed by hand, cache
+    /// directory gone) from the index, so the next request downloads it again.
+    fn forget_vanished(&self, guard: &ReadGuard) {
+        let removed = crate::sync::lock(&self.inner).remove_gen(&guard.digest, guard.gen);
+        if removed.is_some() {
+            tracing::warn!(digest = %guard.digest, "blob file vanished from the cache: forgotten");
+            if let Some(hook) = self.on_evict.get() {
+                hook(&guard.digest);
             }
         }
     }
@@ -490,6 +766,104 @@ mod tests {
         drop(pinned);
         let e = put(&store, &[5u8; 1000], None).await;
         assert!(!store.contains(&a) && store.contains(&d) && store.contains(&e));
+    }
+
+    async fn read_all(store: &Arc<Store>, d: &Digest, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+        let (_, guard) = store.get(d).expect("stored");
+        let mut r = VerifiedRead::open(guard, start, end).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = r.next_chunk().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn reads_are_verified_and_a_changed_blob_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 30).unwrap();
+        let evicted = Arc::new(Mutex::new(Vec::new()));
+        let seen = evicted.clone();
+        store.set_evict_hook(Box::new(move |d| seen.lock().unwrap().push(*d)));
+        // Three and a bit pieces, no `.pieces` file: rebuilt from the whole digest.
+        let data: Vec<u8> = (0..(3u32 << 20) + 77).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let d = put(&store, &data, None).await;
+        let pieces = dir.path().join("blobs/sha256").join(format!("{}.pieces", d.hex()));
+        assert!(!pieces.exists());
+        assert_eq!(read_all(&store, &d, 0, data.len() as u64).await.unwrap(), data);
+        assert!(pieces.exists(), "metainfo rebuilt from the verified whole");
+        // Ranges inside a piece, across pieces, the last byte, empty.
+        let n = data.len() as u64;
+        for (s, e) in [(5, 17), ((1 << 20) - 3, (2 << 20) + 9), (n - 1, n), (10, 10), (0, n)] {
+            assert_eq!(read_all(&store, &d, s, e).await.unwrap(), &data[s as usize..e as usize], "{s}..{e}");
+        }
+        let (_, guard) = store.get(&d).unwrap();
+        assert_eq!(store.read_piece(&guard, 3).await.unwrap(), &data[3 << 20..]);
+        assert!(matches!(store.read_piece(&guard, 4).await, Err(ReadError::NoSuchPiece { .. })));
+        drop(guard);
+
+        // One byte flipped in piece 2: pieces 0 and 1 still read, piece 2 does not, and the
+        // blob is out of service for good.
+        let path = dir.path().join("blobs/sha256").join(d.hex());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(2 << 20) + 5] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let before = METRICS.corrupt_blobs.get();
+        assert_eq!(read_all(&store, &d, 0, 1 << 20).await.unwrap(), &data[..1 << 20]);
+        let (_, guard) = store.get(&d).unwrap();
+        let err = store.read_piece(&guard, 2).await.unwrap_err();
+        assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
+        assert!(!store.contains(&d) && !path.exists() && !pieces.exists());
+        assert_eq!(*evicted.lock().unwrap(), vec![d], "withdrawn from the swarm");
+        assert!(METRICS.corrupt_blobs.get() > before);
+        // A reader of the old copy cannot touch a new copy of the same digest.
+        let d2 = put(&store, &data, None).await;
+        assert_eq!(d2, d);
+        store.quarantine(&guard, "stale guard");
+        assert!(store.contains(&d) && path.exists());
+
+        // A client read stops before the damaged piece's bytes: what it got is all correct.
+        // (Read once first: that rebuilds its metainfo, which a damaged whole would fail.)
+        read_all(&store, &d, 0, 1).await.unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(1 << 20) + 1] ^= 0x80;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, guard) = store.get(&d).unwrap();
+        let mut r = VerifiedRead::open(guard, 0, n).await.unwrap();
+        let mut got = Vec::new();
+        let err = loop {
+            match r.next_chunk().await {
+                Some(Ok(c)) => got.extend_from_slice(&c),
+                Some(Err(e)) => break e,
+                None => panic!("a damaged blob read to the end"),
+            }
+        };
+        assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
+        assert_eq!(got, &data[..1 << 20]);
+        assert!(r.next_chunk().await.is_none());
+        assert!(!store.contains(&d));
+
+        // Damaged in its first piece: opening the read says so (the registry then downloads).
+        let d3 = put(&store, &data, None).await;
+        read_all(&store, &d3, 0, 1).await.unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        // Concurrent readers share a just-verified piece from memory (correct bytes); a read
+        // after it left that small cache goes to the disk again.
+        let (_, guard) = store.get(&d3).unwrap();
+        let mut r = VerifiedRead::open(guard, 0, n).await.expect("piece 0 shared from memory");
+        assert_eq!(r.next_chunk().await.unwrap().unwrap(), &data[..256 << 10]);
+        drop(r);
+        store.pieces.lock().unwrap().clear();
+        let (_, guard) = store.get(&d3).unwrap();
+        assert!(matches!(VerifiedRead::open(guard, 0, n).await, Err(ReadError::Corrupt { .. })));
+        // Vanished files are forgotten, not an error forever.
+        let d4 = put(&store, b"short", None).await;
+        std::fs::remove_file(dir.path().join("blobs/sha256").join(d4.hex())).unwrap();
+        let (_, guard) = store.get(&d4).unwrap();
+        assert!(matches!(VerifiedRead::open(guard, 0, 5).await, Err(ReadError::Vanished { .. })));
+        assert!(!store.contains(&d4));
     }
 
     #[test]
