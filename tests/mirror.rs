@@ -441,9 +441,7 @@ async fn range_requests_while_downloading() {
     let url = agent_url(&agent, &origin.host(), &format!("/v2/mirror/inflight/blobs/{}", layer.digest));
     let client = http_client();
     let blob_path = format!("/blobs/{}", layer.digest);
-    let blob_gets = || -> Vec<shoal_tests::proxy::ProxiedRequest> {
-        proxy.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains(&blob_path)).collect()
-    };
+    let blob_gets = || proxy.gets(&blob_path);
 
     // First client: full GET, which starts the download.
     let full = {
@@ -495,21 +493,8 @@ async fn range_requests_while_downloading() {
     }
     full.await.unwrap();
 
-    // Every request was sent while the origin download was still running. The proxy notes a
-    // request finished when its connection closes, which can trail the agent's last byte to
-    // its clients by a moment: wait for it (bounded).
-    poll_until(
-        "the proxied origin requests to finish",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            let done = blob_gets().iter().all(|r| r.finished.is_some());
-            async move { Ok(done.then_some(())) }
-        },
-    )
-    .await
-    .unwrap();
-    let gets = blob_gets();
+    // Every request was sent while the origin download was still running.
+    let gets = proxy.finished_gets(&blob_path, Duration::from_secs(10)).await.unwrap();
     let download_end = gets
         .iter()
         .map(|r| r.finished.expect("all origin requests finished once the clients have their bytes"))
@@ -566,22 +551,8 @@ async fn concurrent_cold_requests_make_one_origin_get() {
         sent_times.push(res.unwrap());
     }
     let blob_path = format!("/blobs/{}", layer.digest);
-    let blob_gets = || -> Vec<shoal_tests::proxy::ProxiedRequest> {
-        proxy.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains(&blob_path)).collect()
-    };
-    poll_until(
-        "the proxied origin GET to finish",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            let done = blob_gets().iter().all(|r| r.finished.is_some());
-            async move { Ok(done.then_some(())) }
-        },
-    )
-    .await
-    .unwrap();
-    let download_end =
-        blob_gets().iter().filter_map(|r| r.finished).max().expect("an origin GET for the blob");
+    let gets = proxy.finished_gets(&blob_path, Duration::from_secs(10)).await.unwrap();
+    let download_end = gets.iter().filter_map(|r| r.finished).max().expect("an origin GET for the blob");
     for sent in &sent_times {
         assert!(
             *sent < download_end,
@@ -590,7 +561,7 @@ async fn concurrent_cold_requests_make_one_origin_get() {
         );
     }
     poll_until("origin access log entries", Duration::from_secs(5), Duration::from_millis(50), || {
-        let done = origin.access_log().blob_gets_for(&layer.digest) >= blob_gets().len();
+        let done = origin.access_log().blob_gets_for(&layer.digest) >= gets.len();
         async move { Ok(done.then_some(())) }
     })
     .await

@@ -130,6 +130,23 @@ impl FaultyProxy {
         self.shared.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The GET requests seen so far whose path contains `path`.
+    pub fn gets(&self, path: &str) -> Vec<ProxiedRequest> {
+        self.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains(path)).collect()
+    }
+
+    /// [`FaultyProxy::gets`] once every one of them has ended (waiting at most `within`). The
+    /// proxy notes an exchange ended when its connection closes, which can trail the last
+    /// byte the client saw by a moment.
+    pub async fn finished_gets(&self, path: &str, within: Duration) -> Result<Vec<ProxiedRequest>> {
+        crate::poll_until("the proxied GETs to finish", within, Duration::from_millis(20), || {
+            let gets = self.gets(path);
+            let done = gets.iter().all(|r| r.finished.is_some());
+            async move { Ok(done.then_some(gets)) }
+        })
+        .await
+    }
+
     /// Stops accepting and aborts every open connection.
     pub fn stop(&mut self) {
         if let Some(t) = self.task.take() {
