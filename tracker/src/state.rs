@@ -34,18 +34,23 @@
 //! - First-hand piece digests: the first attestation of a piece wins; a conflicting later one
 //!   is counted and ignored.
 //! - Peers: the best [`MAX_PEERS`] live nodes holding pieces the requester lacks (same zone
-//!   first, then most such pieces, then least handed out), chosen among at most [`MAX_SCAN`]
-//!   of the digest's downloaders and [`MAX_SEED_SCAN`] of the nodes holding it whole, taken
-//!   round robin from where the previous plan stopped. Below those numbers that is everyone.
+//!   first, then most such pieces, then least handed out), chosen among the first
+//!   [`ENOUGH_CANDIDATES`] useful ones found by walking the digest's holders (downloaders with
+//!   at least one piece, and complete ones) round robin from where the previous plan stopped,
+//!   at most [`MAX_SCAN`] of them, then if still short at most [`MAX_SEED_SCAN`] of the nodes
+//!   whose heartbeats say they hold it whole. Consecutive plans so hand out different holders:
+//!   the load spreads over every holder instead of the few with most pieces.
 //!
 //! ## Cost
 //!
-//! A plan costs O(pieces + MAX_SCAN + MAX_SEED_SCAN + log N), not O(N): each digest keeps,
-//! per piece, how many live incomplete downloaders hold it (updated from the difference
-//! between a downloader's previous and new bitfield, and taken out when its last plan is
-//! [`NODE_DEAD`] old, in order of last plan), the set of its complete downloaders, and the
-//! index of nodes that hold it (from heartbeats). `plan_cost` in `state/tests.rs` measures it
-//! at 100, 1,000 and 10,000 nodes.
+//! A plan costs O(pieces + ENOUGH_CANDIDATES + log N) in the common case, O(pieces +
+//! MAX_SCAN + MAX_SEED_SCAN + log N) at worst, never O(N): each digest keeps, per piece, how
+//! many live incomplete downloaders hold it (updated from the difference between a
+//! downloader's previous and new bitfield, and taken out when its last plan is [`NODE_DEAD`]
+//! old, in order of last plan), the list of its holders (swap-removed in O(1)), the set of its
+//! complete downloaders, and the index of nodes that hold it (from heartbeats). `plan_cost`
+//! in `state/tests.rs` measures it at 100, 1,000 and 10,000 nodes, and the simulator
+//! (`shoal-benches sim`) reports the CPU per plan of a whole rollout.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -81,6 +86,8 @@ pub const MAX_NODES: usize = 100_000;
 pub const MAX_SCAN: usize = 256;
 /// Nodes holding the whole digest a plan examines as peer candidates, round robin.
 pub const MAX_SEED_SCAN: usize = 64;
+/// A plan's scan of holders stops once it found this many useful ones.
+pub const ENOUGH_CANDIDATES: usize = 2 * MAX_PEERS;
 /// Digests the tracker keeps at once; beyond that, plans for new digests are refused.
 pub const MAX_DIGESTS: usize = 20_000;
 /// Complete digests remembered per node.
@@ -179,8 +186,13 @@ struct DigestState {
     by_last_plan: BTreeSet<(Instant, PeerId)>,
     /// Downloaders that verified the whole blob.
     completes: BTreeSet<PeerId>,
-    /// Where the next plan's peer scans start.
-    cursor: Option<PeerId>,
+    /// Downloaders with pieces to give: counted ones holding at least one, and complete
+    /// ones. The peer candidates, examined round robin from `ring_cursor`.
+    holders: Vec<PeerId>,
+    /// Position of each holder in `holders`.
+    holder_pos: HashMap<PeerId, u32>,
+    ring_cursor: usize,
+    /// Where the next plan's scan of whole holders (from heartbeats) starts.
     seed_cursor: Option<PeerId>,
 }
 
@@ -220,8 +232,28 @@ impl DigestState {
                 if dl.counted {
                     apply_diff(&mut self.holds, &dl.have, &[]);
                     dl.counted = false;
+                    let holds = dl.complete;
+                    self.set_holder(p, holds);
                 }
             }
+        }
+    }
+
+    /// Keeps `peer` in `holders` exactly when `yes`.
+    fn set_holder(&mut self, peer: PeerId, yes: bool) {
+        match (yes, self.holder_pos.get(&peer).copied()) {
+            (true, None) => {
+                self.holder_pos.insert(peer, self.holders.len() as u32);
+                self.holders.push(peer);
+            }
+            (false, Some(pos)) => {
+                self.holder_pos.remove(&peer);
+                self.holders.swap_remove(pos as usize);
+                if let Some(moved) = self.holders.get(pos as usize) {
+                    self.holder_pos.insert(*moved, pos);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -233,6 +265,7 @@ impl DigestState {
             }
         }
         self.completes.remove(peer);
+        self.set_holder(*peer, false);
     }
 }
 
@@ -519,7 +552,9 @@ impl State {
             holds: vec![0; pieces as usize],
             by_last_plan: BTreeSet::new(),
             completes: BTreeSet::new(),
-            cursor: None,
+            holders: Vec::new(),
+            holder_pos: HashMap::new(),
+            ring_cursor: 0,
             seed_cursor: None,
         });
         state.last_plan = now;
@@ -555,6 +590,7 @@ impl State {
         me.count = count;
         me.last_plan = now;
         me.complete = complete;
+        state.set_holder(peer, complete || count > 0);
 
         // First-hand piece digests.
         for (piece, sha) in &req.attest {
@@ -618,38 +654,62 @@ impl State {
         let my_zone = nodes.get(&peer).and_then(|n| n.zone.clone());
         let mut candidates: Vec<(bool, u32, usize, PeerId)> = Vec::new();
         if lacking > 0 {
-            // A bounded sample, round robin: downloaders, then whole holders.
-            let mut ids = round_robin(&state.downloaders, state.cursor, MAX_SCAN);
-            state.cursor = ids.last().copied();
-            if let Some(seeders) = seeders {
-                let more = round_robin(seeders, state.seed_cursor, MAX_SEED_SCAN);
-                state.seed_cursor = more.last().copied();
-                ids.extend(more.into_iter().filter(|id| !state.downloaders.contains_key(id)));
-            }
-            for id in &ids {
-                let Some(node) = nodes.get_mut(id) else { continue };
-                if *id == peer || !node.alive(now) {
+            // A bounded sample, round robin over the digest's holders: stop once enough
+            // useful ones are found, so consecutive plans hand out different holders.
+            let usefulness = |dl: &Downloader| -> u32 {
+                if dl.complete {
+                    lacking
+                } else if dl.active(now) {
+                    dl.have.iter().zip(&req.have).map(|(theirs, mine)| (theirs & !mine).count_ones()).sum()
+                } else {
+                    0
+                }
+            };
+            let n = state.holders.len();
+            let start = if n == 0 { 0 } else { state.ring_cursor % n };
+            let mut k = 0;
+            while k < n.min(MAX_SCAN) && candidates.len() < ENOUGH_CANDIDATES {
+                let id = state.holders[(start + k) % n];
+                k += 1;
+                if id == peer {
                     continue;
                 }
-                let useful = if node.held.contains(&req.digest) {
-                    lacking
-                } else {
-                    match state.downloaders.get(id) {
-                        Some(dl) if dl.complete => lacking,
-                        Some(dl) if dl.active(now) => dl
-                            .have
-                            .iter()
-                            .zip(&req.have)
-                            .map(|(theirs, mine)| (theirs & !mine).count_ones())
-                            .sum(),
-                        _ => 0,
-                    }
+                let Some(node) = nodes.get_mut(&id) else { continue };
+                if !node.alive(now) {
+                    continue;
+                }
+                let useful = match state.downloaders.get(&id) {
+                    Some(dl) => usefulness(dl),
+                    None => 0,
                 };
                 if useful == 0 {
                     continue;
                 }
                 let same_zone = my_zone.is_some() && node.zone == my_zone;
-                candidates.push((same_zone, useful, node.load(now), *id));
+                candidates.push((same_zone, useful, node.load(now), id));
+            }
+            state.ring_cursor = if n == 0 { 0 } else { (start + k) % n };
+            // Then nodes that hold it whole by their heartbeats and never planned for it.
+            if candidates.len() < ENOUGH_CANDIDATES {
+                if let Some(seeders) = seeders {
+                    let more = round_robin(seeders, state.seed_cursor, MAX_SEED_SCAN);
+                    state.seed_cursor = more.last().copied();
+                    for id in more {
+                        if id == peer || state.holder_pos.contains_key(&id) {
+                            continue;
+                        }
+                        let Some(node) = nodes.get_mut(&id) else { continue };
+                        if !node.alive(now) {
+                            continue;
+                        }
+                        let useful = match state.downloaders.get(&id) {
+                            Some(dl) => usefulness(dl).max(lacking),
+                            None => lacking,
+                        };
+                        let same_zone = my_zone.is_some() && node.zone == my_zone;
+                        candidates.push((same_zone, useful, node.load(now), id));
+                    }
+                }
             }
         }
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));

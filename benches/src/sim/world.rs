@@ -30,7 +30,7 @@ use shoal_agent::pieces::Layout;
 use shoal_agent::types::Digest;
 
 use super::dht::{KeyRecords, ALPHA, REPLICATION};
-use super::flow::{Network, Time, Wake, NS};
+use super::flow::{Network, Time, NS};
 use super::sched::{mix, Download, Phase, Startup, MS};
 use crate::rollout::scenario::Scenario;
 
@@ -74,7 +74,6 @@ impl Rng {
 enum Ev {
     Start { node: u32 },
     Wake { dl: u32 },
-    Flow { id: u32, version: u32 },
     Lookup { dl: u32 },
     Fetchers { dl: u32 },
     Whole { dl: u32 },
@@ -248,7 +247,6 @@ pub struct World {
     rng: Rng,
     net: Network,
     jobs: Vec<Job>,
-    wakes: Vec<Wake>,
     layers: Vec<Layer>,
     dls: Vec<Dl>,
     alive: Vec<bool>,
@@ -336,7 +334,6 @@ impl World {
             queue: BinaryHeap::new(),
             net: Network::new(&up, &down),
             jobs: Vec::new(),
-            wakes: Vec::new(),
             layers,
             dls: (0..n * l).map(|_| Dl { sched: None, wake_at: Time::MAX, done_at: None }).collect(),
             alive: vec![true; n],
@@ -373,15 +370,6 @@ impl World {
     fn push(&mut self, at: Time, ev: Ev) {
         self.seq += 1;
         self.queue.push(Reverse(Queued { at, seq: self.seq, ev }));
-    }
-
-    fn flush_wakes(&mut self) {
-        let wakes = std::mem::take(&mut self.wakes);
-        for &(id, version, at) in &wakes {
-            self.push(at, Ev::Flow { id, version });
-        }
-        self.wakes = wakes;
-        self.wakes.clear();
     }
 
     fn instant(&self, t: Time) -> Instant {
@@ -431,19 +419,37 @@ impl World {
         self.push(self.cfg.sample, Ev::Sample);
         // Diagnostics: events by kind on stderr.
         let count_kinds = std::env::var_os("SHOAL_SIM_EVENT_KINDS").is_some();
-        while let Some(Reverse(q)) = self.queue.pop() {
-            if q.at > self.cfg.max_time || self.remaining == 0 {
+        loop {
+            // The network's milestones (its own indexed heap) and the other events, in time
+            // order; a milestone goes first on a tie.
+            let queued = self.queue.peek().map(|Reverse(q)| q.at);
+            let flow = self.net.next_at();
+            let at = match (flow, queued) {
+                (None, None) => break,
+                (Some(f), Some(q)) => f.min(q),
+                (Some(t), None) | (None, Some(t)) => t,
+            };
+            if at > self.cfg.max_time || self.remaining == 0 {
                 break;
             }
-            self.now = q.at;
+            self.now = at;
             self.events += 1;
+            if flow == Some(at) {
+                if count_kinds {
+                    *self.kinds.entry("Flow".to_string()).or_insert(0) += 1;
+                }
+                if let Some((id, done)) = self.net.pop(at) {
+                    self.milestone(id, done);
+                }
+                continue;
+            }
+            let Some(Reverse(q)) = self.queue.pop() else { break };
             if count_kinds {
                 let name = format!("{:?}", q.ev);
                 let name = name.split([' ', '{', '(']).next().unwrap_or("").to_string();
                 *self.kinds.entry(name).or_insert(0) += 1;
             }
             self.event(q.ev);
-            self.flush_wakes();
         }
         self.finish()
     }
@@ -451,7 +457,7 @@ impl World {
     fn finish(mut self) -> Outcome {
         if !self.kinds.is_empty() {
             eprintln!(
-                "sim: events by kind: {:?}; flow events stale/early/reached {:?}",
+                "sim: events by kind: {:?}; flow milestones early/reached {:?}",
                 self.kinds, self.net.counts
             );
         }
@@ -727,11 +733,63 @@ impl World {
     }
 
     fn start_flow(&mut self, src: u32, dst: u32, total: u64, first_milestone: u64, job: Job) {
-        let id = self.net.start(src, dst, total as f64, first_milestone as f64, self.now, &mut self.wakes);
+        let id = self.net.start(src, dst, total as f64, first_milestone as f64, self.now);
         if self.jobs.len() <= id as usize {
             self.jobs.resize(id as usize + 1, Job::None);
         }
         self.jobs[id as usize] = job;
+    }
+
+    /// Flow `id` reached its milestone (`done` bytes through).
+    fn milestone(&mut self, id: u32, done: f64) {
+        let now = self.now;
+        let job = self.jobs[id as usize];
+        match job {
+            Job::None => self.net.stop(id, now),
+            Job::Direct { dl } => {
+                self.net.stop(id, now);
+                self.jobs[id as usize] = Job::None;
+                let node = self.node_of(dl);
+                if self.alive[node as usize] {
+                    self.dls[dl as usize].done_at = Some(now);
+                    self.layer_done(node);
+                }
+            }
+            Job::Piece { dl, piece, peer } => {
+                self.net.stop(id, now);
+                self.jobs[id as usize] = Job::None;
+                self.peer_piece_bytes += done;
+                let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
+                let from = Some(self.node_ids[peer as usize].clone());
+                self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
+            }
+            Job::Origin { dl, first, mut next, end } => {
+                // Every piece boundary the flow has passed (a late milestone may have
+                // passed several).
+                let layer = self.layer_of(dl) as usize;
+                let mut through = Vec::new();
+                while next < end && self.layers[layer].range_bytes(first, next + 1) as f64 <= done + 0.5 {
+                    through.push(next);
+                    next += 1;
+                }
+                if next < end {
+                    let milestone = self.layers[layer].range_bytes(first, next + 1) as f64;
+                    self.net.next_milestone(id, milestone, now);
+                    self.jobs[id as usize] = Job::Origin { dl, first, next, end };
+                } else {
+                    self.net.stop(id, now);
+                    self.jobs[id as usize] = Job::None;
+                }
+                for piece in through {
+                    let digest = self.layers[layer].piece_digests[piece as usize];
+                    self.drive(dl, Some(Event::Verified { index: piece, digest, from: None }));
+                }
+                if next >= end {
+                    let ev = Event::OriginDone { first, end, unfinished: Vec::new(), error: None };
+                    self.drive(dl, Some(ev));
+                }
+            }
+        }
     }
 
     fn event(&mut self, ev: Ev) {
@@ -783,58 +841,6 @@ impl World {
                     return;
                 }
                 self.drive(dl, None);
-            }
-            Ev::Flow { id, version } => {
-                let Some(done) = self.net.reached(id, version, now, &mut self.wakes) else { return };
-                let job = self.jobs[id as usize];
-                match job {
-                    Job::None => {}
-                    Job::Direct { dl } => {
-                        self.net.stop(id, now, &mut self.wakes);
-                        self.jobs[id as usize] = Job::None;
-                        let node = self.node_of(dl);
-                        if self.alive[node as usize] {
-                            self.dls[dl as usize].done_at = Some(now);
-                            self.layer_done(node);
-                        }
-                    }
-                    Job::Piece { dl, piece, peer } => {
-                        self.net.stop(id, now, &mut self.wakes);
-                        self.jobs[id as usize] = Job::None;
-                        self.peer_piece_bytes += done;
-                        let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
-                        let from = Some(self.node_ids[peer as usize].clone());
-                        self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
-                    }
-                    Job::Origin { dl, first, mut next, end } => {
-                        // Every piece boundary the flow has passed (a late milestone may have
-                        // passed several).
-                        let layer = self.layer_of(dl) as usize;
-                        let mut through = Vec::new();
-                        while next < end
-                            && self.layers[layer].range_bytes(first, next + 1) as f64 <= done + 0.5
-                        {
-                            through.push(next);
-                            next += 1;
-                        }
-                        if next < end {
-                            let milestone = self.layers[layer].range_bytes(first, next + 1) as f64;
-                            self.net.next_milestone(id, milestone, now, &mut self.wakes);
-                            self.jobs[id as usize] = Job::Origin { dl, first, next, end };
-                        } else {
-                            self.net.stop(id, now, &mut self.wakes);
-                            self.jobs[id as usize] = Job::None;
-                        }
-                        for piece in through {
-                            let digest = self.layers[layer].piece_digests[piece as usize];
-                            self.drive(dl, Some(Event::Verified { index: piece, digest, from: None }));
-                        }
-                        if next >= end {
-                            let ev = Event::OriginDone { first, end, unfinished: Vec::new(), error: None };
-                            self.drive(dl, Some(ev));
-                        }
-                    }
-                }
             }
             Ev::Lookup { dl } => {
                 if !self.dl_alive(dl) {
@@ -1103,7 +1109,7 @@ impl World {
             let job = self.jobs[id as usize];
             let f = self.net.flow(id);
             let src = f.src;
-            self.net.stop(id, self.now, &mut self.wakes);
+            self.net.stop(id, self.now);
             self.jobs[id as usize] = Job::None;
             if let Job::Piece { dl, piece, peer } = job {
                 if src == node {
