@@ -176,7 +176,8 @@ struct DigestState {
     piece_size: u32,
     pieces: u32,
     last_plan: Instant,
-    downloaders: BTreeMap<PeerId, Downloader>,
+    /// Hashed, not ordered: looked up for every candidate of every plan; views sort.
+    downloaders: HashMap<PeerId, Downloader>,
     assigned: BTreeMap<u32, (PeerId, Instant)>,
     first_hand: BTreeMap<u32, DigestBytes>,
     metainfo_complete: bool,
@@ -545,7 +546,7 @@ impl State {
             piece_size: req.piece_size,
             pieces,
             last_plan: now,
-            downloaders: BTreeMap::new(),
+            downloaders: HashMap::new(),
             assigned: BTreeMap::new(),
             first_hand: BTreeMap::new(),
             metainfo_complete: false,

@@ -125,7 +125,8 @@ impl Network {
         if f.rate <= 0.0 {
             return Time::MAX / 4;
         }
-        now + (left / f.rate).ceil() as Time
+        // Rounded up (`as` truncates; `ceil` is a libm call on the hottest path).
+        now + (left / f.rate) as Time + 1
     }
 
     // ----- the indexed heap -----
