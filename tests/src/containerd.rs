@@ -161,6 +161,26 @@ impl Containerd {
         &self.root
     }
 
+    /// The namespace `ctr` uses ([`NAMESPACE`], or [`CRI_NAMESPACE`] with CRI).
+    pub fn namespace(&self) -> &'static str {
+        self.namespace
+    }
+
+    /// `ctr images pull --plain-http <reference>` straight from a registry (no mirror, no
+    /// agent). Err (with ctr's output) on a non-zero exit or after 120 s.
+    pub async fn pull_direct(&self, reference: &str) -> Result<CmdOutput> {
+        let out = self
+            .ctr(&["images", "pull", "--plain-http", "--all-platforms", reference], Duration::from_secs(120))
+            .await?;
+        if !out.success() {
+            bail!(
+                "ctr images pull {reference} failed\n{out}\n--- containerd log ---\n{}",
+                tail_file(&self.log_path, 3000)
+            );
+        }
+        Ok(out)
+    }
+
     /// A scratch directory inside this containerd's temp dir (e.g. for hosts.toml).
     pub fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
         let p = self.dir.path().join(name);
