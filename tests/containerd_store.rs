@@ -258,3 +258,94 @@ async fn missing_containerd_is_a_warning_not_a_failure() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", a.log_tail()));
 }
+
+/// `PullImage` on containerd's CRI socket, as kubelet sends it (no pull secret).
+async fn cri_pull(socket: &Path, image: &str) -> Result<String, String> {
+    use hyper_util::rt::TokioIo;
+    use k8s_cri::v1::{image_service_client::ImageServiceClient, ImageSpec, PullImageRequest};
+    use tonic::transport::{Endpoint, Uri};
+    let path = socket.to_path_buf();
+    // The URI is not used: every connection goes to the socket.
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec = ImageSpec { image: image.to_string(), ..Default::default() };
+    let mut req =
+        tonic::Request::new(PullImageRequest { image: Some(spec), auth: None, sandbox_config: None });
+    req.set_timeout(Duration::from_secs(120));
+    match tokio::time::timeout(Duration::from_secs(130), ImageServiceClient::new(channel).pull_image(req))
+        .await
+    {
+        Ok(Ok(resp)) => Ok(resp.into_inner().image_ref),
+        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Err(_) => Err("PullImage did not answer in 130 s".to_string()),
+    }
+}
+
+/// `discard_unpacked_layers = true`: the CRI plugin unpacks the layers and containerd's GC
+/// removes them. The agent (which fetched them) keeps its own copy of every layer and drops
+/// only the manifest and config, which containerd keeps; the node still seeds the layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarded_layers_stay_in_the_agents_cache() {
+    let origin = Origin::start().await.unwrap();
+    let image = origin
+        .push(
+            &ImageSpec::new(ImageKind::OciManifest, "cstore/discard", "v1")
+                .layers(&[1 << 20, 2 << 20])
+                .unpackable(),
+        )
+        .await
+        .unwrap();
+    let hosts_parent = tempfile::tempdir().unwrap();
+    let hosts = hosts_parent.path().join("certs.d");
+    std::fs::create_dir_all(&hosts).unwrap();
+    let ctd = Containerd::start_cri_discarding_layers(&hosts).await.expect("start containerd with CRI");
+    let a = Agent::start(opts(&origin).containerd(&ctd)).await.expect("start A");
+    write_hosts_toml(&hosts, &origin.host(), Some(&a.url()), &dead_url()).unwrap();
+    cri_pull(ctd.socket(), &image.reference())
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n--- containerd ---\n{}", ctd.log()));
+
+    let layers: Vec<String> = image.layers().map(|l| l.digest.clone()).collect();
+    let layer_bytes: u64 = image.layers().map(|l| l.size).sum();
+    let kept: Vec<String> = all_digests(&image).into_iter().filter(|d| !layers.contains(d)).collect();
+    let res = poll_until(
+        "containerd to discard the layers and A to settle",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let listed = ctd.content_digests().await?;
+            let discarded = layers.iter().all(|l| !listed.contains(l));
+            let own = a.metric("shoal_cache_bytes", &[]).await;
+            let ext = a.metric("shoal_containerd_blobs", &[]).await;
+            Ok((discarded && own == layer_bytes as f64 && ext == kept.len() as f64).then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = res {
+        panic!(
+            "{e}: containerd lists {:?}; A: cache_bytes {} containerd_blobs {}\n{}",
+            ctd.content_digests().await,
+            a.metric("shoal_cache_bytes", &[]).await,
+            a.metric("shoal_containerd_blobs", &[]).await,
+            a.log_tail()
+        );
+    }
+    for l in &layers {
+        let stored = std::fs::read(cached_path(&a, l)).expect("A kept the layer");
+        assert_eq!(&shoal_tests::digest_of(&stored), l);
+        assert!(get_blob(&a, &origin, &image, l).await.unwrap(), "A serves {l}");
+    }
+    for d in &kept {
+        assert!(!cached_path(&a, d).exists(), "A kept a second copy of {d}");
+    }
+    // (The log line "no image keeps it" appears only when a sync falls between the commit of a
+    // layer and its removal; here containerd's GC usually wins that race, and the agent never
+    // sees the layers at all.)
+}
