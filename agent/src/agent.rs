@@ -141,7 +141,8 @@ impl Agent {
             // Few enough that a queue of whole pieces drains well within the request timeout
             // on a slow link (8 MiB at 20 mbit is 3.4 s); more requests are answered `Busy`
             // and go to another holder. With 32, nodes on 20 mbit links timed out requests
-            // mid-transfer and none finished a 128 MiB rollout in 400 s.
+            // mid-transfer and none finished a 128 MiB rollout in 400 s. Split fairly among
+            // the peers asking (`p2p::shares`).
             max_uploads: 8,
             upload_limit: Arc::new(RateLimiter::new(p2p_config.max_upload_rate)),
             corrupt_uploads: p2p_config.corrupt_uploads,
