@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Security protocols of TCP peer connections, preferred first: `tls` (TLS 1.3), `noise`.
     /// A node accepts any protocol of its list and dials with the first the other side
     /// accepts, so nodes with different lists interoperate while they share one.
-    #[arg(long, env = "SHOAL_P2P_SECURITY", default_value = "tls,noise")]
+    #[arg(long, env = "SHOAL_P2P_SECURITY", default_value = "noise,tls")]
     pub p2p_security: String,
 
     /// Piece requests to peers in flight at once, per download.

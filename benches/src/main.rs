@@ -155,6 +155,19 @@ async fn settle(secs: u64) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(stat) = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) close with ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; 100 ticks a second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 async fn peer_path(
     size: u64,
     peer_counts: Vec<usize>,
@@ -197,8 +210,14 @@ async fn peer_path(
         // Origin path: a fresh agent with no peers.
         let solo = Agent::start(agent_options(&origin, min_piece).arg("--no-p2p")).await?;
         settle(settle_secs).await;
+        let cpu = cpu_secs(solo.pid());
         let t = fetch(&solo, &origin, &image).await?;
-        println!("round {round}: origin        {:8.1} MiB/s", mib / t);
+        let gib = size as f64 / 1073741824.0;
+        println!(
+            "round {round}: origin            {:8.1} MiB/s (agent {:.2} CPU-s/GiB)",
+            mib / t,
+            (cpu_secs(solo.pid()) - cpu) / gib
+        );
         origin_times.push(t);
         drop(solo);
         for (k, (transport, count)) in cases.iter().enumerate() {
@@ -223,10 +242,15 @@ async fn peer_path(
             }
             settle(settle_secs).await;
             let mark = origin.access_log().len();
+            let seeds_cpu = |seeds: &[Agent]| seeds.iter().map(|s| cpu_secs(s.pid())).sum::<f64>();
+            let (cpu, cpu_seeds) = (cpu_secs(fresh.pid()), seeds_cpu(&seeds[..count]));
             let t = fetch(&fresh, &origin, &image).await?;
+            let gib = size as f64 / 1073741824.0;
+            let (cpu, cpu_seeds) =
+                ((cpu_secs(fresh.pid()) - cpu) / gib, (seeds_cpu(&seeds[..count]) - cpu_seeds) / gib);
             let origin_bytes = origin.access_log_since(mark).blob_get_bytes();
             println!(
-                "round {round}: {transport:7} {count} peer(s) {:8.1} MiB/s (origin bytes during it: {origin_bytes})",
+                "round {round}: {transport:7} {count} peer(s) {:8.1} MiB/s (agent {cpu:.2}, seeds {cpu_seeds:.2} CPU-s/GiB; origin bytes during it: {origin_bytes})",
                 mib / t
             );
             peer_times[k].push(t);

@@ -34,7 +34,9 @@ pub enum Security {
 
 impl Security {
     /// What a node offers unless told otherwise, the first preferred.
-    pub const DEFAULT: [Security; 2] = [Security::Tls, Security::Noise];
+    /// Noise first: TLS measured no cheaper on the peer path (benches/README.md, `peer-path`),
+    /// and noise-first keeps what existing nodes negotiate with each other.
+    pub const DEFAULT: [Security; 2] = [Security::Noise, Security::Tls];
 
     fn protocol(self) -> &'static str {
         match self {
