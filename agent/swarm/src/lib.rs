@@ -8,8 +8,10 @@
 //!
 //! Agents find each other through a Kademlia DHT and move verified pieces between each other
 //! with a small request-response protocol ([`shoal_protocol::piece`]). libp2p gives both, plus authenticated
-//! encrypted connections (noise: a peer *is* its key) and, with a cluster pre-shared key
-//! (pnet), a swarm that a process without the key cannot even finish a handshake with.
+//! encrypted connections (noise or TLS 1.3 over TCP, see [`security`]; QUIC for
+//! `/udp/…/quic-v1` addresses; a peer *is* its key) and, with a cluster pre-shared key
+//! (pnet, TCP only), a swarm that a process without the key cannot even finish a handshake
+//! with.
 //!
 //! - **One task owns the [`libp2p::Swarm`].** [`new`] returns a cloneable [`Client`] (a bounded
 //!   channel of commands, each with a oneshot reply), a receiver of [`InboundRequest`]s, and an
