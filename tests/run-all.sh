@@ -10,7 +10,8 @@ missing=()
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
 command -v skopeo >/dev/null || missing+=(skopeo)
-# protoc: the build script of k8s-cri (the CRI client in tests/auth.rs) generates the CRI API.
+# protoc: the build scripts of containerd-client (the agent's containerd API client) and k8s-cri
+# (the CRI client in tests/auth.rs) compile their .proto files.
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 # Headless Chromium loads the tracker's dashboard in tests/tracker.rs.
 command -v chromium >/dev/null || missing+=(chromium)

@@ -92,7 +92,16 @@ impl Agent {
             max_requests: config.max_requests,
             shutdown_grace: config.shutdown_grace,
         };
+        let containerd = |announce: crate::containerd::Announce| {
+            if let Some(cc) = &config.containerd {
+                supervisor.spawn(
+                    "containerd content",
+                    crate::containerd::run(cc.clone(), store.clone(), announce, supervisor.token()),
+                );
+            }
+        };
         let Some(p2p_config) = &config.p2p else {
+            containerd(Arc::new(|_| {}));
             let fetcher = Fetcher::new(
                 store,
                 origin.clone(),
@@ -116,6 +125,9 @@ impl Agent {
         }
         let withdraw = network.clone();
         store.set_evict_hook(Box::new(move |digest| withdraw.withdraw(*digest)));
+        // Serve and seed what containerd holds; its blobs are announced as they are found.
+        let announcer = network.clone();
+        containerd(Arc::new(move |digest| announcer.announce(digest)));
         let needs_peer = !p2p_config.bootstrap.is_empty() || !p2p_config.trackers.is_empty();
         readiness.set_peer_id(client.local_peer_id().to_string(), needs_peer);
         let fetcher = Fetcher::new(
@@ -129,7 +141,8 @@ impl Agent {
             // Few enough that a queue of whole pieces drains well within the request timeout
             // on a slow link (8 MiB at 20 mbit is 3.4 s); more requests are answered `Busy`
             // and go to another holder. With 32, nodes on 20 mbit links timed out requests
-            // mid-transfer and none finished a 128 MiB rollout in 400 s.
+            // mid-transfer and none finished a 128 MiB rollout in 400 s. Split fairly among
+            // the peers asking (`p2p::shares`).
             max_uploads: 8,
             upload_limit: Arc::new(RateLimiter::new(p2p_config.max_upload_rate)),
             corrupt_uploads: p2p_config.corrupt_uploads,

@@ -141,6 +141,22 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_MAX_DOWNLOAD_RATE", value_parser = crate::ratelimit::parse_rate)]
     pub max_download_rate: Option<u64>,
 
+    /// containerd's gRPC socket. The agent serves (and seeds) the blobs containerd holds in
+    /// `--containerd-namespace` from containerd's own content store, and drops its own copy
+    /// of a blob once containerd keeps it. Socket missing or refused: a warning, and the
+    /// agent runs without it (retrying in the background). `off` (or empty): not used.
+    #[arg(long, env = "SHOAL_CONTAINERD_ADDRESS", default_value = "/run/containerd/containerd.sock")]
+    pub containerd_address: String,
+
+    /// containerd namespace whose content is served (Kubernetes' CRI plugin uses k8s.io).
+    #[arg(long, env = "SHOAL_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    pub containerd_namespace: String,
+
+    /// containerd's root directory (`root` in its config.toml): blob bytes are read from
+    /// `<root>/io.containerd.content.v1.content/blobs/sha256/`, read-only.
+    #[arg(long, env = "SHOAL_CONTAINERD_ROOT", default_value = "/var/lib/containerd")]
+    pub containerd_root: PathBuf,
+
     /// Run as a plain pull-through cache, without the swarm.
     #[arg(long, env = "SHOAL_NO_P2P")]
     pub no_p2p: bool,
@@ -213,6 +229,17 @@ pub struct Config {
     pub max_requests: usize,
     /// How long shutdown waits for requests and downloads.
     pub shutdown_grace: std::time::Duration,
+    /// containerd's content store as a source; `None` when `--containerd-address` is empty.
+    pub containerd: Option<ContainerdConfig>,
+}
+
+/// Where containerd's content is (`--containerd-*`).
+#[derive(Debug, Clone)]
+pub struct ContainerdConfig {
+    pub address: PathBuf,
+    pub namespace: String,
+    /// `<root>/io.containerd.content.v1.content`.
+    pub content_dir: PathBuf,
 }
 
 impl RunArgs {
@@ -276,7 +303,17 @@ impl RunArgs {
             lie_about_size,
             max_peers: self.max_peers,
         });
+        let address = self.containerd_address.trim();
+        let containerd = (!address.is_empty() && address != "off").then(|| ContainerdConfig {
+            address: PathBuf::from(address),
+            namespace: self.containerd_namespace.clone(),
+            content_dir: self.containerd_root.join("io.containerd.content.v1.content"),
+        });
+        if self.containerd_namespace.is_empty() {
+            return Err(ConfigError::Bound { flag: "containerd-namespace", min: 1 });
+        }
         Ok(Config {
+            containerd,
             p2p,
             max_download_rate: self.max_download_rate,
             max_requests: self.max_requests,
@@ -428,6 +465,13 @@ mod tests {
         }
         let cfg = Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap();
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(20));
+        let ctrd = cfg.containerd.as_ref().expect("containerd on by default");
+        assert_eq!(ctrd.address, PathBuf::from("/run/containerd/containerd.sock"));
+        assert_eq!(ctrd.namespace, "k8s.io");
+        assert_eq!(ctrd.content_dir, PathBuf::from("/var/lib/containerd/io.containerd.content.v1.content"));
+        let off =
+            Cli::try_parse_from(["x", "--containerd-address", "off"]).unwrap().run.into_config().unwrap();
+        assert!(off.containerd.is_none());
         assert_eq!(cfg.p2p.map(|p| p.max_peers), Some(256));
         let args = Cli::try_parse_from(["x", "--max-peers", "1"]).unwrap().run;
         assert!(matches!(args.into_config(), Err(ConfigError::Bound { flag: "max-peers", .. })));

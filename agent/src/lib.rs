@@ -17,6 +17,8 @@
 //! - [`ratelimit`]: the token bucket behind the upload and download rate limits.
 //! - [`store`]: content-addressed files, atomic commits, the LRU byte quota. The only module
 //!   that touches `std::fs` for content.
+//! - [`containerd`]: containerd's content store as a source: which blobs containerd holds and
+//!   keeps (its gRPC API and events), served from its content directory, one copy per node.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
 //! - [`p2p`]: the P2P adapter, the one module that knows both the swarm and the downloads:
@@ -35,6 +37,7 @@
 pub mod access;
 pub mod agent;
 pub mod config;
+pub mod containerd;
 pub mod containerd_config;
 pub mod fetch;
 pub mod metrics;

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub downloads_in_flight: Gauge,
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
+    pub containerd_blobs: Gauge,
+    pub containerd_bytes: Gauge,
     pub cache_evictions: Counter,
     pub corrupt_blobs: Counter,
     pub received_bytes: Family<SourceLabels, Counter>,
@@ -124,6 +126,18 @@ impl Metrics {
         registry.register("cache_bytes", "Bytes of complete blobs in the cache", cache_bytes.clone());
         let cache_blobs = Gauge::default();
         registry.register("cache_blobs", "Complete blobs in the cache", cache_blobs.clone());
+        let containerd_blobs = Gauge::default();
+        registry.register(
+            "containerd_blobs",
+            "Blobs served from containerd's content store (not in the cache, not counted in cache_bytes)",
+            containerd_blobs.clone(),
+        );
+        let containerd_bytes = Gauge::default();
+        registry.register(
+            "containerd_bytes",
+            "Bytes of the blobs served from containerd's content store",
+            containerd_bytes.clone(),
+        );
         let cache_evictions = Counter::default();
         registry.register(
             "cache_evictions",
@@ -246,6 +260,8 @@ impl Metrics {
             downloads_in_flight,
             cache_bytes,
             cache_blobs,
+            containerd_blobs,
+            containerd_bytes,
             cache_evictions,
             corrupt_blobs,
         }

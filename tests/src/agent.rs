@@ -35,6 +35,10 @@ pub struct AgentOptions {
     pub registry_auth_file: Option<PathBuf>,
     /// `--log-format` (default `text`).
     pub log_format: String,
+    /// `--containerd-address`, `--containerd-namespace`, `--containerd-root` of a test
+    /// containerd ([`AgentOptions::containerd`]); `None`: `--containerd-address off`, so no
+    /// test agent ever reads a containerd of the machine.
+    pub containerd: Option<(PathBuf, String, PathBuf)>,
     /// Appended after the standard flags.
     pub extra_args: Vec<String>,
     /// Extra environment for the process (e.g. `RUST_LOG`).
@@ -53,6 +57,7 @@ impl Default for AgentOptions {
             cache_max_bytes: "20GiB".to_string(),
             registry_auth_file: None,
             log_format: "text".to_string(),
+            containerd: None,
             extra_args: Vec::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(20),
@@ -101,6 +106,13 @@ impl AgentOptions {
 
     pub fn log_format(mut self, format: &str) -> AgentOptions {
         self.log_format = format.to_string();
+        self
+    }
+
+    /// Serve containerd `ctd`'s content store (its socket, namespace and root).
+    pub fn containerd(mut self, ctd: &crate::Containerd) -> AgentOptions {
+        self.containerd =
+            Some((ctd.socket().to_path_buf(), ctd.namespace().to_string(), ctd.root().to_path_buf()));
         self
     }
 
@@ -188,6 +200,17 @@ impl Agent {
         if let Some(f) = &o.registry_auth_file {
             a.push("--registry-auth-file".to_string());
             a.push(f.display().to_string());
+        }
+        match &o.containerd {
+            Some((socket, namespace, root)) => a.extend([
+                "--containerd-address".to_string(),
+                socket.display().to_string(),
+                "--containerd-namespace".to_string(),
+                namespace.clone(),
+                "--containerd-root".to_string(),
+                root.display().to_string(),
+            ]),
+            None => a.extend(["--containerd-address".to_string(), "off".to_string()]),
         }
         a.extend(o.extra_args.iter().cloned());
         a

@@ -66,7 +66,17 @@ impl Containerd {
     /// (the directory `shoal-agent containerd-config --hosts-dir` writes), and waits until the
     /// CRI plugin answers on [`Containerd::socket`].
     pub async fn start_cri(hosts_dir: &Path) -> Result<Containerd> {
-        let ctd = Containerd::start_with(Some(hosts_dir)).await?;
+        Containerd::start_cri_with(hosts_dir, false).await
+    }
+
+    /// [`Containerd::start_cri`] with `discard_unpacked_layers = true` (the default on EKS
+    /// and GKE): after unpacking, no image keeps its layers and containerd's GC removes them.
+    pub async fn start_cri_discarding_layers(hosts_dir: &Path) -> Result<Containerd> {
+        Containerd::start_cri_with(hosts_dir, true).await
+    }
+
+    async fn start_cri_with(hosts_dir: &Path, discard_unpacked_layers: bool) -> Result<Containerd> {
+        let ctd = Containerd::start_with(Some((hosts_dir, discard_unpacked_layers))).await?;
         // The CRI service registers with the socket's gRPC server after the plugin's init; a
         // CRI call before that gets "unknown service". `ctr plugins ls` shows its status.
         poll_until("the CRI plugin", Duration::from_secs(20), Duration::from_millis(50), || async {
@@ -88,7 +98,9 @@ impl Containerd {
         Ok(ctd)
     }
 
-    async fn start_with(cri_hosts_dir: Option<&Path>) -> Result<Containerd> {
+    async fn start_with(cri: Option<(&Path, bool)>) -> Result<Containerd> {
+        let cri_hosts_dir = cri.map(|(h, _)| h);
+        let discard = cri.is_some_and(|(_, d)| d);
         let binary = find_binary("containerd", "containerd")?;
         let ctr = find_binary("ctr", "containerd")?;
         // Unix socket paths are limited to 108 bytes: keep the dir short.
@@ -112,6 +124,7 @@ impl Containerd {
                  \x20 stream_server_port = \"0\"\n\
                  \x20 [plugins.\"{CRI_PLUGIN}\".containerd]\n\
                  \x20   snapshotter = \"native\"\n\
+                 \x20   discard_unpacked_layers = {discard}\n\
                  \x20 [plugins.\"{CRI_PLUGIN}\".cni]\n\
                  \x20   bin_dir = \"{cni}/bin\"\n\
                  \x20   conf_dir = \"{cni}/net.d\"\n\
@@ -159,6 +172,26 @@ impl Containerd {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The namespace `ctr` uses ([`NAMESPACE`], or [`CRI_NAMESPACE`] with CRI).
+    pub fn namespace(&self) -> &'static str {
+        self.namespace
+    }
+
+    /// `ctr images pull --plain-http <reference>` straight from a registry (no mirror, no
+    /// agent). Err (with ctr's output) on a non-zero exit or after 120 s.
+    pub async fn pull_direct(&self, reference: &str) -> Result<CmdOutput> {
+        let out = self
+            .ctr(&["images", "pull", "--plain-http", "--all-platforms", reference], Duration::from_secs(120))
+            .await?;
+        if !out.success() {
+            bail!(
+                "ctr images pull {reference} failed\n{out}\n--- containerd log ---\n{}",
+                tail_file(&self.log_path, 3000)
+            );
+        }
+        Ok(out)
     }
 
     /// A scratch directory inside this containerd's temp dir (e.g. for hosts.toml).

@@ -5,6 +5,7 @@
 //! here, so no libp2p type reaches `fetch`.
 
 pub mod heartbeat;
+pub mod shares;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -356,7 +357,8 @@ async fn ask_plan(
 /// How this node answers peers.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// Piece uploads in flight at once; more are answered `Busy`.
+    /// Piece uploads in flight at once, split fairly among the peers asking
+    /// ([`shares`]); more are answered `Busy`.
     pub max_uploads: usize,
     pub upload_limit: Arc<RateLimiter>,
     /// Test-only fault injection: flip a byte of every piece sent.
@@ -367,8 +369,9 @@ pub struct ServeOptions {
 
 /// Answers inbound piece requests until the swarm stops or shutdown starts. Only local,
 /// verified pieces are served; nothing is ever forwarded. Every answer is a task of
-/// `supervisor`, at most [`ServeOptions::max_uploads`] pieces and [`MAX_HAVES_IN_FLIGHT`]
-/// `Have`s at once; beyond that the peer is told `Busy` and asks another holder.
+/// `supervisor`, at most [`ServeOptions::max_uploads`] pieces (each asking peer its fair
+/// share of them, see [`shares`]) and [`MAX_HAVES_IN_FLIGHT`] `Have`s at once; beyond that
+/// the peer is told `Busy` and asks another holder.
 pub async fn serve_peers(
     fetcher: Arc<Fetcher>,
     client: Client,
@@ -376,7 +379,7 @@ pub async fn serve_peers(
     options: ServeOptions,
     supervisor: Supervisor,
 ) {
-    let slots = Arc::new(Semaphore::new(options.max_uploads));
+    let shares = Arc::new(Mutex::new(shares::Shares::new(options.max_uploads)));
     let haves = Arc::new(Semaphore::new(MAX_HAVES_IN_FLIGHT));
     let cancel = supervisor.token();
     loop {
@@ -415,10 +418,11 @@ pub async fn serve_peers(
                 });
             }
             PieceRequest::Piece { digest, index } => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if !crate::sync::lock(&shares).try_take(&peer, std::time::Instant::now()) {
                     let _ = client.respond(channel, PieceResponse::Busy).await;
                     continue;
-                };
+                }
+                let slot = UploadSlot { shares: shares.clone(), peer };
                 supervisor.spawn("peer upload", async move {
                     let _slot = slot;
                     let response = match fetcher.piece(&Digest::from_sha256(digest), index).await {
@@ -444,6 +448,18 @@ pub async fn serve_peers(
                 });
             }
         }
+    }
+}
+
+/// One upload slot of `peer`, given back when the upload ends (or its task is dropped).
+struct UploadSlot {
+    shares: Arc<Mutex<shares::Shares<PeerId>>>,
+    peer: PeerId,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.shares).release(&self.peer);
     }
 }
 

@@ -27,6 +27,7 @@
 //! disk: removed from the index and the disk, withdrawn from the swarm, counted, so the next
 //! request downloads it again.
 
+pub mod external;
 mod verify;
 
 pub use verify::{ReadError, VerifiedRead};
@@ -122,6 +123,20 @@ pub struct Store {
 struct Slot {
     entry: Entry,
     gen: u64,
+    /// `Some(path)`: the bytes are containerd's (its content directory, read-only to us), not
+    /// the agent's; they do not count against the quota and are never evicted or deleted by
+    /// the agent. See [`external`].
+    external: Option<PathBuf>,
+}
+
+impl Slot {
+    fn own_bytes(&self) -> u64 {
+        if self.external.is_some() {
+            0
+        } else {
+            self.entry.size
+        }
+    }
 }
 
 struct Inner {
@@ -133,6 +148,8 @@ struct Inner {
     next_gen: u64,
     /// Decoded piece digests of recently read blobs, by generation.
     hashes: LruCache<Digest, (u64, Arc<crate::fetch::PieceMap>)>,
+    /// containerd's copies found damaged: not indexed again while containerd still lists them.
+    bad_external: std::collections::HashSet<Digest>,
 }
 
 /// How many blobs' piece digests are kept decoded in memory (32 bytes per MiB of blob).
@@ -140,18 +157,30 @@ const HASH_CACHE: usize = 64;
 
 impl Inner {
     fn publish_gauges(&self) {
+        let (mut ext_blobs, mut ext_bytes) = (0i64, 0i64);
+        for (_, slot) in self.index.iter().filter(|(_, s)| s.external.is_some()) {
+            ext_blobs += 1;
+            ext_bytes += slot.entry.size as i64;
+        }
         METRICS.cache_bytes.set(self.total_bytes as i64);
-        METRICS.cache_blobs.set(self.index.len() as i64);
+        METRICS.cache_blobs.set(self.index.len() as i64 - ext_blobs);
+        METRICS.containerd_blobs.set(ext_blobs);
+        METRICS.containerd_bytes.set(ext_bytes);
     }
 
     fn insert(&mut self, digest: Digest, entry: Entry) {
+        self.insert_slot(digest, entry, None);
+    }
+
+    fn insert_slot(&mut self, digest: Digest, entry: Entry, external: Option<PathBuf>) {
         self.next_gen += 1;
-        let size = entry.size;
-        if let Some(old) = self.index.put(digest, Slot { entry, gen: self.next_gen }) {
-            self.total_bytes -= old.entry.size;
+        let slot = Slot { entry, gen: self.next_gen, external };
+        let added = slot.own_bytes();
+        if let Some(old) = self.index.put(digest, slot) {
+            self.total_bytes -= old.own_bytes();
         }
         self.hashes.pop(&digest);
-        self.total_bytes += size;
+        self.total_bytes += added;
     }
 
     /// Drops `digest` from the index if it is still generation `gen`; its size if it was.
@@ -161,7 +190,7 @@ impl Inner {
         }
         let slot = self.index.pop(digest)?;
         self.hashes.pop(digest);
-        self.total_bytes -= slot.entry.size;
+        self.total_bytes -= slot.own_bytes();
         self.publish_gauges();
         Some(slot.entry.size)
     }
@@ -172,11 +201,21 @@ pub struct ReadGuard {
     store: Arc<Store>,
     digest: Digest,
     gen: u64,
+    /// The blob's file: the agent's own, or containerd's.
+    path: PathBuf,
+    /// Its piece metainfo sidecar (always under the agent's cache directory).
+    meta: PathBuf,
+    external: bool,
 }
 
 impl ReadGuard {
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// Whether the bytes are containerd's copy (not the agent's own).
+    pub fn is_external(&self) -> bool {
+        self.external
     }
 }
 
@@ -270,8 +309,10 @@ impl Store {
         let unusable = |path: &Path, source| StoreError::Unusable { path: path.to_path_buf(), source };
         let blobs = root.join("blobs").join("sha256");
         let tmp = root.join("tmp");
+        let ext_meta = root.join("containerd").join("sha256");
         std::fs::create_dir_all(&blobs).map_err(|e| unusable(&blobs, e))?;
         std::fs::create_dir_all(&tmp).map_err(|e| unusable(&tmp, e))?;
+        std::fs::create_dir_all(&ext_meta).map_err(|e| unusable(&ext_meta, e))?;
 
         // Keep partial downloads that have a piece map (their verified pieces resume); discard
         // everything else a previous process left half-written. Then prove we can write.
@@ -326,6 +367,7 @@ impl Store {
             total_bytes: 0,
             next_gen: 0,
             hashes: LruCache::new(std::num::NonZeroUsize::new(HASH_CACHE).expect("non-zero")),
+            bad_external: Default::default(),
         };
         for (_, digest, entry) in found {
             inner.insert(digest, entry);
@@ -368,7 +410,7 @@ impl Store {
                 inner
                     .index
                     .iter()
-                    .filter(|(d, _)| !self.blob_path(d).exists())
+                    .filter(|(d, s)| s.external.is_none() && !self.blob_path(d).exists())
                     .map(|(d, s)| (*d, s.gen))
                     .collect()
             };
@@ -393,9 +435,13 @@ impl Store {
         let _ = self.on_evict.set(hook);
     }
 
-    /// Every complete blob, most recently used first.
+    /// Every complete blob (the agent's own and containerd's), most recently used first.
     pub fn digests(&self) -> Vec<Digest> {
         crate::sync::lock(&self.inner).index.iter().map(|(d, _)| *d).collect()
+    }
+
+    fn ext_meta_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("containerd").join("sha256").join(format!("{}.pieces", digest.hex()))
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -416,20 +462,29 @@ impl Store {
         let mut inner = crate::sync::lock(&self.inner);
         let slot = inner.index.get(digest)?;
         let (entry, gen) = (slot.entry.clone(), slot.gen);
+        let (path, meta, external) = match &slot.external {
+            Some(path) => (path.clone(), self.ext_meta_path(digest), true),
+            None => (self.blob_path(digest), self.pieces_path(digest), false),
+        };
         *inner.readers.entry(*digest).or_insert(0) += 1;
-        Some((entry, ReadGuard { store: self.clone(), digest: *digest, gen }))
+        Some((entry, ReadGuard { store: self.clone(), digest: *digest, gen, path, meta, external }))
     }
 
     /// Opens a complete blob for reading; hold its [`ReadGuard`] while reading. The bytes are
     /// not verified: what is sent anywhere goes through [`VerifiedRead`] or
     /// [`Store::read_piece`].
     pub async fn open_blob(&self, guard: &ReadGuard) -> io::Result<std::fs::File> {
-        self.open_blob_path(&guard.digest).await
+        Ok(tokio::fs::File::open(&guard.path).await?.into_std().await)
     }
 
     /// [`Store::open_blob`] by digest, for a caller that handed its guard on.
     pub async fn open_blob_path(&self, digest: &Digest) -> io::Result<std::fs::File> {
-        Ok(tokio::fs::File::open(self.blob_path(digest)).await?.into_std().await)
+        let path = {
+            let inner = crate::sync::lock(&self.inner);
+            inner.index.peek(digest).and_then(|s| s.external.clone())
+        };
+        let path = path.unwrap_or_else(|| self.blob_path(digest));
+        Ok(tokio::fs::File::open(path).await?.into_std().await)
     }
 
     fn pieces_path(&self, digest: &Digest) -> PathBuf {
@@ -496,7 +551,7 @@ impl Store {
     /// Bytes of complete blobs no request is reading.
     fn evictable_bytes(&self) -> u64 {
         let inner = crate::sync::lock(&self.inner);
-        inner.index.iter().filter(|(d, _)| !inner.readers.contains_key(d)).map(|(_, s)| s.entry.size).sum()
+        inner.index.iter().filter(|(d, _)| !inner.readers.contains_key(d)).map(|(_, s)| s.own_bytes()).sum()
     }
 
     /// Takes least recently used unread blobs out of the index until they add up to `bytes`;
@@ -509,7 +564,7 @@ impl Store {
             if freed >= bytes {
                 break;
             }
-            if inner.readers.contains_key(digest) {
+            if inner.readers.contains_key(digest) || slot.external.is_some() {
                 continue;
             }
             picked.push(*digest);
@@ -520,7 +575,7 @@ impl Store {
         }
         for digest in &picked {
             if let Some(slot) = inner.index.pop(digest) {
-                inner.total_bytes -= slot.entry.size;
+                inner.total_bytes -= slot.own_bytes();
             }
             inner.hashes.pop(digest);
         }
@@ -560,7 +615,7 @@ impl Store {
 
     /// The saved piece metainfo of a complete blob.
     pub async fn piece_meta(&self, guard: &ReadGuard) -> Option<Vec<u8>> {
-        tokio::fs::read(self.pieces_path(&guard.digest)).await.ok()
+        tokio::fs::read(&guard.meta).await.ok()
     }
 
     /// Makes a verified download a complete blob: fsync, rename into `blobs/`, index it, and
@@ -622,8 +677,13 @@ impl Store {
             return victims;
         }
         // Oldest first: `iter()` yields most recent first.
-        let candidates: Vec<(Digest, u64)> =
-            inner.index.iter().rev().map(|(d, s)| (*d, s.entry.size)).collect();
+        let candidates: Vec<(Digest, u64)> = inner
+            .index
+            .iter()
+            .rev()
+            .filter(|(_, s)| s.external.is_none())
+            .map(|(d, s)| (*d, s.entry.size))
+            .collect();
         for (digest, size) in candidates {
             if inner.total_bytes <= self.max_bytes {
                 break;
@@ -678,9 +738,15 @@ impl Store {
             let mut inner = crate::sync::lock(&self.inner);
             let removed = inner.remove_gen(&guard.digest, guard.gen);
             // Under the lock: no new download of this digest can start (and commit a new
-            // file) before the old files are gone.
+            // file) before the old files are gone. containerd's file is containerd's (and
+            // mounted read-only): it is only never indexed again while containerd lists it.
             if removed.is_some() {
-                self.unlink(&guard.digest);
+                if guard.external {
+                    let _ = std::fs::remove_file(&guard.meta);
+                    inner.bad_external.insert(guard.digest);
+                } else {
+                    self.unlink(&guard.digest);
+                }
             }
             removed
         };
@@ -689,6 +755,7 @@ impl Store {
             digest = %guard.digest,
             size,
             why,
+            copy = if guard.external { "containerd's" } else { "the agent's" },
             "blob damaged on disk: quarantined (removed, withdrawn from the swarm); the next request downloads it again"
         );
         METRICS.corrupt_blobs.inc();

@@ -64,6 +64,28 @@ fn read_and_check(
     Ok((buf, ok))
 }
 
+/// Hashes the file at `path`, `size` bytes long, in pieces: its piece digests and whole
+/// digest, or `None` when it is longer than `size` (shorter is an `UnexpectedEof` error).
+pub(super) fn hash_file(path: &std::path::Path, size: u64) -> io::Result<Option<(PieceMap, Digest)>> {
+    let layout = Layout::for_size(size);
+    let file = std::fs::File::open(path)?;
+    let mut map = PieceMap::new(layout);
+    let mut whole = Sha256::new();
+    let mut buf = vec![0u8; layout.piece_size as usize];
+    for i in 0..layout.pieces() {
+        let piece = &mut buf[..layout.len(i) as usize];
+        file.read_exact_at(piece, layout.range(i).0)?;
+        whole.update(&*piece);
+        map.set(i, Sha256::digest(&*piece).into());
+    }
+    // Longer than indexed is as wrong as shorter.
+    let mut extra = [0u8; 1];
+    if file.read_at(&mut extra, size)? != 0 {
+        return Ok(None);
+    }
+    Ok(Some((map, Digest::from_sha256(whole.finalize().into()))))
+}
+
 impl Store {
     /// Turns a failed read of a complete blob into a [`ReadError`], forgetting a blob whose
     /// file is gone.
@@ -98,7 +120,7 @@ impl Store {
                 _ => return Err(ReadError::Vanished { digest: guard.digest }),
             }
         };
-        let meta = tokio::fs::read(self.pieces_path(&guard.digest)).await.ok();
+        let meta = tokio::fs::read(&guard.meta).await.ok();
         let map = match meta.and_then(|m| PieceMap::decode_meta(&m, size)) {
             Some(map) => map,
             None => self.rebuild_piece_hashes(guard, size).await?,
@@ -111,34 +133,13 @@ impl Store {
     /// Hashes a whole blob: its piece digests if the whole matches its digest (and saves them
     /// as its `.pieces`), else quarantines it.
     async fn rebuild_piece_hashes(&self, guard: &ReadGuard, size: u64) -> Result<PieceMap, ReadError> {
-        let path = self.blob_path(&guard.digest);
-        let layout = Layout::for_size(size);
-        let hashed = flatten(
-            tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(path)?;
-                let mut map = PieceMap::new(layout);
-                let mut whole = Sha256::new();
-                let mut buf = vec![0u8; layout.piece_size as usize];
-                for i in 0..layout.pieces() {
-                    let piece = &mut buf[..layout.len(i) as usize];
-                    file.read_exact_at(piece, layout.range(i).0)?;
-                    whole.update(&*piece);
-                    map.set(i, Sha256::digest(&*piece).into());
-                }
-                // Longer than indexed is as wrong as shorter.
-                let mut extra = [0u8; 1];
-                if file.read_at(&mut extra, size)? != 0 {
-                    return Ok(None);
-                }
-                Ok(Some((map, Digest::from_sha256(whole.finalize().into()))))
-            })
-            .await,
-        )
-        .map_err(|e| self.read_failed(guard, e))?;
+        let path = guard.path.clone();
+        let hashed = flatten(tokio::task::spawn_blocking(move || hash_file(&path, size)).await)
+            .map_err(|e| self.read_failed(guard, e))?;
         let digest = guard.digest;
         match hashed {
             Some((map, actual)) if actual == digest => {
-                let (target, meta) = (self.pieces_path(&digest), map.encode_meta());
+                let (target, meta) = (guard.meta.clone(), map.encode_meta());
                 let saved = flatten(tokio::task::spawn_blocking(move || write_atomic(&target, &meta)).await);
                 if let Err(e) = saved {
                     tracing::warn!(%digest, error = %e, "could not save rebuilt piece metainfo");
@@ -175,7 +176,7 @@ impl Store {
         if index >= map.layout.pieces() {
             return Err(ReadError::NoSuchPiece { digest, index });
         }
-        let (path, layout, expected) = (self.blob_path(&digest), map.layout, map.digests[index as usize]);
+        let (path, layout, expected) = (guard.path.clone(), map.layout, map.digests[index as usize]);
         let read = flatten(
             tokio::task::spawn_blocking(move || {
                 read_and_check(&std::fs::File::open(path)?, layout, index, &expected)
@@ -266,7 +267,7 @@ impl VerifiedRead {
     pub async fn open(guard: ReadGuard, start: u64, end: u64) -> Result<VerifiedRead, ReadError> {
         let store = guard.store.clone();
         let map = store.piece_hashes(&guard).await?;
-        let file = match tokio::fs::File::open(store.blob_path(&guard.digest)).await {
+        let file = match tokio::fs::File::open(&guard.path).await {
             Ok(f) => Arc::new(f.into_std().await),
             Err(e) => return Err(store.read_failed(&guard, e)),
         };

@@ -25,6 +25,7 @@
 //! ([`neigh::NeighLimits`], dropped last). A Ctrl-C or SIGTERM drops
 //! the run future, so the same cleanup runs; a panic unwinds through the same drops.
 
+pub mod links;
 pub mod neigh;
 pub mod net;
 pub mod report;
@@ -351,12 +352,16 @@ pub async fn run(args: Args) -> Result<()> {
             let mark = egress_mark(net.as_ref(), &origin)?;
             eprintln!("run {}: {}: pulling", round + 1, scenario.name());
             let cpu_before = report::cpu_ticks();
+            let sampler = net.as_ref().map(links::LinkSampler::start);
             let nodes = fleet.pull_all(&setup).await?;
             let cpu = cpu_before.zip(report::cpu_ticks()).and_then(|(a, b)| report::cpu_shares(a, b));
             let (wire, payload) = egress_since(net.as_ref(), &origin, mark).await?;
             let mut result = RunResult::new(nodes, wire, payload);
             result.cpu_busy = cpu.map(|c| c.0);
             result.cpu_iowait = cpu.map(|c| c.1);
+            result.utilisation = sampler.and_then(|s| {
+                s.finish(&result.node_seconds, args.node_rate.0 as f64, args.origin_rate.0 as f64)
+            });
             if let Some((from_origin, from_peers, unowned)) = fleet.agents_received(&setup).await {
                 result.agents_received_from_origin = Some(from_origin);
                 result.agents_received_from_peers = Some(from_peers);
@@ -376,6 +381,16 @@ pub async fn run(args: Args) -> Result<()> {
                 fleet.agents_alive(),
                 result.agents_unowned_origin_pieces.map_or("no".to_string(), |n| n.to_string()),
             );
+            if let Some(u) = &result.utilisation {
+                let p = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.0}%", v * 100.0));
+                eprintln!(
+                    "run {}: {}: links busy (of the node rate), median node: upload {}, download {}",
+                    round + 1,
+                    scenario.name(),
+                    p(u.up_busy_share_per_node.p50),
+                    p(u.down_busy_share_per_completed_node.p50),
+                );
+            }
             if !result.errors.is_empty() {
                 eprintln!("failures:\n  {}\n{}", result.errors.join("\n  "), fleet.diagnostics());
             }

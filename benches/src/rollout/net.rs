@@ -186,7 +186,8 @@ impl Net {
         &self.prefix
     }
 
-    fn hub(&self) -> String {
+    /// The hub namespace, where the bridge and every host's bridge-side veth live.
+    pub fn hub(&self) -> String {
         format!("{}-hub", self.prefix)
     }
 

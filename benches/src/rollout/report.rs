@@ -57,6 +57,8 @@ pub struct RunResult {
     /// Origin pieces the agents fetched although another node owned them (takeovers) or
     /// outside a tracker plan: where duplicate origin bytes come from.
     pub agents_unowned_origin_pieces: Option<f64>,
+    /// Per-node link use over the pull, sampled from the bridge ports (namespaces only).
+    pub utilisation: Option<super::links::Utilisation>,
 }
 
 impl RunResult {
@@ -86,6 +88,7 @@ impl RunResult {
             agents_received_from_origin: None,
             agents_received_from_peers: None,
             agents_unowned_origin_pieces: None,
+            utilisation: None,
         }
     }
 

@@ -83,6 +83,10 @@ pub struct Args {
     /// Kill this percentage of the nodes at random times between 10 % and 70 % of T_min.
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
+    /// Piece uploads a node serves at once; more requests are answered `Busy` (the agent's
+    /// limit).
+    #[arg(long, default_value_t = 8)]
+    pub max_uploads: u32,
     /// Utilisation sampling interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub sample_ms: u64,
@@ -198,6 +202,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             sample: args.sample_ms * MS,
             max_time: args.timeout_secs * 1000 * MS,
             sched: shoal_agent::fetch::scheduler::Config::default(),
+            max_uploads: args.max_uploads.max(1),
         };
         eprintln!("sim: {}: {} nodes", scenario.name(), args.nodes);
         let wall = Instant::now();

@@ -26,6 +26,7 @@ use shoal_tracker::state::State;
 use shoal_agent::fetch::herd;
 use shoal_agent::fetch::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use shoal_agent::fetch::scheduler::{self, Action, Event};
+use shoal_agent::p2p::shares::Shares;
 use shoal_agent::pieces::Layout;
 use shoal_agent::types::Digest;
 
@@ -51,6 +52,8 @@ pub struct Config {
     pub max_time: Time,
     /// The agent's download tuning (its `FetchConfig` defaults).
     pub sched: scheduler::Config,
+    /// Piece uploads a node serves at once (the agent's `ServeOptions::max_uploads`).
+    pub max_uploads: u32,
 }
 
 /// Deterministic generator (splitmix64).
@@ -82,7 +85,7 @@ enum Ev {
     Have { dl: u32, peer: u32 },
     Head { dl: u32 },
     PieceReq { dl: u32, peer: u32, piece: u32 },
-    Failed { dl: u32, peer: u32, piece: u32, unreachable: bool },
+    Failed { dl: u32, peer: u32, piece: u32, why: Refused },
     OriginReq { dl: u32, first: u32, end: u32 },
     PlanReq { dl: u32, report: Box<PlanReport> },
     PlanReply { dl: u32, plan: Option<Box<Plan>> },
@@ -113,6 +116,17 @@ impl Ord for Queued {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(o.at, o.seq))
     }
+}
+
+/// Why a piece request got no piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// The connection reset (the peer was killed, or is unknown).
+    Unreachable,
+    /// The peer does not hold the piece.
+    Lacks,
+    /// Every upload slot of the peer is taken (the agent answers `Busy`).
+    Busy,
 }
 
 #[derive(Clone, Copy)]
@@ -242,6 +256,8 @@ impl Layer {
 
 pub struct World {
     cfg: Config,
+    /// Per node: its upload slots, held per receiving node.
+    uploads: Vec<Shares<u32>>,
     now: Time,
     seq: u64,
     queue: BinaryHeap<Reverse<Queued>>,
@@ -352,6 +368,7 @@ impl World {
             origin: n as u32,
             samples: Vec::new(),
             last_sent: vec![0.0; n + 1],
+            uploads: (0..=n).map(|_| Shares::new(cfg.max_uploads as usize)).collect(),
             last_received: vec![0.0; n + 1],
             events: 0,
             remaining: n,
@@ -623,9 +640,10 @@ impl World {
             }
             Action::RequestPiece { peer, index, expected: _ } => match peer_ix(self, &peer) {
                 Some(peer) => self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece: index }),
-                None => {
-                    self.push(now + rtt, Ev::Failed { dl, peer: u32::MAX, piece: index, unreachable: true })
-                }
+                None => self.push(
+                    now + rtt,
+                    Ev::Failed { dl, peer: u32::MAX, piece: index, why: Refused::Unreachable },
+                ),
             },
             Action::FetchOrigin { first, end, taken_over, unplanned, repair } => {
                 let k = u64::from(end - first);
@@ -801,6 +819,7 @@ impl World {
                     Job::Piece { dl, piece, peer } => {
                         self.net.stop(id, now, &mut self.wakes);
                         self.jobs[id as usize] = Job::None;
+                        self.upload_done(peer, self.node_of(dl));
                         self.peer_piece_bytes += done;
                         let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
                         let from = Some(self.node_ids[peer as usize].clone());
@@ -931,7 +950,7 @@ impl World {
                 let layer = self.layer_of(dl);
                 let me = self.node_of(dl);
                 if !self.alive[peer as usize] {
-                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, unreachable: true });
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Unreachable });
                     return;
                 }
                 self.msgs[peer as usize].piece_requests_received += 1;
@@ -943,17 +962,24 @@ impl World {
                     .and_then(|d| d.sched.as_ref())
                     .is_some_and(|s| s.map().verified.get(piece));
                 if !has {
-                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, unreachable: false });
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Lacks });
+                    return;
+                }
+                // The agent serves at most `max_uploads` pieces at once, each asking peer its
+                // fair share of them, and answers `Busy` beyond that (the agent's own rule).
+                let at = self.instant(now);
+                if !self.uploads[peer as usize].try_take(&me, at) {
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Busy });
                     return;
                 }
                 let len = self.layers[layer as usize].piece_len(piece);
                 self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
             }
-            Ev::Failed { dl, peer, piece, unreachable } => {
-                let error = if unreachable {
-                    PeerError::Unreachable("connection reset".into())
-                } else {
-                    PeerError::Lacks
+            Ev::Failed { dl, peer, piece, why } => {
+                let error = match why {
+                    Refused::Unreachable => PeerError::Unreachable("connection reset".into()),
+                    Refused::Lacks => PeerError::Lacks,
+                    Refused::Busy => PeerError::Busy,
                 };
                 let peer = match self.node_ids.get(peer as usize) {
                     Some(p) => p.clone(),
@@ -1106,11 +1132,19 @@ impl World {
             self.net.stop(id, self.now, &mut self.wakes);
             self.jobs[id as usize] = Job::None;
             if let Job::Piece { dl, piece, peer } = job {
+                self.upload_done(peer, self.node_of(dl));
                 if src == node {
-                    self.push(self.now + self.cfg.rtt / 2, Ev::Failed { dl, peer, piece, unreachable: true });
+                    self.push(
+                        self.now + self.cfg.rtt / 2,
+                        Ev::Failed { dl, peer, piece, why: Refused::Unreachable },
+                    );
                 }
             }
         }
+    }
+
+    fn upload_done(&mut self, sender: u32, receiver: u32) {
+        self.uploads[sender as usize].release(&receiver);
     }
 
     fn sample(&mut self) {
