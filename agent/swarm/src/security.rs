@@ -1,10 +1,11 @@
 //! The security protocols of TCP connections: TLS 1.3 (`/tls/1.0.0`) and noise (`/noise`).
 //!
 //! Both authenticate a peer by its libp2p key (the peer id is checked in the handshake) and
-//! encrypt every byte. They differ in what that costs per byte, which on the peer path is the
-//! agent's main CPU cost: libp2p's noise seals with ChaCha20-Poly1305 in portable Rust code
-//! (RustCrypto), TLS goes through rustls and ring's assembly (AES-GCM with AES-NI, or
-//! ChaCha20-Poly1305 with AVX2). See benches/README.md, `peer-path`, for the figures.
+//! encrypt every byte. On native targets both end up in the same primitive: libp2p-noise
+//! builds snow with its ring resolver, and libp2p-tls offers TLS_CHACHA20_POLY1305 first, so
+//! either way ring's AVX2 ChaCha20-Poly1305 seals the bytes; measured per byte they cost the
+//! same (benches/README.md, `peer-path`). TLS is here because it is the other libp2p
+//! standard (and the one QUIC uses), so a cluster can move to it without a flag day.
 //!
 //! A node offers every protocol of its list, in order: a dialer proposes them one after the
 //! other (multistream-select) and a listener accepts any of them, so a node that prefers TLS
