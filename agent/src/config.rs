@@ -123,6 +123,12 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_SWARM_KEY")]
     pub swarm_key: Option<PathBuf>,
 
+    /// Security protocols of TCP peer connections, preferred first: `tls` (TLS 1.3), `noise`.
+    /// A node accepts any protocol of its list and dials with the first the other side
+    /// accepts, so nodes with different lists interoperate while they share one.
+    #[arg(long, env = "SHOAL_P2P_SECURITY", default_value = "noise,tls")]
+    pub p2p_security: String,
+
     /// Piece requests to peers in flight at once, per download.
     #[arg(long, env = "SHOAL_PEER_CONCURRENCY", default_value = "16")]
     pub peer_concurrency: usize,
@@ -192,6 +198,8 @@ pub struct P2pConfig {
     pub trackers: Vec<String>,
     pub zone: Option<String>,
     pub swarm_key: Option<PathBuf>,
+    /// `--p2p-security`, parsed by the swarm.
+    pub security: String,
     pub peer_concurrency: usize,
     pub max_upload_rate: Option<u64>,
     pub corrupt_uploads: bool,
@@ -288,6 +296,7 @@ impl RunArgs {
             trackers: self.trackers.clone(),
             zone: self.zone.clone(),
             swarm_key: self.swarm_key.clone(),
+            security: self.p2p_security.clone(),
             peer_concurrency: self.peer_concurrency,
             max_upload_rate: self.max_upload_rate,
             corrupt_uploads,

@@ -63,6 +63,12 @@ enum Command {
         /// then start from the same memory state (see `settle` in the source).
         #[arg(long, default_value = "3")]
         settle_secs: u64,
+        /// Transports of the fresh agent's peer connections, each measured every round:
+        /// `default` (the agent's defaults), `noise` or `tls` (TCP + yamux with only that
+        /// security protocol offered), `quic` (QUIC, dialing the seeds' UDP addresses). The
+        /// seeds listen on TCP and QUIC and accept both TCP security protocols.
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        transports: Vec<String>,
     },
     /// Cached blob throughput through the agent (every piece verified on read) against the
     /// origin `docker-registry` directly: 1 and 4 readers, and `ctr content fetch`.
@@ -149,24 +155,47 @@ async fn settle(secs: u64) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(stat) = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) close with ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; 100 ticks a second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 async fn peer_path(
     size: u64,
     peer_counts: Vec<usize>,
     rounds: usize,
     min_piece: Option<u64>,
     settle_secs: u64,
+    transports: Vec<String>,
 ) -> Result<()> {
+    for t in &transports {
+        if !["default", "noise", "tls", "quic"].contains(&t.as_str()) {
+            bail!("unknown transport {t:?} (default, noise, tls, quic)");
+        }
+    }
+    // One column per (transport, peer count).
+    let cases: Vec<(String, usize)> =
+        transports.iter().flat_map(|t| peer_counts.iter().map(move |&n| (t.clone(), n))).collect();
     let origin = Origin::start().await?;
     let image =
         origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/blob", "v1").layers(&[size])).await?;
     let max_peers = peer_counts.iter().copied().max().unwrap_or(1);
     // Seeds: one pulls from the origin, the others from it, until all hold the blob.
-    let first = Agent::start(agent_options(&origin, min_piece)).await?;
+    let first = Agent::start(agent_options(&origin, min_piece).quic()).await?;
     fetch(&first, &origin, &image).await.context("seeding the first peer")?;
     let seed_addr = first.p2p_addr().await?;
     let mut seeds = vec![first];
     for _ in 1..max_peers {
-        let a = Agent::start(agent_options(&origin, min_piece).arg("--bootstrap").arg(&seed_addr)).await?;
+        let a =
+            Agent::start(agent_options(&origin, min_piece).quic().arg("--bootstrap").arg(&seed_addr)).await?;
         fetch(&a, &origin, &image).await.context("seeding a peer")?;
         seeds.push(a);
     }
@@ -176,19 +205,31 @@ async fn peer_path(
         shoal_tests::agent_binary()?.display()
     );
     let mut origin_times = Vec::new();
-    let mut peer_times: Vec<Vec<f64>> = vec![Vec::new(); peer_counts.len()];
+    let mut peer_times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..rounds {
         // Origin path: a fresh agent with no peers.
         let solo = Agent::start(agent_options(&origin, min_piece).arg("--no-p2p")).await?;
         settle(settle_secs).await;
+        let cpu = cpu_secs(solo.pid());
         let t = fetch(&solo, &origin, &image).await?;
-        println!("round {round}: origin        {:8.1} MiB/s", mib / t);
+        let gib = size as f64 / 1073741824.0;
+        println!(
+            "round {round}: origin            {:8.1} MiB/s (agent {:.2} CPU-s/GiB)",
+            mib / t,
+            (cpu_secs(solo.pid()) - cpu) / gib
+        );
         origin_times.push(t);
         drop(solo);
-        for (k, &count) in peer_counts.iter().enumerate() {
+        for (k, (transport, count)) in cases.iter().enumerate() {
+            let count = *count;
             let mut opts = agent_options(&origin, min_piece);
+            match transport.as_str() {
+                "noise" | "tls" => opts = opts.arg("--p2p-security").arg(transport),
+                _ => {}
+            }
             for s in &seeds[..count] {
-                opts = opts.arg("--bootstrap").arg(&s.p2p_addr().await?);
+                let addr = if transport == "quic" { s.quic_addr().await? } else { s.p2p_addr().await? };
+                opts = opts.arg("--bootstrap").arg(&addr);
             }
             let fresh = Agent::start(opts).await?;
             // Wait until it is connected to every source peer.
@@ -201,10 +242,15 @@ async fn peer_path(
             }
             settle(settle_secs).await;
             let mark = origin.access_log().len();
+            let seeds_cpu = |seeds: &[Agent]| seeds.iter().map(|s| cpu_secs(s.pid())).sum::<f64>();
+            let (cpu, cpu_seeds) = (cpu_secs(fresh.pid()), seeds_cpu(&seeds[..count]));
             let t = fetch(&fresh, &origin, &image).await?;
+            let gib = size as f64 / 1073741824.0;
+            let (cpu, cpu_seeds) =
+                ((cpu_secs(fresh.pid()) - cpu) / gib, (seeds_cpu(&seeds[..count]) - cpu_seeds) / gib);
             let origin_bytes = origin.access_log_since(mark).blob_get_bytes();
             println!(
-                "round {round}: {count} peer(s)     {:8.1} MiB/s (origin bytes during it: {origin_bytes})",
+                "round {round}: {transport:7} {count} peer(s) {:8.1} MiB/s (agent {cpu:.2}, seeds {cpu_seeds:.2} CPU-s/GiB; origin bytes during it: {origin_bytes})",
                 mib / t
             );
             peer_times[k].push(t);
@@ -213,9 +259,13 @@ async fn peer_path(
     let origin_median = median(&mut origin_times);
     println!("\nmedian throughput (MiB/s), blob {mib:.0} MiB:");
     println!("  origin      {:8.1}", mib / origin_median);
-    for (k, &count) in peer_counts.iter().enumerate() {
+    for (k, (transport, count)) in cases.iter().enumerate() {
         let m = median(&mut peer_times[k]);
-        println!("  {count} peer(s)   {:8.1}   ratio to origin {:.2}", mib / m, origin_median / m);
+        println!(
+            "  {transport:7} {count} peer(s)   {:8.1}   ratio to origin {:.2}",
+            mib / m,
+            origin_median / m
+        );
     }
     drop(join_all(seeds.into_iter().map(|a| async move { drop(a) })).await);
     Ok(())
@@ -324,14 +374,14 @@ async fn cached_read(size: u64, rounds: usize) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::PeerPath { size, peers, rounds, min_piece_size, settle_secs } => {
+        Command::PeerPath { size, peers, rounds, min_piece_size, settle_secs, transports } => {
             if std::env::var_os("SHOAL_AGENT_BIN").is_none() {
                 let release = shoal_tests::util::workspace_dir().join("target/release/shoal-agent");
                 if release.is_file() {
                     std::env::set_var("SHOAL_AGENT_BIN", release);
                 }
             }
-            peer_path(size, peers, rounds.max(1), min_piece_size, settle_secs).await
+            peer_path(size, peers, rounds.max(1), min_piece_size, settle_secs, transports).await
         }
         Command::CachedRead { size, rounds } => cached_read(size, rounds.max(1)).await,
         Command::Rollout(args) => rollout::main(args).await,

@@ -44,6 +44,8 @@ pub struct AgentOptions {
     /// Extra environment for the process (e.g. `RUST_LOG`).
     pub env: Vec<(String, String)>,
     pub startup_timeout: Duration,
+    /// Also listen for QUIC on the P2P port (`/ip4/127.0.0.1/udp/PORT/quic-v1`).
+    pub quic: bool,
 }
 
 impl Default for AgentOptions {
@@ -59,6 +61,7 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(20),
+            quic: false,
         }
     }
 }
@@ -92,6 +95,12 @@ impl AgentOptions {
 
     pub fn registry_auth_file(mut self, path: &Path) -> AgentOptions {
         self.registry_auth_file = Some(path.to_path_buf());
+        self
+    }
+
+    /// Also listen for QUIC on the P2P port number (UDP); see [`Agent::quic_addr`].
+    pub fn quic(mut self) -> AgentOptions {
+        self.quic = true;
         self
     }
 
@@ -176,6 +185,10 @@ impl Agent {
             "--p2p-listen".to_string(),
             format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port),
         ];
+        if o.quic {
+            a.push("--p2p-listen".to_string());
+            a.push(format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.p2p_port));
+        }
         for (reg, url) in &o.upstreams {
             a.push("--upstream".to_string());
             a.push(format!("{reg}={url}"));
@@ -264,6 +277,14 @@ impl Agent {
     /// other agents' `--bootstrap`; read from the agent's `/status`.
     pub async fn p2p_addr(&self) -> Result<String> {
         Ok(format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.p2p_port, self.peer_id().await?))
+    }
+
+    /// The agent's QUIC multiaddr with its peer id (started with [`AgentOptions::quic`]).
+    pub async fn quic_addr(&self) -> Result<String> {
+        if !self.opts.quic {
+            bail!("the agent was not started with AgentOptions::quic");
+        }
+        Ok(format!("/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}", self.p2p_port, self.peer_id().await?))
     }
 
     /// The agent's libp2p peer id, from its `/status`.

@@ -45,6 +45,8 @@ pub fn agent_config(
     let mut config =
         config_from_flags(&p2p.listen, &p2p.bootstrap, &p2p.trackers, key_path, p2p.swarm_key.clone())?;
     config.max_peers = Some(p2p.max_peers);
+    config.security = crate::swarm::Security::parse_list(&p2p.security)?;
+    config.validate()?;
     Ok(config)
 }
 

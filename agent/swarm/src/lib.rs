@@ -8,8 +8,10 @@
 //!
 //! Agents find each other through a Kademlia DHT and move verified pieces between each other
 //! with a small request-response protocol ([`shoal_protocol::piece`]). libp2p gives both, plus authenticated
-//! encrypted connections (noise: a peer *is* its key) and, with a cluster pre-shared key
-//! (pnet), a swarm that a process without the key cannot even finish a handshake with.
+//! encrypted connections (noise or TLS 1.3 over TCP, see [`security`]; QUIC for
+//! `/udp/…/quic-v1` addresses; a peer *is* its key) and, with a cluster pre-shared key
+//! (pnet, TCP only), a swarm that a process without the key cannot even finish a handshake
+//! with.
 //!
 //! - **One task owns the [`libp2p::Swarm`].** [`new`] returns a cloneable [`Client`] (a bounded
 //!   channel of commands, each with a oneshot reply), a receiver of [`InboundRequest`]s, and an
@@ -55,6 +57,7 @@ mod client;
 mod codec;
 mod event_loop;
 mod identity;
+mod security;
 #[cfg(test)]
 mod tests;
 
@@ -71,7 +74,7 @@ use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::{noise, tcp, yamux, Swarm};
+use libp2p::{quic, tcp, yamux, Swarm};
 use tokio::sync::mpsc;
 
 pub use client::{
@@ -79,6 +82,7 @@ pub use client::{
 };
 pub use event_loop::EventLoop;
 pub use libp2p::{Multiaddr, PeerId};
+pub use security::Security;
 pub use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse, MAX_PIECE_BYTES, MAX_RESPONSE_BYTES};
 
 /// The agent's default P2P port.
@@ -119,7 +123,12 @@ pub struct SwarmConfig {
     /// The node's ed25519 key (libp2p protobuf encoding), created with mode 0600 if missing.
     pub key_path: PathBuf,
     /// A libp2p pnet pre-shared key file; with it, only holders of the same key can connect.
+    /// pnet wraps a TCP byte stream, so a private swarm runs over TCP only: QUIC addresses
+    /// are refused by [`SwarmConfig::validate`] and no QUIC transport is built.
     pub swarm_key: Option<PathBuf>,
+    /// The security protocols offered on TCP connections, the first preferred when dialing;
+    /// inbound connections may use any of them (see [`security`]).
+    pub security: Vec<Security>,
     /// How long a connection attempt (TCP, pnet, noise, yamux) may take.
     pub dial_timeout: Duration,
     /// How long a peer has to answer a piece request once the stream is open.
@@ -145,6 +154,7 @@ impl SwarmConfig {
             bootstrap: Vec::new(),
             key_path,
             swarm_key: None,
+            security: Security::DEFAULT.to_vec(),
             dial_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_message_bytes: MAX_RESPONSE_BYTES,
@@ -167,6 +177,20 @@ impl SwarmConfig {
         }
         if self.max_peers.is_some_and(|n| n < 4) {
             return invalid("max peers must be at least 4".to_string());
+        }
+        if self.security.is_empty() {
+            return invalid("at least one security protocol (tls, noise) is needed".to_string());
+        }
+        if self.swarm_key.is_some() {
+            let quic = self.listen.iter().chain(self.bootstrap.iter().filter_map(|b| match b {
+                Bootstrap::Peer { addr, .. } => Some(addr),
+                Bootstrap::Dns { .. } => None,
+            }));
+            if let Some(addr) = quic.into_iter().find(|a| is_quic(a)) {
+                return invalid(format!(
+                    "{addr}: a swarm key (pnet) protects TCP connections only; QUIC cannot carry it, so a private swarm listens and dials on TCP"
+                ));
+            }
         }
         if self.inbound_queue == 0 {
             return invalid("the inbound request queue must hold at least one request".to_string());
@@ -222,10 +246,14 @@ impl Bootstrap {
         };
         let mut parts = addr.iter();
         let routable = matches!(parts.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)))
-            && matches!(parts.next(), Some(Protocol::Tcp(_)))
+            && match parts.next() {
+                Some(Protocol::Tcp(_)) => true,
+                Some(Protocol::Udp(_)) => matches!(parts.next(), Some(Protocol::QuicV1)),
+                _ => false,
+            }
             && parts.next().is_none();
         if !routable {
-            return Err(bad("only /ip4/…/tcp/… and /ip6/…/tcp/… addresses are supported"));
+            return Err(bad("only /ip4|ip6/…/tcp/… and /ip4|ip6/…/udp/…/quic-v1 addresses are supported"));
         }
         Ok(Bootstrap::Peer { peer, addr })
     }
@@ -306,7 +334,7 @@ pub fn new(config: SwarmConfig) -> Result<Parts, SwarmError> {
     let psk = config.swarm_key.as_deref().map(identity::load_swarm_key).transpose()?;
     let local_peer_id = keypair.public().to_peer_id();
 
-    let transport = build_transport(&keypair, psk, config.dial_timeout)?;
+    let transport = build_transport(&keypair, psk, &config.security, config.dial_timeout)?;
     let stats = Arc::new(SwarmStats::default());
     let behaviour = behaviour::Behaviour::new(&keypair, &config, stats.clone());
     let swarm_config =
@@ -355,29 +383,49 @@ fn transport_error(e: libp2p::TransportError<std::io::Error>) -> String {
     }
 }
 
-/// TCP, then (in a private swarm) pnet, then noise and yamux, all within `dial_timeout`.
+/// TCP, then (in a private swarm) pnet, then the security protocols of `security` and yamux,
+/// all within `dial_timeout`; outside a private swarm also QUIC (TLS 1.3 and streams built
+/// in), used for `/udp/…/quic-v1` addresses.
 fn build_transport(
     keypair: &Keypair,
     psk: Option<PreSharedKey>,
+    security: &[Security],
     dial_timeout: Duration,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
-    let noise = noise::Config::new(keypair).map_err(|e| SwarmError::Config(format!("noise: {e}")))?;
+    let upgrade = security::Upgrade::new(keypair, security)?;
     let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true));
     Ok(match psk {
-        None => tcp
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux::Config::default())
-            .timeout(dial_timeout)
-            .boxed(),
+        None => {
+            let tcp = tcp
+                .upgrade(Version::V1Lazy)
+                .authenticate(upgrade)
+                .multiplex(yamux::Config::default())
+                .timeout(dial_timeout)
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+            let mut quic_config = quic::Config::new(keypair);
+            quic_config.handshake_timeout = dial_timeout;
+            let quic = quic::tokio::Transport::new(quic_config)
+                .map(|(peer, connection), _| (peer, StreamMuxerBox::new(connection)));
+            quic.or_transport(tcp)
+                .map(|either, _| match either {
+                    libp2p::futures::future::Either::Left(out)
+                    | libp2p::futures::future::Either::Right(out) => out,
+                })
+                .boxed()
+        }
         Some(psk) => tcp
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
-            .authenticate(noise)
+            .authenticate(upgrade)
             .multiplex(yamux::Config::default())
             .timeout(dial_timeout)
             .boxed(),
     })
+}
+
+/// Whether `addr` is a QUIC address (`…/udp/…/quic-v1`).
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
 }
 
 /// Whether `addr` is on a loopback interface.

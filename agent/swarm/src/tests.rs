@@ -328,10 +328,84 @@ async fn swarm_key_separates_networks() {
     assert!(matches!(&err, SwarmError::SwarmKey { .. }), "{err}");
     let missing = dir.path().join("missing");
     assert!(matches!(new(with_key("u", Some(&missing))), Err(SwarmError::SwarmKey { .. })));
+    // pnet cannot wrap QUIC: a private node neither listens on nor dials QUIC addresses, so
+    // nobody can go around the key that way.
+    let mut quic = with_key("v", Some(&key1));
+    quic.listen.push("/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap());
+    assert!(matches!(new(quic), Err(SwarmError::Config(_))), "QUIC listen with a swarm key refused");
+    let mut quic = with_key("w", Some(&key1));
+    quic.bootstrap.push(format!("/ip4/127.0.0.1/udp/5001/quic-v1/p2p/{}", p.peer).parse().unwrap());
+    assert!(matches!(new(quic), Err(SwarmError::Config(_))), "QUIC bootstrap with a swarm key refused");
+    let listening = p.client.listen_addrs().await.unwrap();
+    assert!(listening.iter().all(|a| !is_quic(a)), "a private node listens on TCP only: {listening:?}");
 
     for node in [p, q, other_key, no_key] {
         node.stop().await;
     }
+}
+
+/// Nodes offering different lists of TCP security protocols connect over one they share,
+/// and not at all when they share none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_protocols_negotiate() {
+    let dir = tempfile::tempdir().unwrap();
+    let offering = |name: &str, security: &[Security]| {
+        let mut c = config(dir.path(), name);
+        c.security = security.to_vec();
+        c
+    };
+    let mut tls_only = Node::start(offering("tls", &[Security::Tls])).await;
+    tls_only.serve(HashMap::new());
+    let mut noise_only = Node::start(offering("noise", &[Security::Noise])).await;
+    noise_only.serve(HashMap::new());
+    let digest = Digest::of(b"nothing");
+    for (name, list) in
+        [("both", Security::DEFAULT.to_vec()), ("noise-first", vec![Security::Noise, Security::Tls])]
+    {
+        let dialer = Node::start(offering(name, &list)).await;
+        for target in [&tls_only, &noise_only] {
+            dialer.client.add_address(target.peer, target.addr.clone()).await.unwrap();
+            let answer =
+                within(10, name, dialer.client.request(target.peer, PieceRequest::have(&digest))).await;
+            assert_eq!(answer, Ok(PieceResponse::NotFound), "{name} dialing {}", target.addr);
+        }
+        dialer.stop().await;
+    }
+    // No protocol in common: no connection.
+    tls_only.client.add_address(noise_only.peer, noise_only.addr.clone()).await.unwrap();
+    let answer =
+        within(10, "disjoint", tls_only.client.request(noise_only.peer, PieceRequest::have(&digest))).await;
+    assert_eq!(answer, Err(RequestError::Unreachable));
+    assert!(Security::parse_list("tls,quux").is_err());
+    assert_eq!(Security::parse_list("noise, tls,noise").unwrap(), vec![Security::Noise, Security::Tls]);
+    tls_only.stop().await;
+    noise_only.stop().await;
+}
+
+/// Pieces move over QUIC between nodes that listen on a `/udp/…/quic-v1` address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_moves_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = blob(3 * 1024 * 1024 + 17);
+    let digest = Digest::of(&data);
+    let mut quic = config(dir.path(), "q");
+    quic.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    let mut server = Node::start(quic).await;
+    assert!(is_quic(&server.addr), "{}", server.addr);
+    server.serve(HashMap::from([(digest, (data.clone(), 1024 * 1024))]));
+    let mut dialer = config(dir.path(), "d");
+    dialer.bootstrap = vec![server.bootstrap()];
+    let client = Node::start(dialer).await;
+    let answer =
+        within(10, "piece over QUIC", client.client.request(server.peer, PieceRequest::piece(&digest, 3)))
+            .await
+            .unwrap();
+    match answer {
+        PieceResponse::Piece { data: got, .. } => assert_eq!(&got[..], &data[3 * 1024 * 1024..]),
+        other => panic!("expected a piece, got {other:?}"),
+    }
+    client.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +532,11 @@ fn bootstrap_parsing() {
         Bootstrap::Dns { host: "agents".into(), port: 7000 }
     );
 
+    let quic: Bootstrap = format!("/ip4/10.0.0.1/udp/5001/quic-v1/p2p/{peer}").parse().unwrap();
+    assert_eq!(quic, Bootstrap::Peer { peer, addr: "/ip4/10.0.0.1/udp/5001/quic-v1".parse().unwrap() });
+
     let err = |s: &str| s.parse::<Bootstrap>().unwrap_err();
+    assert!(matches!(err(&format!("/ip4/10.0.0.1/udp/5001/p2p/{peer}")), SwarmError::Bootstrap { .. }));
     assert!(matches!(err("/ip4/10.0.0.1/tcp/5001"), SwarmError::Bootstrap { .. }), "no peer id");
     assert!(matches!(err("not a multiaddr"), SwarmError::Multiaddr { .. }));
     assert!(matches!(err(&format!("/dns4/agents/tcp/5001/p2p/{peer}")), SwarmError::Bootstrap { .. }));

@@ -158,7 +158,10 @@ async fn start_agent(s: &Setup<'_>, i: usize, peers: &[String], flag: &str) -> R
         .arg(dir.join("cache"))
         .args(["--p2p-listen", &format!("/ip4/{}/tcp/{p2p}", place.ip())])
         .args(["--upstream", &format!("{}={origin_url}", s.origin_host)])
-        .args(["--default-registry", &s.origin_host]);
+        .args(["--default-registry", &s.origin_host])
+        // Each node's containerd here is the benchmark's client, not a store to seed from
+        // (and the machine's own containerd, if any, must not leak into a node).
+        .args(["--containerd-address", "off"]);
     for p in peers {
         cmd.args([flag, p]);
     }
