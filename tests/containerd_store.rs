@@ -2,11 +2,11 @@
 //! reading a real containerd's store (its gRPC API and content directory), a real
 //! `docker-registry` origin, and a second containerd as the client.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-use shoal_tests::pull::url;
+use shoal_tests::pull::{get_blob, url};
+use shoal_tests::util::{bytes_under, flip_bit};
 use shoal_tests::{
     dead_url, http_client, poll_until, write_hosts_toml, Agent, AgentOptions, Containerd, Image, ImageKind,
     ImageSpec, Origin,
@@ -71,42 +71,17 @@ async fn wait_for_store(agent: &Agent, n: usize, own: f64) {
     }
 }
 
-/// Bytes of the regular files under `dir`.
-fn bytes_under(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() { bytes_under(&entry.path()) } else { meta.len() };
-    }
-    total
-}
-
-fn cached_path(agent: &Agent, digest: &str) -> PathBuf {
-    agent.cache_dir().join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
-}
-
-/// One GET of a blob: `Ok(true)` if the body was complete with the right digest, `Ok(false)`
-/// if it was cut or wrong, `Err` for a status other than 200.
-async fn get_blob(agent: &Agent, origin: &Origin, image: &Image, digest: &str) -> Result<bool, String> {
-    let u = url(agent, origin, &image.repo, "blobs", digest);
-    let mut resp = http_client()
-        .get(&u)
-        .timeout(Duration::from_secs(60))
-        .send()
+/// A second, empty containerd fetches `image` by digest through `agent` only (its
+/// `hosts.toml` names no reachable origin) and must end up holding the whole image.
+async fn fetch_through(agent: &Agent, origin: &Origin, image: &Image) {
+    let client = Containerd::start().await.unwrap();
+    let hosts = client.scratch_dir("hosts").unwrap();
+    write_hosts_toml(&hosts, &origin.host(), Some(&agent.url()), &dead_url()).unwrap();
+    client
+        .fetch(&image.digest_reference(), &hosts, &[])
         .await
-        .map_err(|e| format!("GET {u}: {e}"))?;
-    if resp.status() != 200 {
-        return Err(format!("GET {u}: {}", resp.status()));
-    }
-    let mut hasher = Sha256::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => hasher.update(&c),
-            Ok(None) => break,
-            Err(_) => return Ok(false),
-        }
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())) == digest)
+        .expect("fetch through the agent with the origin stopped");
+    client.verify_image(image).await.expect("the client holds the whole image");
 }
 
 /// An image containerd pulled from the origin before any agent ran: agent A, started
@@ -129,14 +104,7 @@ async fn image_containerd_pulled_alone_is_seeded_from_its_store() {
     seen_public(&b, &origin, &image).await;
     origin.stop();
 
-    let client = Containerd::start().await.unwrap();
-    let hosts = client.scratch_dir("hosts").unwrap();
-    write_hosts_toml(&hosts, &origin.host(), Some(&b.url()), &dead_url()).unwrap();
-    client
-        .fetch(&image.digest_reference(), &hosts, &[])
-        .await
-        .expect("fetch through B with the origin stopped");
-    client.verify_image(&image).await.expect("the client holds the whole image");
+    fetch_through(&b, &origin, &image).await;
 
     assert_eq!(b.metric("shoal_pieces_rejected_total", &[]).await, 0.0);
     assert!(b.metric("shoal_received_bytes_total", &[("source", "peer")]).await >= (4 << 20) as f64);
@@ -166,7 +134,7 @@ async fn pull_through_the_agent_leaves_one_copy() {
     let n = all_digests(&image).len();
     wait_for_store(&a, n, 0.0).await;
     for d in all_digests(&image) {
-        assert!(!cached_path(&a, &d).exists(), "A still holds {d}");
+        assert!(!a.cached_blob_path(&d).exists(), "A still holds {d}");
     }
     assert!(a.log().contains("dropped the agent's copy"), "{}", a.log_tail());
 
@@ -174,24 +142,10 @@ async fn pull_through_the_agent_leaves_one_copy() {
     // origin stopped.
     seen_public(&b, &origin, &image).await;
     origin.stop();
-    let client = Containerd::start().await.unwrap();
-    let hosts = client.scratch_dir("hosts").unwrap();
-    write_hosts_toml(&hosts, &origin.host(), Some(&b.url()), &dead_url()).unwrap();
-    client
-        .fetch(&image.digest_reference(), &hosts, &[])
-        .await
-        .expect("fetch through B with the origin stopped");
-    client.verify_image(&image).await.expect("the client holds the whole image");
+    fetch_through(&b, &origin, &image).await;
     assert_eq!(b.metric("shoal_pieces_rejected_total", &[]).await, 0.0);
     assert!(b.metric("shoal_received_bytes_total", &[("source", "peer")]).await >= (5 << 20) as f64);
     assert_eq!(a.metric("shoal_cache_bytes", &[]).await, 0.0);
-}
-
-/// Flips one bit of the file at `offset`.
-fn flip(path: &Path, offset: u64) {
-    let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes[offset as usize] ^= 0x10;
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// A byte flipped in containerd's copy: B (A's peer) never receives a bad piece, A stops
@@ -211,8 +165,8 @@ async fn flipped_byte_in_containerds_copy_is_never_served() {
     let b = peer_of(&a, &origin).await;
     let layers: Vec<_> = image.layers().collect();
     let (for_peer, for_client) = (layers[0], layers[1]);
-    flip(&ctd.blob_path(&for_peer.digest), (5 << 20) + 12345);
-    flip(&ctd.blob_path(&for_client.digest), (2 << 20) + 7);
+    flip_bit(&ctd.blob_path(&for_peer.digest), (5 << 20) + 12345);
+    flip_bit(&ctd.blob_path(&for_client.digest), (2 << 20) + 7);
 
     assert!(get_blob(&b, &origin, &image, &for_peer.digest).await.unwrap(), "B's client got the right bytes");
     assert_eq!(b.metric("shoal_pieces_rejected_total", &[]).await, 0.0, "B received a bad piece");
@@ -231,7 +185,7 @@ async fn flipped_byte_in_containerds_copy_is_never_served() {
     eprintln!("A's client got the right bytes on request {attempt}");
     assert_eq!(a.metric("shoal_corrupt_blobs_total", &[]).await, 2.0);
     // A holds its own, right copy now; containerd's damaged file is containerd's business.
-    let own = std::fs::read(cached_path(&a, &for_client.digest)).expect("A stored its own copy");
+    let own = std::fs::read(a.cached_blob_path(&for_client.digest)).expect("A stored its own copy");
     assert_eq!(shoal_tests::digest_of(&own), for_client.digest);
     assert_ne!(shoal_tests::digest_of(&ctd.read_blob(&for_client.digest).unwrap()), for_client.digest);
     // And serves that copy from then on (containerd's is not taken back).
@@ -338,12 +292,12 @@ async fn discarded_layers_stay_in_the_agents_cache() {
         );
     }
     for l in &layers {
-        let stored = std::fs::read(cached_path(&a, l)).expect("A kept the layer");
+        let stored = std::fs::read(a.cached_blob_path(l)).expect("A kept the layer");
         assert_eq!(&shoal_tests::digest_of(&stored), l);
         assert!(get_blob(&a, &origin, &image, l).await.unwrap(), "A serves {l}");
     }
     for d in &kept {
-        assert!(!cached_path(&a, d).exists(), "A kept a second copy of {d}");
+        assert!(!a.cached_blob_path(d).exists(), "A kept a second copy of {d}");
     }
     // (The log line "no image keeps it" appears only when a sync falls between the commit of a
     // layer and its removal; here containerd's GC usually wins that race, and the agent never

@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-use shoal_tests::pull::{pull, url};
-use shoal_tests::{
-    digest_of, http_client, poll_until, Agent, AgentOptions, Image, ImageKind, ImageSpec, Origin,
-};
+use shoal_tests::pull::{get_blob, pull};
+use shoal_tests::util::{bytes_under, flip_bit};
+use shoal_tests::{digest_of, http_client, poll_until, Agent, AgentOptions, ImageKind, ImageSpec, Origin};
 
 /// Starts agent A, and B bootstrapped from A.
 async fn pair(origin: &Origin) -> (Agent, Agent) {
@@ -21,41 +19,6 @@ async fn pair(origin: &Origin) -> (Agent, Agent) {
     .await
     .unwrap();
     (a, b)
-}
-
-fn cached_path(agent: &Agent, digest: &str) -> std::path::PathBuf {
-    agent.cache_dir().join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
-}
-
-/// Flips one bit of the file at `offset`.
-fn flip(path: &std::path::Path, offset: u64) {
-    let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes[offset as usize] ^= 0x10;
-    std::fs::write(path, bytes).unwrap();
-}
-
-/// One GET of a blob: `Ok(true)` if the body was complete with the right digest, `Ok(false)`
-/// if it was cut or wrong, `Err` for a status other than 200.
-async fn get_blob(agent: &Agent, origin: &Origin, image: &Image, digest: &str) -> Result<bool, String> {
-    let u = url(agent, origin, &image.repo, "blobs", digest);
-    let mut resp = http_client()
-        .get(&u)
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await
-        .map_err(|e| format!("GET {u}: {e}"))?;
-    if resp.status() != 200 {
-        return Err(format!("GET {u}: {}", resp.status()));
-    }
-    let mut hasher = Sha256::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => hasher.update(&c),
-            Ok(None) => break,
-            Err(_) => return Ok(false),
-        }
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())) == digest)
 }
 
 /// A byte flipped in A's cached blob: B (A's peer) never receives a bad piece, A quarantines
@@ -76,8 +39,8 @@ async fn flipped_byte_is_never_served() {
     let layers: Vec<_> = image.layers().collect();
     let (for_peer, for_client) = (layers[0], layers[1]);
     // In the last piece, so A has sent good pieces before it meets the damage.
-    flip(&cached_path(&a, &for_peer.digest), (5 << 20) + 12345);
-    flip(&cached_path(&a, &for_client.digest), (2 << 20) + 7);
+    flip_bit(&a.cached_blob_path(&for_peer.digest), (5 << 20) + 12345);
+    flip_bit(&a.cached_blob_path(&for_client.digest), (2 << 20) + 7);
 
     // The peer: B's client asks B for the layer with the origin up. A sends good pieces and
     // refuses the damaged one; B takes what A no longer has from the origin. B rejects
@@ -93,7 +56,7 @@ async fn flipped_byte_is_never_served() {
         b.metric("shoal_received_bytes_total", &[("source", "peer")]).await,
         b.metric("shoal_received_bytes_total", &[("source", "origin")]).await
     );
-    let stored = std::fs::read(cached_path(&b, &for_peer.digest)).expect("B stored the layer");
+    let stored = std::fs::read(b.cached_blob_path(&for_peer.digest)).expect("B stored the layer");
     assert_eq!(digest_of(&stored), for_peer.digest);
     assert_eq!(a.metric("shoal_corrupt_blobs_total", &[]).await, 1.0, "A quarantined the damaged blob");
     assert!(a.log().contains("quarantined"), "A's log says so:\n{}", a.log_tail());
@@ -110,10 +73,10 @@ async fn flipped_byte_is_never_served() {
     eprintln!("A's client got the right bytes on request {attempt}");
     assert_eq!(a.metric("shoal_corrupt_blobs_total", &[]).await, 2.0);
     // A downloaded it again and holds the right bytes now; both damaged copies are gone.
-    let refetched = std::fs::read(cached_path(&a, &for_client.digest)).expect("A stored it again");
+    let refetched = std::fs::read(a.cached_blob_path(&for_client.digest)).expect("A stored it again");
     assert_eq!(digest_of(&refetched), for_client.digest);
     // Damage in the very first piece is caught before the response starts: one request.
-    flip(&cached_path(&a, &for_client.digest), 100);
+    flip_bit(&a.cached_blob_path(&for_client.digest), 100);
     assert!(
         get_blob(&a, &origin, &image, &for_client.digest).await.unwrap(),
         "a damaged first piece is downloaded again within the same request"
@@ -164,16 +127,6 @@ impl Drop for SmallFs {
     }
 }
 
-/// Bytes of the regular files under `dir`.
-fn bytes_under(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() { bytes_under(&entry.path()) } else { meta.len() };
-    }
-    total
-}
-
 /// The cache on a 16 MiB filesystem holding a 2 MiB blob: a 24 MiB blob fails at once with a
 /// clear error and leaves nothing behind; the 2 MiB blob is still served; a 4 MiB blob is
 /// fetched; a 10 MiB blob that fits only without the least recently used blob evicts it; a
@@ -204,7 +157,7 @@ async fn full_disk_fails_cleanly_and_what_fits_is_fetched() {
     assert!(a.log().contains("no space for"), "the log says why:\n{}", a.log_tail());
     let tmp = bytes_under(&cache.join("tmp"));
     assert_eq!(tmp, 0, "the failed download left {tmp} bytes in tmp/");
-    assert!(cached_path(&a, small).exists(), "the 2 MiB blob was not evicted for a blob that cannot fit");
+    assert!(a.cached_blob_path(small).exists(), "the 2 MiB blob was not evicted for a blob that cannot fit");
 
     let served = a.metric("shoal_served_bytes_total", &[("source", "cache")]).await;
     assert!(get_blob(&a, &origin, &image, small).await.unwrap(), "the cached blob is still served");
@@ -214,7 +167,7 @@ async fn full_disk_fails_cleanly_and_what_fits_is_fetched() {
     // 10 MiB with 2 + 4 MiB stored: fits once the least recently used blob (2 MiB) is gone.
     assert!(get_blob(&a, &origin, &image, needs_room).await.unwrap(), "eviction made room for 10 MiB");
     assert!(a.metric("shoal_cache_evictions_total", &[]).await >= 1.0);
-    assert!(!cached_path(&a, small).exists() && cached_path(&a, fits).exists());
+    assert!(!a.cached_blob_path(small).exists() && a.cached_blob_path(fits).exists());
 
     // Read-only at run time: reported on /readyz (and the log), not a crash; back when writable.
     let readyz = format!("{}/readyz", a.metrics_url());

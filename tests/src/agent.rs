@@ -302,6 +302,11 @@ impl Agent {
         &self.cache_dir
     }
 
+    /// Where the agent keeps its own complete copy of `digest` (`sha256:<hex>`).
+    pub fn cached_blob_path(&self, digest: &str) -> PathBuf {
+        self.cache_dir.join("blobs/sha256").join(crate::util::digest_hex(digest))
+    }
+
     pub fn options(&self) -> &AgentOptions {
         &self.opts
     }

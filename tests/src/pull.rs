@@ -111,3 +111,27 @@ pub fn content_gets(origin: &Origin, mark: usize) -> Vec<String> {
         .map(|e| format!("{} {} {}", e.method, e.path, e.bytes))
         .collect()
 }
+
+/// One GET of a blob through `agent`: `Ok(true)` if the body was complete with the right
+/// digest, `Ok(false)` if it was cut or wrong, `Err` for a status other than 200.
+pub async fn get_blob(agent: &Agent, origin: &Origin, image: &Image, digest: &str) -> Result<bool, String> {
+    let u = url(agent, origin, &image.repo, "blobs", digest);
+    let mut resp = http_client()
+        .get(&u)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| format!("GET {u}: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("GET {u}: {}", resp.status()));
+    }
+    let mut hasher = Sha256::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => hasher.update(&c),
+            Ok(None) => break,
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())) == digest)
+}

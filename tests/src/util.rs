@@ -220,3 +220,20 @@ pub fn scrub_env(cmd: &mut std::process::Command) {
         }
     }
 }
+
+/// Flips one bit of the file at `offset` (a damaged disk, for integrity tests).
+pub fn flip_bit(path: &Path, offset: u64) {
+    let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes[offset as usize] ^= 0x10;
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Bytes of the regular files under `dir` (0 when it does not exist).
+pub fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { bytes_under(&entry.path()) } else { meta.len() };
+    }
+    total
+}
