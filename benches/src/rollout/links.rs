@@ -41,7 +41,7 @@ pub struct LinkSampler {
     node_ports: Vec<String>,
 }
 
-/// One interval, as the simulator reports it (shares of the link rate).
+/// One interval (shares of the link rate); the simulator reports the same.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Sample {
     /// End of the interval, seconds since sampling started.
@@ -50,9 +50,9 @@ pub struct Sample {
     pub origin_up: f64,
     /// Mean downlink busy share of the nodes still pulling at the interval's end.
     pub down_mean_downloading: f64,
-    /// Mean uplink busy share of all nodes.
+    /// Mean uplink busy share of all nodes (the live ones, in the simulator).
     pub up_mean: f64,
-    /// Share of nodes whose uplink was more than 90 % busy.
+    /// Share of those nodes whose uplink was more than 90 % busy.
     pub up_saturated_share: f64,
     /// Nodes still pulling at the interval's end.
     pub downloading: usize,
@@ -68,7 +68,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(v: &[f64]) -> Spread {
+    pub fn of(v: &[f64]) -> Spread {
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
         Spread {

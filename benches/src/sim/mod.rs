@@ -38,8 +38,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::rollout::links::Spread;
 use crate::rollout::net::{parse_rate, Rate};
-use crate::rollout::report::{percentile, Machine, Report, RunResult, ScenarioResult};
+use crate::rollout::report::{Machine, Report, RunResult, ScenarioResult};
 use crate::rollout::scenario::Scenario;
 use flow::NS;
 use sched::MS;
@@ -106,17 +107,6 @@ fn layer_sizes(total: u64, layers: usize) -> Vec<u64> {
 }
 
 /// Nearest-rank summary of `v`: p10, p50, p90, max.
-fn spread(v: &[f64]) -> Value {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    json!({
-        "p10": percentile(&s, 10.0),
-        "p50": percentile(&s, 50.0),
-        "p90": percentile(&s, 90.0),
-        "max": s.last(),
-    })
-}
-
 fn messages(o: &Outcome) -> Value {
     let d = o.end_s;
     let rate = |f: &dyn Fn(&world::Msgs) -> u64| {
@@ -247,8 +237,8 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             "download_failures": o.failures,
             "messages": messages(&o),
             "utilisation": {
-                "up_busy_share_per_node": spread(&o.up_util),
-                "down_busy_share_per_completed_node": spread(&o.down_util),
+                "up_busy_share_per_node": Spread::of(&o.up_util),
+                "down_busy_share_per_completed_node": Spread::of(&o.down_util),
                 "samples": o.samples,
             },
             "measured": {

@@ -186,20 +186,9 @@ pub struct TrackerCpu {
     pub tick_cpu_ns: u64,
 }
 
-/// One utilisation sample over the last interval.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Sample {
-    pub t_s: f64,
-    /// Origin uplink busy share.
-    pub origin_up: f64,
-    /// Mean downlink busy share of the nodes still downloading (through the interval).
-    pub down_mean_downloading: f64,
-    /// Mean uplink busy share of all live nodes.
-    pub up_mean: f64,
-    /// Share of live nodes whose uplink was more than 90 % busy.
-    pub up_saturated_share: f64,
-    pub downloading: usize,
-}
+/// One utilisation sample over the last interval: the netns benchmark's shape, so the two
+/// read side by side.
+pub use crate::rollout::links::Sample;
 
 pub struct Outcome {
     /// Per node: completion time, or why not.
