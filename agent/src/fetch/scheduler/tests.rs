@@ -515,24 +515,30 @@ fn askers_share_the_origin_pieces() {
     assert_eq!(t.s.downloaders(), 1);
 }
 
+/// 4,000 nodes downloading `digest`: their origin group, one node outside it, and the level
+/// lookups as a node sees them (at most 20 providers per level key).
+fn large_swarm(digest: &Digest) -> (Vec<NodeId>, NodeId, Vec<(u8, Vec<NodeId>)>) {
+    let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
+    let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
+    for x in &nodes {
+        let l = herd::level(digest, x);
+        if l >= herd::MIN_LEVEL {
+            lists[usize::from(l - herd::MIN_LEVEL)].1.push(x.clone());
+        }
+    }
+    let group = herd::group(digest, &nodes[0], &lists).expect("4000 nodes form a group");
+    let outsider = nodes.iter().find(|n| !group.contains(n)).unwrap().clone();
+    let found = lists.iter().map(|(l, v)| (*l, v.iter().take(20).cloned().collect())).collect();
+    (group, outsider, found)
+}
+
 /// In a large swarm (an origin group formed) a node outside the group fetches nothing from
 /// the origin by itself, while a member fetches its share at once.
 #[test]
 fn only_the_origin_group_fetches_from_the_origin() {
     let digest = Digest::of(b"blob");
-    let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
-    let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
-    for x in &nodes {
-        let l = herd::level(&digest, x);
-        if l >= herd::MIN_LEVEL {
-            lists[usize::from(l - herd::MIN_LEVEL)].1.push(x.clone());
-        }
-    }
-    let group = herd::group(&digest, &nodes[0], &lists).expect("4000 nodes form a group");
+    let (group, outsider, found) = large_swarm(&digest);
     let member = group[0].clone();
-    let outsider = nodes.iter().find(|n| !group.contains(n)).unwrap().clone();
-    let found: Vec<(u8, Vec<NodeId>)> =
-        lists.iter().map(|(l, v)| (*l, v.iter().take(20).cloned().collect())).collect();
 
     let mut out = Timeline::new(64 * MIB, Config::default(), outsider, &[]);
     out.actions();
@@ -650,18 +656,7 @@ fn an_incomplete_group_lookup_is_asked_again() {
 #[test]
 fn the_owner_of_a_piece_nobody_holds_is_polled() {
     let digest = Digest::of(b"blob");
-    let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
-    let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
-    for x in &nodes {
-        let l = herd::level(&digest, x);
-        if l >= herd::MIN_LEVEL {
-            lists[usize::from(l - herd::MIN_LEVEL)].1.push(x.clone());
-        }
-    }
-    let group = herd::group(&digest, &nodes[0], &lists).expect("a group");
-    let outsider = nodes.iter().find(|n| !group.contains(n)).unwrap().clone();
-    let found: Vec<(u8, Vec<NodeId>)> =
-        lists.iter().map(|(l, v)| (*l, v.iter().take(20).cloned().collect())).collect();
+    let (group, outsider, found) = large_swarm(&digest);
     let mut t = Timeline::new(4 * MIB, Config::default(), outsider, &[]);
     t.actions();
     t.event(Event::Fetchers(found.clone()));
