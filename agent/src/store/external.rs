@@ -219,16 +219,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::put;
     use super::*;
-    use bytes::Bytes;
-
-    async fn put(store: &Arc<Store>, data: &[u8]) -> Digest {
-        let digest = Digest::of(data);
-        let (p, _) = store.open_partial(&digest).await.unwrap();
-        p.write_at(0, Bytes::copy_from_slice(data)).await.unwrap();
-        store.commit(p, None, None).await.unwrap();
-        digest
-    }
 
     #[tokio::test]
     async fn containerd_copies_are_served_not_counted_and_replace_the_agents() {
@@ -263,7 +255,7 @@ mod tests {
         assert!(!store.contains(&d) && path.exists());
 
         // The agent's own copy, then containerd keeps it too: one copy, containerd's.
-        let own = put(&store, &data).await;
+        let own = put(&store, &data, None).await;
         assert_eq!(own, d);
         assert_eq!(crate::sync::lock(&store.inner).total_bytes, data.len() as u64);
         let pinned = store.get(&d).unwrap().1;
@@ -286,7 +278,7 @@ mod tests {
         assert!(!store.contains(&d) && path.exists());
         assert!(!store.add_external(d, data.len() as u64, path.clone(), None).await.unwrap());
         // A fresh own copy is kept: containerd's does not match.
-        put(&store, &data).await;
+        put(&store, &data, None).await;
         store.retain_bad_external(&HashSet::new());
         assert_eq!(store.adopt_external(&d, path.clone()).await.unwrap(), Adopted::Mismatch);
         assert!(store.holds_own(&d));

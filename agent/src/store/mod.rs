@@ -781,7 +781,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    async fn put(store: &Arc<Store>, data: &[u8], media_type: Option<&str>) -> Digest {
+    /// Stores `data` as a complete blob (also used by `external`'s tests).
+    pub(super) async fn put(store: &Arc<Store>, data: &[u8], media_type: Option<&str>) -> Digest {
         let digest = Digest::of(data);
         let (p, _) = store.open_partial(&digest).await.unwrap();
         p.write_at(0, Bytes::copy_from_slice(data)).await.unwrap();
