@@ -515,9 +515,12 @@ fn askers_share_the_origin_pieces() {
     assert_eq!(t.s.downloaders(), 1);
 }
 
+/// Providers of each level key, as [`Event::Fetchers`] carries them.
+type LevelLists = Vec<(u8, Vec<NodeId>)>;
+
 /// 4,000 nodes downloading `digest`: their origin group, one node outside it, and the level
 /// lookups as a node sees them (at most 20 providers per level key).
-fn large_swarm(digest: &Digest) -> (Vec<NodeId>, NodeId, Vec<(u8, Vec<NodeId>)>) {
+fn large_swarm(digest: &Digest) -> (Vec<NodeId>, NodeId, LevelLists) {
     let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
     let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
     for x in &nodes {
