@@ -40,6 +40,7 @@ fn plan_request(digest: [u8; 32], pieces: u32, held: u32) -> PlanRequest {
         have,
         attest: Vec::new(),
         complete: held == pieces,
+        fetching: Vec::new(),
     }
 }
 

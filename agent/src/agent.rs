@@ -72,6 +72,7 @@ impl Agent {
         let fetch_config = FetchConfig {
             peer_concurrency: config.p2p.as_ref().map_or(16, |p| p.peer_concurrency),
             max_download_rate: config.max_download_rate,
+            give_up_after: config.download_give_up,
             ..FetchConfig::default()
         };
         let access = Arc::new(crate::access::Access::new(
@@ -114,9 +115,14 @@ impl Agent {
         };
         let swarm_config = p2p::agent_config(p2p_config, config.cache_dir.join("node.key"))?;
         crate::metrics::METRICS.max_peers.set(p2p_config.max_peers as i64);
-        let crate::swarm::Parts { client, inbound, event_loop: swarm_loop, .. } =
+        let crate::swarm::Parts { client, inbound, tracker_inbound, event_loop: swarm_loop } =
             crate::swarm::new(swarm_config)?;
         let network = Arc::new(SwarmNetwork::new(client.clone()));
+        // Plan requests of peers for the digests this node coordinates (no tracker).
+        supervisor.spawn(
+            "coordinator",
+            network.coordinator().serve(client.clone(), tracker_inbound, supervisor.token()),
+        );
         supervisor.spawn("provider records", network.run_provider_queue(supervisor.token()));
         // Provide what the cache already holds (one queue entry per digest, handed to the
         // swarm one at a time); withdraw what it evicts.

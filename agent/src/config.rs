@@ -176,6 +176,12 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: std::time::Duration,
 
+    /// While the origin fails (errors, timeouts), a download retries with back-off and gives
+    /// up only after this long without a verified piece from anywhere, e.g. 5m. "Not found"
+    /// and "access refused" fail at once.
+    #[arg(long, env = "SHOAL_DOWNLOAD_GIVE_UP", default_value = "5m", value_parser = parse_duration)]
+    pub download_give_up: std::time::Duration,
+
     /// Test-only fault injection: corrupt every piece sent to peers (the attested digests
     /// stay right, so receivers must catch it).
     #[cfg(feature = "fault-injection")]
@@ -229,6 +235,8 @@ pub struct Config {
     pub max_requests: usize,
     /// How long shutdown waits for requests and downloads.
     pub shutdown_grace: std::time::Duration,
+    /// `--download-give-up`.
+    pub download_give_up: std::time::Duration,
     /// containerd's content store as a source; `None` when `--containerd-address` is empty.
     pub containerd: Option<ContainerdConfig>,
 }
@@ -318,6 +326,7 @@ impl RunArgs {
             max_download_rate: self.max_download_rate,
             max_requests: self.max_requests,
             shutdown_grace: self.shutdown_grace,
+            download_give_up: self.download_give_up,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             cache_dir: self.cache_dir,
@@ -465,6 +474,7 @@ mod tests {
         }
         let cfg = Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap();
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(cfg.download_give_up, Duration::from_secs(300));
         let ctrd = cfg.containerd.as_ref().expect("containerd on by default");
         assert_eq!(ctrd.address, PathBuf::from("/run/containerd/containerd.sock"));
         assert_eq!(ctrd.namespace, "k8s.io");

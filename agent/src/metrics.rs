@@ -66,6 +66,9 @@ pub struct Metrics {
     pub connected_peers: Gauge,
     pub dht_lookups: Counter,
     pub dht_lookup_seconds: Counter<f64, AtomicU64>,
+    pub dht_requests_received: Counter,
+    pub dht_requests_sent: Counter,
+    pub coordinator_plans: Family<OutcomeLabels, Counter>,
     pub tracker_plans: Family<OutcomeLabels, Counter>,
     pub origin_pieces_unplanned: Counter,
     pub origin_pieces_taken_over: Counter,
@@ -191,6 +194,25 @@ impl Metrics {
             "Total time of DHT provider lookups (divide by shoal_dht_lookups_total for the mean)",
             dht_lookup_seconds.clone(),
         );
+        let dht_requests_received = Counter::default();
+        registry.register(
+            "dht_requests_received",
+            "Kademlia requests received from peers (find node, get and add providers, ...)",
+            dht_requests_received.clone(),
+        );
+        let dht_requests_sent = Counter::default();
+        registry.register(
+            "dht_requests_sent",
+            "Kademlia requests this node's own queries sent (counted when each query ends)",
+            dht_requests_sent.clone(),
+        );
+        let coordinator_plans = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "coordinator_plans",
+            "Plan requests this agent answered as the coordinator of a digest (no tracker), by \
+             outcome: remote (a peer's download), local (its own), refused",
+            coordinator_plans.clone(),
+        );
         let auth_checks = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "auth_checks",
@@ -201,7 +223,8 @@ impl Metrics {
         let tracker_plans = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "plan_requests",
-            "Plan requests of downloads to a tracker, by outcome (answered, unanswered)",
+            "Plan requests of downloads to their planner (the tracker, or the digest's coordinator), by \
+             outcome (answered, unanswered)",
             tracker_plans.clone(),
         );
         let origin_pieces_unplanned = Counter::default();
@@ -245,6 +268,9 @@ impl Metrics {
             connected_peers,
             dht_lookups,
             dht_lookup_seconds,
+            dht_requests_received,
+            dht_requests_sent,
+            coordinator_plans,
             received_bytes,
             origin_pieces,
             pieces_verified,

@@ -13,7 +13,8 @@
 //!
 //! - [`config`]: the flags (each also `SHOAL_<FLAG>`), defaults, validation.
 //! - [`state`]: everything the tracker knows and every decision it makes (assignments,
-//!   peer ranking, reassignment, preheat bookkeeping), pure and driven by `now`.
+//!   peer ranking, reassignment, preheat bookkeeping), pure and driven by `now`: the
+//!   `shoal-plan` crate, which agents also run as the coordinators of digests.
 //! - [`server`]: wiring: swarm, request task, housekeeping tick, HTTP server, shutdown.
 //! - [`http`]: the dashboard, the JSON API, preheat, `/metrics`, `/healthz`, `/status`.
 //! - [`preheat`]: image references and their resolution at the origin.
@@ -28,7 +29,9 @@ pub mod http;
 pub mod metrics;
 pub mod preheat;
 pub mod server;
-pub mod state;
+/// The planner's state: `shoal_plan`'s, the same code an agent runs for the digests it
+/// coordinates.
+pub use shoal_plan::state;
 
 pub use config::{Config, TrackerArgs};
 pub use server::{Tracker, TrackerError};

@@ -14,6 +14,10 @@
 //!   complete. The answer names the best peers to fetch from, the pieces this node alone
 //!   should fetch from the origin now, and first-hand digests of pieces it still lacks.
 //!
+//! Agents answer [`TrackerRequest::Plan`] too, under [`COORDINATOR_PROTOCOL`], for the digests
+//! they coordinate when the cluster has no tracker (the DHT picks the coordinator: the agent
+//! XOR-closest to the digest's key). The planner behind both is the same (`shoal-plan`).
+//!
 //! ## Limits
 //!
 //! Same encoding as the piece protocol (bincode standard, whole-stream messages, capped
@@ -28,6 +32,11 @@ use crate::types::Digest;
 
 /// The protocol name negotiated on each stream.
 pub const TRACKER_PROTOCOL: &str = "/shoal/tracker/1.0.0";
+/// The same messages between agents: a downloader's plan requests to the agent that
+/// coordinates the digest when no tracker does (only [`TrackerRequest::Plan`] is answered).
+/// A name of its own, so identify tells trackers (which answer [`TRACKER_PROTOCOL`]) from
+/// agents (which answer this one).
+pub const COORDINATOR_PROTOCOL: &str = "/shoal/plan/1.0.0";
 /// Largest encoded tracker request or response.
 pub const MAX_TRACKER_MESSAGE_BYTES: usize = 256 << 10;
 /// Digests in one heartbeat's added or removed list; a larger change goes in several beats.
@@ -126,6 +135,10 @@ pub struct PlanRequest {
     pub attest: Vec<(u32, [u8; 32])>,
     /// The whole blob matched its digest.
     pub complete: bool,
+    /// Pieces this node is fetching from the origin right now (a planner assigned them):
+    /// a planner that has just taken over the digest (a restarted tracker, the next
+    /// coordinator) learns them as this node's assignments, so it gives them to nobody else.
+    pub fetching: Vec<u32>,
 }
 
 /// What a tracker answers.
@@ -237,6 +250,10 @@ impl TrackerRequest {
                 if let Some((i, _)) = plan.attest.iter().find(|(i, _)| u64::from(*i) >= pieces) {
                     return invalid(format!("digest for piece {i} of {pieces}"));
                 }
+                check_len("pieces being fetched", plan.fetching.len(), MAX_ASSIGNED)?;
+                if let Some(i) = plan.fetching.iter().find(|i| u64::from(**i) >= pieces) {
+                    return invalid(format!("fetching piece {i} of {pieces}"));
+                }
                 let held: u64 = plan.have.iter().map(|b| u64::from(b.count_ones())).sum();
                 if plan.complete && held != pieces {
                     return invalid("complete, but not every piece is in the bitfield".to_string());
@@ -306,6 +323,7 @@ mod tests {
             have: vec![0b101],
             attest: vec![(0, [1; 32])],
             complete: false,
+            fetching: vec![2],
         }
     }
 
@@ -344,6 +362,9 @@ mod tests {
         assert!(encode_tracker_request(&TrackerRequest::Plan(bad)).is_err());
         let mut bad = plan_request();
         bad.complete = true;
+        assert!(encode_tracker_request(&TrackerRequest::Plan(bad)).is_err());
+        let mut bad = plan_request();
+        bad.fetching = vec![3];
         assert!(encode_tracker_request(&TrackerRequest::Plan(bad)).is_err());
         let mut bad = plan_request();
         bad.piece_size = 0;

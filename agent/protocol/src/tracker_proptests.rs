@@ -7,7 +7,15 @@ use proptest::prelude::*;
 use crate::tracker::*;
 
 fn plan_request(size: u64, piece_size: u32, have: Vec<u8>, attest: Vec<(u32, [u8; 32])>) -> TrackerRequest {
-    TrackerRequest::Plan(PlanRequest { digest: [7; 32], size, piece_size, have, attest, complete: false })
+    TrackerRequest::Plan(PlanRequest {
+        digest: [7; 32],
+        size,
+        piece_size,
+        have,
+        attest,
+        complete: false,
+        fetching: Vec::new(),
+    })
 }
 
 fn heartbeat(zone: Option<String>, held: Vec<[u8; 32]>, why: String) -> TrackerRequest {

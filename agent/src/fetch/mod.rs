@@ -12,11 +12,10 @@
 //! with an error.
 //!
 //! The decisions of a download (who to ask for which piece, origin ownership, takeover,
-//! repair) are the pure [`scheduler`]; who fetches from the origin without a tracker is
-//! [`herd`]; [`task`] is the I/O shell that runs a scheduler; the network it asks is behind
-//! [`net::Network`].
+//! repair) are the pure [`scheduler`], following the plans of the digest's planner (a
+//! tracker, or the digest's coordinator: `p2p::coordinator`); [`task`] is the I/O shell that
+//! runs a scheduler; the network it asks is behind [`net::Network`].
 
-pub mod herd;
 mod meta;
 pub mod net;
 pub mod scheduler;
@@ -103,6 +102,9 @@ pub struct FetchConfig {
     pub owner_stall: Duration,
     /// Bytes per second received from peers and the origin together (`None`: no limit).
     pub max_download_rate: Option<u64>,
+    /// With the origin failing, a download gives up after this long without a verified
+    /// piece (`--download-give-up`).
+    pub give_up_after: Duration,
 }
 
 impl Default for FetchConfig {
@@ -113,6 +115,7 @@ impl Default for FetchConfig {
             origin_concurrency: 4,
             owner_stall: Duration::from_secs(30),
             max_download_rate: None,
+            give_up_after: scheduler::GIVE_UP_AFTER,
         }
     }
 }

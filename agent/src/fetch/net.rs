@@ -73,8 +73,8 @@ pub enum PeerError {
     Protocol(String),
 }
 
-/// A download's report to the coordinator (a tracker): what it holds, what it fetched from
-/// the origin itself.
+/// A download's report to its planner (a tracker or the digest's coordinator): what it
+/// holds, what it fetched from the origin itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanReport {
     pub size: u64,
@@ -83,6 +83,8 @@ pub struct PlanReport {
     /// sha256 of pieces this node fetched from the origin, not reported before.
     pub attest: Vec<(u32, [u8; 32])>,
     pub complete: bool,
+    /// Pieces being fetched from the origin now (at most the protocol's `MAX_ASSIGNED`).
+    pub fetching: Vec<u32>,
 }
 
 /// The coordinator's answer: whom to fetch from, and which origin pieces are ours alone.
@@ -108,17 +110,13 @@ pub trait Network: Send + Sync + 'static {
     fn have(&self, peer: NodeId, digest: Digest) -> BoxFuture<'static, Result<PeerHave, PeerError>>;
     fn piece(&self, peer: NodeId, digest: Digest, index: u32)
         -> BoxFuture<'static, Result<Bytes, PeerError>>;
-    /// How long a download that finds nobody holding its digest waits for nodes starting at
-    /// the same moment to announce, before it splits the origin fetches (zero: no peers).
-    fn settle_delay(&self) -> std::time::Duration {
-        std::time::Duration::ZERO
-    }
-    /// Whether a coordinator (tracker) answered recently: downloads then ask it for plans.
+    /// Whether downloads have a planner to ask (a tracker, or the digest's coordinator in the
+    /// DHT): they then ask it for plans. A node without peers has none and plans alone.
     fn has_coordinator(&self) -> bool {
         false
     }
-    /// Reports a download's progress to the coordinator of `digest` and asks what to do.
-    /// `None` when no coordinator answered: the download schedules by itself (DHT mode).
+    /// Reports a download's progress to the planner of `digest` and asks what to do. `None`
+    /// when no planner answered: the download schedules by itself until one does.
     fn plan(&self, _digest: Digest, _report: PlanReport) -> BoxFuture<'static, Option<Plan>> {
         Box::pin(async { None })
     }

@@ -33,7 +33,7 @@
 //!   [`Event::Verified`] with `from: None` (each piece hashed by the driver, written, then
 //!   reported, in order) and then one [`Event::OriginDone`]. [`Action::AskHave`] by one
 //!   [`Event::Have`], [`Action::FindProviders`] by one [`Event::Providers`],
-//!   [`Action::FindFetchers`] by one [`Event::Fetchers`], [`Action::AskPlan`] by one
+//!   [`Action::AskPlan`] by one
 //!   [`Event::Plan`] (`None` when no tracker answered), [`Action::CheckWhole`] by one
 //!   [`Event::WholeDigest`]. [`Action::Ban`], [`Action::SaveState`] need no answer.
 //! - [`Event::Asker`]: a peer asked us `Have` for this digest (it downloads it too).
@@ -53,14 +53,16 @@
 //!    - a piece some peer holds with an attested digest is requested from the least loaded
 //!      such peer, bounded per peer and per download; a peer that answered `Busy` is left
 //!      alone for [`BUSY_BACKOFF`];
-//!    - a piece nobody holds is fetched from the origin by its owner. With a live tracker
-//!      plan, the owner is whoever the tracker assigned it to (a plan older than
-//!      [`PLAN_STALE`] no longer decides: the download falls back to the DHT rules). Without,
-//!      the owner is chosen by rendezvous hashing over the origin group ([`super::herd`]), or
-//!      over every known downloader in a small swarm. Consecutive owned pieces go in one
-//!      span (up to [`MAX_SPAN`], or [`SHARED_SPAN`] while others download it too).
-//!    - a piece whose owner made no progress for [`herd::takeover_delay`] (or that waited four
-//!      times that) is taken over, so a blob always completes, at worst from the origin.
+//!    - a piece nobody holds is fetched from the origin by its owner. With a live plan (from
+//!      a tracker, or from the digest's coordinator in the DHT: one planner either way), the
+//!      owner is whoever the plan assigned it to. Without one (a node with no peers, or a
+//!      plan older than [`PLAN_STALE`]: the planner is gone and no other answered yet), the
+//!      owner is chosen by rendezvous hashing over every known downloader. Consecutive owned
+//!      pieces go in one span (up to [`MAX_SPAN`], or [`SHARED_SPAN`] while others download
+//!      it too).
+//!    - without a live plan, a piece whose owner made no progress for
+//!      [`Config::owner_stall`] (or that waited four times that) is taken over, so a blob
+//!      always completes, at worst from the origin.
 //!    - the origin owner of a window piece nobody holds is polled as a peer (it is where the
 //!      first copy appears), whether or not we met it otherwise.
 //!
@@ -72,17 +74,15 @@
 //!    after its polls backed off. Each active peer is polled every [`HAVE_POLL`] while its
 //!    answers bring pieces we lack, the gap doubling up to [`HAVE_POLL_MAX`] otherwise; while
 //!    `peer_concurrency` known pieces wait for capacity, only owners of pieces nobody holds are
-//!    polled. Providers are looked up every [`PROVIDER_POLL`], the tracker asked every
+//!    polled. Providers are looked up every [`PROVIDER_POLL`], the planner asked every
 //!    [`PLAN_POLL`] (sooner once every assigned piece is done or on its way, never closer than
-//!    [`PLAN_MIN_GAP`]). The origin group is looked up after [`FETCHERS_RETRY`], the gap
-//!    doubling to [`FETCHERS_POLL`] while it stays the same; it is used once two answers in a
-//!    row agree (or after [`MAX_UNSETTLED`]), and "no group" while we know `GROUP_MIN`
-//!    downloaders whose level announces is an incomplete lookup, not a small swarm. With a
-//!    tracker no origin piece is fetched before its first answer, so the first request already
-//!    follows its assignment; without one (or once its plans went stale), none before the
-//!    origin group is settled, for the same reason.
-//! 3. Origin failures back off (250 ms times the failures in a row); [`MAX_ORIGIN_FAILURES`]
-//!    in a row, or one "not found", fail the download.
+//!    [`PLAN_MIN_GAP`]). With a planner no origin piece is fetched before its first answer,
+//!    so the first request already follows its assignment.
+//! 3. A failed or timed-out origin read is retried, resuming from the verified pieces, after
+//!    a back-off that doubles from 250 ms to [`ORIGIN_BACKOFF_MAX`]. Only a definitive
+//!    answer fails the download at once ("not found", access refused); otherwise it fails
+//!    once no piece arrived from anywhere for [`Config::give_up_after`] (default
+//!    [`GIVE_UP_AFTER`]): a node starved of CPU or a slow origin keeps its clients' streams.
 //!
 //! ## Trust and repair
 //!
@@ -96,12 +96,11 @@
 //! the whole digest is checked again. Unmarking first is what keeps the map peers read equal to
 //! the bytes they are served: the origin's good bytes are never served under the bad digest.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
-use super::herd;
 use super::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use super::PieceMap;
 use crate::pieces::{origin_owner, Bitfield, Layout};
@@ -113,22 +112,13 @@ pub const HAVE_POLL: Duration = Duration::from_millis(500);
 pub const PROVIDER_POLL: Duration = Duration::from_secs(2);
 /// The first provider poll after the download started.
 pub const FIRST_PROVIDER_POLL: Duration = Duration::from_millis(300);
-/// How often the origin group's level keys are looked up again once the group is stable.
-pub const FETCHERS_POLL: Duration = Duration::from_secs(10);
-/// The first gap between origin-group lookups; doubled while the group stays the same (up to
-/// [`FETCHERS_POLL`]), back to this when it changed.
-pub const FETCHERS_RETRY: Duration = Duration::from_millis(250);
-/// Origin-group lookups after which a group that keeps changing (or a lookup that keeps
-/// looking incomplete) is taken as it is, so origin fetches always start.
-pub const MAX_UNSETTLED: u32 = 4;
 /// Peers a download polls and requests pieces from at once. Others it learns of (providers,
 /// askers, the tracker's peers) wait as spares and replace peers that fail, or that have
 /// nothing we lack.
 pub const MAX_PEERS: usize = 32;
 /// Spare peers remembered beyond [`MAX_PEERS`].
 pub const MAX_SPARE: usize = 64;
-/// Downloaders remembered (for ownership in a small swarm, where all of them count; a swarm
-/// with more than this forms an origin group).
+/// Downloaders remembered (for ownership while no plan decides).
 pub const MAX_DOWNLOADERS: usize = 256;
 /// Longest gap between two `Have` polls of a peer whose answers brought nothing we lack (the
 /// gap doubles from [`HAVE_POLL`] with each such answer, and is back to `HAVE_POLL` after one
@@ -141,8 +131,11 @@ pub const MAX_SPAN: u32 = 16;
 /// Most pieces in one origin span while other nodes download it too: short spans commit
 /// little to a view of the owner set that may still be incomplete.
 pub const SHARED_SPAN: u32 = 2;
-/// Origin failures in a row (without a verified piece in between) before giving up.
-pub const MAX_ORIGIN_FAILURES: u32 = 6;
+/// Longest wait before retrying the origin after failures in a row.
+pub const ORIGIN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a download may go without a verified piece, while the origin fails, before it
+/// gives up (the default of [`Config::give_up_after`]; `--download-give-up`).
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 /// Ask the driver to save the piece map after this many newly verified pieces.
 pub const SAVE_EVERY: u32 = 8;
 /// How long a busy peer is left alone.
@@ -167,10 +160,13 @@ pub struct Config {
     /// Origin spans in flight at once.
     pub origin_concurrency: usize,
     /// How long a piece owned by another node may block the stream before a group member
-    /// takes it from the origin (see [`herd::takeover_delay`] for the others).
+    /// takes it from the origin, while no plan decides.
     pub owner_stall: Duration,
-    /// A tracker may be asked for plans (see [`Scheduler::set_tracker`]).
+    /// A planner (tracker or coordinator) may be asked for plans (see
+    /// [`Scheduler::set_tracker`]).
     pub tracker: bool,
+    /// With the origin failing, give up after this long without a verified piece.
+    pub give_up_after: Duration,
 }
 
 impl Default for Config {
@@ -181,6 +177,7 @@ impl Default for Config {
             origin_concurrency: 4,
             owner_stall: Duration::from_secs(30),
             tracker: false,
+            give_up_after: GIVE_UP_AFTER,
         }
     }
 }
@@ -190,6 +187,8 @@ impl Default for Config {
 pub enum OriginFailure {
     /// The origin does not have the object: final.
     NotFound,
+    /// The origin refused access (401/403): final.
+    Refused(String),
     /// Anything else (unreachable, a broken body, a local write error): retried.
     Failed(String),
 }
@@ -212,8 +211,6 @@ pub enum Event {
     /// Providers of the digest, as a lookup found them (the driver drops itself and banned
     /// peers).
     Providers(Vec<NodeId>),
-    /// Providers of each level key ([`herd::level_key`]): `(level, providers)`.
-    Fetchers(Vec<(u8, Vec<NodeId>)>),
     /// A peer asked us what we hold of this digest: it downloads it too.
     Asker(NodeId),
     /// The tracker's answer to the last [`Action::AskPlan`]; `None` when none answered.
@@ -245,7 +242,8 @@ impl BanReason {
 pub enum Failure {
     /// The origin said "not found".
     OriginNotFound,
-    /// The origin failed [`MAX_ORIGIN_FAILURES`] times in a row; the last error.
+    /// The origin refused access, or kept failing while no piece arrived for
+    /// [`Config::give_up_after`]; the last error.
     OriginFailed(String),
     /// The whole digest did not match, after a repair if peers supplied pieces.
     DigestMismatch,
@@ -271,9 +269,6 @@ pub enum Action {
     AskHave(NodeId),
     /// Look up the providers of the digest.
     FindProviders,
-    /// Look up the providers of every level key [`herd::level_key`]`(digest, l)` for `l` in
-    /// [`herd::levels`].
-    FindFetchers,
     /// Report to the tracker and ask for a plan.
     AskPlan(PlanReport),
     /// Ban `peer` (for every download).
@@ -358,17 +353,6 @@ struct PeerState {
     next_poll: Instant,
 }
 
-/// What a download knows of its origin group (see [`herd`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Herd {
-    /// No usable answer yet, or the level lookups missed downloaders we know of.
-    Unknown,
-    /// Too few nodes for a group: every known downloader owns a share.
-    Small,
-    /// The origin group, sorted.
-    Group(Vec<NodeId>),
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Filling,
@@ -390,36 +374,27 @@ pub struct Scheduler {
     suppliers: Vec<Option<NodeId>>,
     in_flight: Vec<bool>,
     waiting_since: Vec<Option<Instant>>,
-    /// Takeover delay per piece, and whether we were a group member when it was computed.
-    delays: Vec<Option<(bool, Duration)>>,
     /// How many known peers hold each piece.
     avail: Vec<u32>,
     /// The peers we poll and request from (at most [`MAX_PEERS`]).
     peers: HashMap<NodeId, PeerState>,
     /// Peers known beyond those, oldest first (at most [`MAX_SPARE`]).
     spare: VecDeque<NodeId>,
-    /// Known downloaders (at most [`MAX_DOWNLOADERS`]) with their herd level.
-    downloaders: BTreeMap<NodeId, u8>,
-    /// How many of them have a level that announces (`>= herd::MIN_LEVEL`).
-    leveled: usize,
+    /// Known downloaders (at most [`MAX_DOWNLOADERS`]).
+    downloaders: BTreeSet<NodeId>,
     banned: HashSet<NodeId>,
     peer_jobs: usize,
     origin_jobs: usize,
+    /// Pieces being fetched from the origin now (reported with plan requests).
+    from_origin: BTreeSet<u32>,
     origin_failures: u32,
     origin_retry_at: Option<Instant>,
-    last_origin_error: String,
+    /// When the last piece was verified (or the download started).
+    last_progress: Instant,
     unsaved: u32,
     next_have_poll: Instant,
     next_provider_poll: Instant,
     providers_polling: bool,
-    next_fetchers_poll: Instant,
-    fetchers_polling: bool,
-    fetchers_every: Duration,
-    /// Origin-group answers so far.
-    fetchers_answers: u32,
-    /// The origin group view is settled: origin fetches under the DHT rules may start.
-    herd_ready: bool,
-    herd: Herd,
     /// Known pieces that peers hold and we could not request yet (capacity), counted up to
     /// [`Config::peer_concurrency`] by the last step: when that many wait, polling more peers
     /// would teach nothing we could use now.
@@ -455,6 +430,13 @@ fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The wait before the next origin attempt after `failures` in a row: 250 ms, doubling, at
+/// most [`ORIGIN_BACKOFF_MAX`].
+pub fn origin_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (Duration::from_millis(250) * (1u32 << doublings)).min(ORIGIN_BACKOFF_MAX)
 }
 
 fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
@@ -493,28 +475,21 @@ impl Scheduler {
             suppliers: vec![None; n as usize],
             in_flight: vec![false; n as usize],
             waiting_since: vec![None; n as usize],
-            delays: vec![None; n as usize],
             avail: vec![0; n as usize],
             peers: HashMap::new(),
             spare: VecDeque::new(),
-            downloaders: BTreeMap::new(),
-            leveled: 0,
+            downloaders: BTreeSet::new(),
             banned: HashSet::new(),
             peer_jobs: 0,
             origin_jobs: 0,
+            from_origin: BTreeSet::new(),
             origin_failures: 0,
             origin_retry_at: None,
-            last_origin_error: String::new(),
+            last_progress: now,
             unsaved: 0,
             next_have_poll: now + HAVE_POLL,
             next_provider_poll: now + FIRST_PROVIDER_POLL,
             providers_polling: false,
-            next_fetchers_poll: now,
-            fetchers_polling: false,
-            fetchers_every: FETCHERS_RETRY,
-            fetchers_answers: 0,
-            herd_ready: false,
-            herd: Herd::Unknown,
             backlog: 0,
             wanted: Vec::new(),
             owners: Vec::new(),
@@ -556,14 +531,6 @@ impl Scheduler {
     /// Nodes known to download (or hold) the digest, not counting us.
     pub fn downloaders(&self) -> usize {
         self.downloaders.len()
-    }
-
-    /// The origin group, when one formed (see [`herd`]).
-    pub fn group(&self) -> Option<&[NodeId]> {
-        match &self.herd {
-            Herd::Group(g) => Some(g),
-            _ => None,
-        }
     }
 
     /// Peers polled and requested from (at most [`MAX_PEERS`]).
@@ -652,18 +619,18 @@ impl Scheduler {
                     if let Some(f) = self.in_flight.get_mut(i as usize) {
                         *f = false;
                     }
+                    self.from_origin.remove(&i);
                 }
                 match error {
                     None => {}
                     Some(OriginFailure::NotFound) => return self.fail(Failure::OriginNotFound),
+                    Some(OriginFailure::Refused(why)) => return self.fail(Failure::OriginFailed(why)),
                     Some(OriginFailure::Failed(why)) => {
                         self.origin_failures += 1;
-                        if self.origin_failures >= MAX_ORIGIN_FAILURES {
+                        if now.saturating_duration_since(self.last_progress) >= self.cfg.give_up_after {
                             return self.fail(Failure::OriginFailed(why));
                         }
-                        self.last_origin_error = why;
-                        self.origin_retry_at =
-                            Some(now + Duration::from_millis(250 * u64::from(self.origin_failures)));
+                        self.origin_retry_at = Some(now + origin_backoff(self.origin_failures));
                     }
                 }
             }
@@ -674,7 +641,6 @@ impl Scheduler {
                     self.add_peer(p, now, true);
                 }
             }
-            Event::Fetchers(found) => self.on_fetchers(&found, now),
             Event::Asker(p) => {
                 // Askers arrive with every `Have` a peer sends: only a new one changes anything.
                 if !self.add_peer(p, now, false) {
@@ -727,6 +693,7 @@ impl Scheduler {
             return;
         }
         self.in_flight[i] = false;
+        self.last_progress = now;
         match &from {
             Some(peer) => {
                 if let Some(s) = self.peers.get_mut(peer) {
@@ -736,6 +703,7 @@ impl Scheduler {
                 self.stats.from_peers += 1;
             }
             None => {
+                self.from_origin.remove(&index);
                 self.origin_failures = 0;
                 self.origin_retry_at = None;
                 self.stats.from_origin += 1;
@@ -886,28 +854,17 @@ impl Scheduler {
 
     /// Records a downloader; true if it was not known.
     fn note_downloader(&mut self, peer: &NodeId) -> bool {
-        if self.downloaders.contains_key(peer) || self.downloaders.len() >= MAX_DOWNLOADERS {
+        if self.downloaders.contains(peer) || self.downloaders.len() >= MAX_DOWNLOADERS {
             return false;
         }
-        let level = herd::level(&self.digest, peer);
-        if level >= herd::MIN_LEVEL {
-            self.leveled += 1;
-        }
-        self.downloaders.insert(peer.clone(), level);
-        if self.herd == Herd::Small {
-            self.owners_dirty = true;
-        }
+        self.downloaders.insert(peer.clone());
+        self.owners_dirty = true;
         true
     }
 
     fn forget_downloader(&mut self, peer: &NodeId) {
-        if let Some(level) = self.downloaders.remove(peer) {
-            if level >= herd::MIN_LEVEL {
-                self.leveled -= 1;
-            }
-            if self.herd == Herd::Small {
-                self.owners_dirty = true;
-            }
+        if self.downloaders.remove(peer) {
+            self.owners_dirty = true;
         }
     }
 
@@ -934,17 +891,12 @@ impl Scheduler {
     /// one costs no polls), other than an origin owner; the smallest such id (deterministic).
     fn useless_peer(&self) -> Option<NodeId> {
         let ours = self.map.verified.as_bytes();
-        let members = match &self.herd {
-            Herd::Group(g) => Some(g),
-            _ => None,
-        };
         self.peers
             .iter()
-            .filter(|(p, s)| {
+            .filter(|(_, s)| {
                 s.in_flight == 0
                     && !s.polling
                     && !s.have.is_full()
-                    && !members.is_some_and(|g| g.contains(p))
                     && s.have.as_bytes().iter().zip(ours).all(|(h, o)| h & !o == 0)
             })
             .map(|(p, _)| p)
@@ -977,8 +929,7 @@ impl Scheduler {
                 && !s.have.is_full()
                 && s.have.as_bytes().iter().zip(ours).all(|(h, o)| h & !o == 0)
         });
-        let member = matches!(&self.herd, Herd::Group(g) if g.contains(peer));
-        if useless && !member {
+        if useless {
             let next = self.spare.pop_front().expect("not empty");
             self.park(peer);
             self.insert_peer(next, now);
@@ -1013,10 +964,6 @@ impl Scheduler {
         self.drop_peer(&peer);
         if self.banned.insert(peer.clone()) {
             self.stats.bans += 1;
-            if let Herd::Group(g) = &mut self.herd {
-                g.retain(|p| *p != peer);
-                self.owners_dirty = true;
-            }
             self.actions.push_back(Action::Ban { peer, reason });
         }
     }
@@ -1088,6 +1035,7 @@ impl Scheduler {
             have: self.map.verified.clone(),
             attest,
             complete: false,
+            fetching: self.from_origin.iter().copied().take(shoal_protocol::tracker::MAX_ASSIGNED).collect(),
         }
     }
 
@@ -1096,11 +1044,7 @@ impl Scheduler {
             return;
         }
         self.owners_dirty = false;
-        self.owners = match &self.herd {
-            Herd::Group(g) => g.clone(),
-            Herd::Small => self.downloaders.keys().cloned().chain(std::iter::once(self.me.clone())).collect(),
-            Herd::Unknown => Vec::new(),
-        };
+        self.owners = self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect();
         self.owner_of.fill(NO_OWNER);
     }
 
@@ -1115,44 +1059,6 @@ impl Scheduler {
             *slot = self.owners.iter().position(|o| std::ptr::eq(o, owner)).expect("an owner") as u32;
         }
         self.owners.get(*slot as usize)
-    }
-
-    /// An origin-group lookup answered. The view becomes usable once two answers in a row agree
-    /// (announcements of nodes that started at the same moment may still be on their way), or
-    /// after [`MAX_UNSETTLED`] answers. "No group" with at least `GROUP_MIN` known downloaders
-    /// whose level announces means the lookup missed them: unknown, asked again.
-    fn on_fetchers(&mut self, found: &[(u8, Vec<NodeId>)], now: Instant) {
-        self.fetchers_polling = false;
-        self.fetchers_answers += 1;
-        let view = match herd::group(&self.digest, &self.me, found) {
-            Some(g) => Herd::Group(g.into_iter().filter(|p| !self.banned.contains(p)).collect()),
-            None if self.leveled + usize::from(herd::level(&self.digest, &self.me) >= herd::MIN_LEVEL)
-                >= herd::GROUP_MIN =>
-            {
-                Herd::Unknown
-            }
-            None => Herd::Small,
-        };
-        let settled = self.fetchers_answers >= MAX_UNSETTLED;
-        let view = match view {
-            // Once usable, an incomplete answer changes nothing.
-            Herd::Unknown if self.herd_ready => self.herd.clone(),
-            Herd::Unknown if settled => Herd::Small,
-            v => v,
-        };
-        let stable = view == self.herd && view != Herd::Unknown;
-        self.fetchers_every =
-            if stable { (self.fetchers_every * 2).min(FETCHERS_POLL) } else { FETCHERS_RETRY };
-        self.next_fetchers_poll = now + self.fetchers_every;
-        if !stable {
-            self.herd = view;
-            self.owners_dirty = true;
-        }
-        self.herd_ready |= match self.herd {
-            Herd::Small => true,
-            Herd::Group(_) => stable || settled,
-            Herd::Unknown => false,
-        };
     }
 
     fn mine(&mut self, i: u32, coordinated: bool) -> bool {
@@ -1247,9 +1153,9 @@ impl Scheduler {
             }
         }
         self.meet_owners(&nobody_holds, window_end, coordinated, now);
-        // Nothing from the origin before the tracker's first answer, or (under the DHT rules)
-        // before the origin group is known: the first request already follows them.
-        if !self.coord.answered || (!coordinated && !self.herd_ready) {
+        // Nothing from the origin before the planner's first answer: the first request
+        // already follows it.
+        if !self.coord.answered {
             return;
         }
         if let Some(t) = self.origin_retry_at {
@@ -1261,10 +1167,6 @@ impl Scheduler {
             }
         }
         let stall = self.cfg.owner_stall;
-        let member = match &self.herd {
-            Herd::Group(g) => g.contains(&self.me),
-            _ => true,
-        };
         for i in nobody_holds {
             if self.origin_jobs >= self.cfg.origin_concurrency {
                 break;
@@ -1287,17 +1189,10 @@ impl Scheduler {
             } else if i >= window_end {
                 false
             } else {
-                let delay = self.takeover_delay(i, stall, member);
+                let delay = stall;
                 let owner = self.owner(i).cloned();
-                let owner_gain = match owner.as_ref().and_then(|o| self.peers.get(o)) {
-                    Some(s) => Some(s.last_gain),
-                    // An owner we do not poll (a group member we never met): judge the swarm
-                    // by the peers we know. In a small swarm an unknown owner is stalled.
-                    None if matches!(self.herd, Herd::Group(_)) => {
-                        self.peers.values().map(|s| s.last_gain).max()
-                    }
-                    None => None,
-                };
+                // An owner we do not poll is stalled.
+                let owner_gain = owner.as_ref().and_then(|o| self.peers.get(o)).map(|s| s.last_gain);
                 let owner_stalled = owner_gain.is_none_or(|t| now.saturating_duration_since(t) > stall);
                 let since = self.waiting_since[i as usize].expect("in the window");
                 // Take a piece over when its owner makes no progress at all, or (a safety
@@ -1339,6 +1234,7 @@ impl Scheduler {
                 self.stats.unplanned += end - i;
             }
             (i..end).for_each(|k| self.in_flight[k as usize] = true);
+            self.from_origin.extend(i..end);
             self.origin_jobs += 1;
             self.actions.push_back(Action::FetchOrigin {
                 first: i,
@@ -1350,26 +1246,13 @@ impl Scheduler {
         }
     }
 
-    /// [`herd::takeover_delay`] of piece `i`, cached per piece (a hash each).
-    fn takeover_delay(&mut self, i: u32, stall: Duration, member: bool) -> Duration {
-        let slot = &mut self.delays[i as usize];
-        match *slot {
-            Some((m, d)) if m == member => d,
-            _ => {
-                let d = herd::takeover_delay(&self.digest, i, &self.me, stall, member);
-                *slot = Some((member, d));
-                d
-            }
-        }
-    }
-
     /// The first copy of a piece nobody holds comes from its origin owner: poll the owners of
     /// such pieces in the window (beyond [`MAX_PEERS`] if need be; at most the group), so the
     /// piece reaches us from its owner or we see the owner stall. Without this a node that
     /// met no owner waits for the takeover delay while the piece sits one hop away.
     fn meet_owners(&mut self, nobody_holds: &[u32], window_end: u32, coordinated: bool, now: Instant) {
         self.wanted.clear();
-        if coordinated || !self.herd_ready || self.herd == Herd::Unknown {
+        if coordinated {
             return;
         }
         for &i in nobody_holds.iter().filter(|&&i| i < window_end) {
@@ -1407,6 +1290,7 @@ impl Scheduler {
                 k += 1;
             }
             (first..end).for_each(|i| self.in_flight[i as usize] = true);
+            self.from_origin.extend(first..end);
             self.origin_jobs += 1;
             self.actions.push_back(Action::FetchOrigin {
                 first,
@@ -1471,18 +1355,6 @@ impl Scheduler {
                 self.actions.push_back(Action::FindProviders);
             } else {
                 self.wake = earliest(self.wake, self.next_provider_poll);
-            }
-        }
-        // The origin group matters only where the DHT rules decide: without a tracker, or once
-        // its plans went stale.
-        let herd_rules = !self.cfg.tracker || (self.coord.answered && !self.coord.active(now));
-        if herd_rules && !self.fetchers_polling {
-            if now >= self.next_fetchers_poll {
-                self.next_fetchers_poll = now + self.fetchers_every;
-                self.fetchers_polling = true;
-                self.actions.push_back(Action::FindFetchers);
-            } else {
-                self.wake = earliest(self.wake, self.next_fetchers_poll);
             }
         }
     }

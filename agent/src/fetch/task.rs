@@ -2,17 +2,13 @@
 //!
 //! ## What the shell does
 //!
-//! 1. Announce the digest at once, so nodes that start at the same moment see each other, and
-//!    the node's origin-group level key ([`super::herd`], withdrawn when the download ends
-//!    however it ends); then ask the network who provides
-//!    the digest and what each provider holds.
+//! 1. Announce the digest at once, so nodes that start at the same moment see each other;
+//!    then ask the network who provides the digest and what each provider holds.
 //! 2. Size: from the providers when they agree, else a HEAD at the origin (no bytes move),
 //!    which also bans every provider that named another size. A download that fails on a
-//!    size only peers named asks the origin too, and bans them if it disagrees. When nobody
-//!    holds the digest yet and there is no tracker, wait the network's settle delay for the
-//!    records of nodes that started at the same moment, and read the providers again; the
-//!    origin's HEAD runs during that wait, so a digest the origin does not have is a 404 at
-//!    once.
+//!    size only peers named asks the origin too, and bans them if it disagrees. Nobody waits
+//!    for other starters: the digest's planner (a tracker, or its coordinator in the DHT, see
+//!    `p2p::coordinator`) splits the origin pieces among whoever asks, from the first plan on.
 //! 3. Re-verify the pieces an earlier run saved, build the [`Scheduler`] (see its module docs
 //!    for every decision from here on), hand it the `Have` answers, and put it where readers
 //!    and peers find it (`Download::shared`): its piece map is the one `Have` answers report
@@ -26,7 +22,7 @@
 //! reported (we attest it).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -34,7 +30,6 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::herd;
 use super::net::{NodeId, PeerError, PeerHave, PlanReport};
 use super::scheduler::{self, Action, BanReason, Event, Failure, OriginFailure, Scheduler};
 use super::{Download, FetchError, Fetcher, PieceMap, Progress, Shared, Source};
@@ -94,19 +89,7 @@ impl Fetcher {
     pub(super) async fn run(self: Arc<Self>, dl: Arc<Download>, source: Source) {
         METRICS.downloads_in_flight.inc();
         let digest = dl.digest;
-        // Our origin-group level key (see `herd`), announced with the digest at the start so
-        // that it has reached the DHT by the time nodes starting with us look the group up,
-        // and withdrawn however the download ends.
-        let me = self.net.local_id();
-        let level = herd::level(&digest, &me);
-        let level_key = (level >= herd::MIN_LEVEL).then(|| herd::level_key(&digest, level));
-        if let Some(key) = level_key {
-            self.net.announce(key);
-        }
         let result = self.download(&dl, &source).await;
-        if let Some(key) = level_key {
-            self.net.withdraw(key);
-        }
         match result {
             Ok(()) => tracing::info!(%digest, "download verified and stored"),
             Err(FetchError::ShuttingDown) => {
@@ -133,40 +116,9 @@ impl Fetcher {
         // Who has it, and how big is it?
         let providers = self.live_providers(digest).await;
         let mut answers = self.ask_have(providers, digest).await;
-        let mut claim = SizeClaim::of(&answers);
+        let claim = SizeClaim::of(&answers);
         let head =
             || self.origin.content_info(&source.registry, &source.repo, source.kind, &digest, &source.accept);
-        // What the origin said while we waited for peers, if we asked it then.
-        let mut origin_said = None;
-        // With a tracker, its plans split the origin fetches from the first one on.
-        if matches!(claim, SizeClaim::Unknown)
-            && self.net.settle_delay() > Duration::ZERO
-            && !self.net.has_coordinator()
-        {
-            // Nobody holds it yet. Nodes that start at the same moment announce at the same
-            // moment: wait for their records, then read the provider set again, so the
-            // origin pieces are split among everyone from the first request on. Ask the
-            // origin for the size meanwhile (a HEAD, no bytes), so a digest nobody has is
-            // a 404 at once, not after the wait.
-            let settle = tokio::time::sleep(self.net.settle_delay());
-            match head().await {
-                Err(e @ OriginError::NotFound(_)) => return Err(e.into()),
-                // Down or refusing: peers may still have it; decide after the wait.
-                Err(e) => tracing::debug!(%digest, error = %e, "origin HEAD failed while waiting for peers"),
-                Ok(info) => origin_said = Some(info),
-            }
-            settle.await;
-            let again = self.live_providers(digest).await;
-            let asked: Vec<NodeId> = answers.iter().map(|(p, _)| p.clone()).collect();
-            let fresh: Vec<NodeId> = again.into_iter().filter(|p| !asked.contains(p)).collect();
-            answers.extend(self.ask_have(fresh, digest).await);
-            claim = SizeClaim::of(&answers);
-            if let (Some((size, _)), SizeClaim::Agreed(h)) = (&origin_said, &claim) {
-                if h.size != *size {
-                    claim = SizeClaim::Disputed { majority: h.clone() };
-                }
-            }
-        }
         // The peers whose word the size is, when it is only their word: if the download then
         // fails, the origin is asked whether they lied.
         let named = |size: u64| -> Vec<NodeId> {
@@ -179,35 +131,26 @@ impl Fetcher {
         let (total, mut media_type, claimed_size) = match claim {
             SizeClaim::Agreed(h) => (h.size, h.media_type, named(h.size)),
             SizeClaim::Unknown => {
-                let (size, media_type) = match origin_said.take() {
-                    Some(info) => info,
-                    None => head().await?,
-                };
+                let (size, media_type) = head().await?;
                 (size, media_type, Vec::new())
             }
             // A digest has one size: someone lies (or is broken). The origin settles it
             // without sending a byte, and whoever contradicts it is banned.
-            SizeClaim::Disputed { majority } => {
-                let settled = match origin_said.take() {
-                    Some(info) => Ok(info),
-                    None => head().await,
-                };
-                match settled {
-                    Ok((size, media_type)) => {
-                        for (peer, answer) in &answers {
-                            if answer.as_ref().is_ok_and(|h| h.size != size) {
-                                self.ban(peer, "claimed a size the origin contradicts");
-                            }
+            SizeClaim::Disputed { majority } => match head().await {
+                Ok((size, media_type)) => {
+                    for (peer, answer) in &answers {
+                        if answer.as_ref().is_ok_and(|h| h.size != size) {
+                            self.ban(peer, "claimed a size the origin contradicts");
                         }
-                        (size, media_type, Vec::new())
                     }
-                    Err(e) => {
-                        tracing::warn!(%digest, error = %e, size = majority.size,
-                            "peers disagree on the size and the origin cannot settle it: taking the size most name");
-                        (majority.size, majority.media_type, named(majority.size))
-                    }
+                    (size, media_type, Vec::new())
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, size = majority.size,
+                            "peers disagree on the size and the origin cannot settle it: taking the size most name");
+                    (majority.size, majority.media_type, named(majority.size))
+                }
+            },
         };
         if source.kind == Kind::Blob {
             media_type = None;
@@ -239,6 +182,7 @@ impl Fetcher {
             origin_concurrency: self.config.origin_concurrency,
             owner_stall: self.config.owner_stall,
             tracker: self.net.has_coordinator(),
+            give_up_after: self.config.give_up_after,
         };
         let now = Instant::now();
         let mut sched = Scheduler::new(config, digest, layout, me.clone(), &resumed, now);
@@ -273,6 +217,7 @@ impl Fetcher {
                         have: map.verified.clone(),
                         attest: Vec::new(),
                         complete: true,
+                        fetching: Vec::new(),
                     };
                     tokio::spawn(self.net.plan(digest, report));
                 }
@@ -422,17 +367,6 @@ impl Fetcher {
                         jobs.spawn(async move {
                             let found = this.live_providers(digest).await;
                             let _ = tx.send(Msg::Sched(Event::Providers(found))).await;
-                        });
-                    }
-                    Action::FindFetchers => {
-                        let (this, tx) = (self.clone(), tx.clone());
-                        jobs.spawn(async move {
-                            let lookups = herd::levels().map(|l| {
-                                let this = this.clone();
-                                async move { (l, this.live_providers(herd::level_key(&digest, l)).await) }
-                            });
-                            let found = futures_util::future::join_all(lookups).await;
-                            let _ = tx.send(Msg::Sched(Event::Fetchers(found))).await;
                         });
                     }
                     Action::AskPlan(report) => {
@@ -707,6 +641,7 @@ async fn origin_span(
     };
     let failure = error.as_ref().map(|e| match e {
         OriginError::NotFound(_) => OriginFailure::NotFound,
+        OriginError::Denied(why) => OriginFailure::Refused(why.clone()),
         other => OriginFailure::Failed(other.to_string()),
     });
     if let Some(e) = error {

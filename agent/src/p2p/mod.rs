@@ -1,9 +1,11 @@
 //! The agent's P2P adapter, the one module that knows both the swarm (`shoal-swarm`) and the
 //! agent's downloads: [`SwarmNetwork`] implements the download task's [`Network`] trait over
 //! a [`Client`], [`serve_peers`] answers peers' piece requests from this node's store and
-//! downloads, and [`heartbeat`] keeps the trackers informed. Peer ids become [`NodeId`]s
+//! downloads, [`coordinator`] plans the digests this node coordinates when there is no
+//! tracker, and [`heartbeat`] keeps the trackers informed. Peer ids become [`NodeId`]s
 //! here, so no libp2p type reaches `fetch`.
 
+pub mod coordinator;
 pub mod heartbeat;
 pub mod shares;
 
@@ -27,13 +29,14 @@ use crate::swarm::{Client, InboundRequest, RequestError};
 use crate::swarm::{SwarmConfig, SwarmError, SwarmStats};
 use crate::types::Digest;
 use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse};
-use shoal_protocol::tracker::{PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS};
+use shoal_protocol::tracker::{
+    Plan as TrackerPlan, PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS,
+};
+
+use coordinator::{Coordinator, Target};
 
 /// How long a provider lookup may take before the download goes on with what it found.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a cold download waits for simultaneous starters' announcements (a few DHT
-/// round trips inside a cluster).
-const SETTLE_DELAY: Duration = Duration::from_millis(500);
 
 pub use crate::swarm::config_from_flags;
 
@@ -61,6 +64,8 @@ pub struct SwarmNetwork {
     providers: Arc<ProviderQueue>,
     /// Plan requests in flight; more are not sent (the download counts them unanswered).
     plans: Arc<Semaphore>,
+    /// The planner of the digests this node coordinates, and who coordinates the others.
+    coordinator: Arc<Coordinator>,
 }
 
 /// Peers remembered in [`SwarmNetwork::addressed`] before the set starts over.
@@ -115,7 +120,8 @@ impl ProviderQueue {
 
 impl SwarmNetwork {
     pub fn new(client: Client) -> Self {
-        let me = NodeId::new(&client.local_peer_id().to_bytes());
+        let me_peer = client.local_peer_id();
+        let me = NodeId::new(&me_peer.to_bytes());
         SwarmNetwork {
             client,
             me,
@@ -123,7 +129,14 @@ impl SwarmNetwork {
             addressed: Arc::default(),
             providers: Arc::default(),
             plans: Arc::new(Semaphore::new(MAX_PLANS_IN_FLIGHT)),
+            coordinator: Arc::new(Coordinator::new(me_peer)),
         }
+    }
+
+    /// The planner this node runs as the coordinator of digests (serve it with
+    /// [`Coordinator::serve`]).
+    pub fn coordinator(&self) -> Arc<Coordinator> {
+        self.coordinator.clone()
     }
 
     /// The flag the heartbeat loop sets while a tracker answers.
@@ -194,12 +207,10 @@ impl Network for SwarmNetwork {
         self.me.clone()
     }
 
-    fn settle_delay(&self) -> Duration {
-        SETTLE_DELAY
-    }
-
+    /// Always: a tracker when one answers, else the digest's coordinator in the DHT (maybe
+    /// this node).
     fn has_coordinator(&self) -> bool {
-        self.tracker_online.load(Ordering::Relaxed)
+        true
     }
 
     fn plan(&self, digest: Digest, report: PlanReport) -> BoxFuture<'static, Option<Plan>> {
@@ -218,12 +229,25 @@ impl Network for SwarmNetwork {
             have: report.have.as_bytes().to_vec(),
             attest,
             complete: report.complete,
+            fetching: report.fetching,
         });
         let addressed = self.addressed.clone();
         let slot = self.plans.clone().try_acquire_owned();
+        let tracker = self.tracker_online.load(Ordering::Relaxed);
+        let coordinator = self.coordinator.clone();
         Box::pin(async move {
             let plan = match slot {
-                Ok(_slot) => ask_plan(&client, &addressed, me, digest, request).await,
+                Ok(_slot) => {
+                    let answer = if tracker {
+                        ask_tracker(&client, digest, request).await
+                    } else {
+                        ask_coordinator(&client, &coordinator, digest, request).await
+                    };
+                    match answer {
+                        Some(plan) => Some(plan_from(&client, &addressed, me, plan).await),
+                        None => None,
+                    }
+                }
                 Err(_) => {
                     tracing::debug!(%digest, "{MAX_PLANS_IN_FLIGHT} plan requests in flight: not asking");
                     None
@@ -308,29 +332,80 @@ impl Network for SwarmNetwork {
 }
 
 /// Sends a plan request to the tracker of `digest`; `None` without an answer.
-async fn ask_plan(
-    client: &Client,
-    addressed: &Mutex<HashSet<PeerId>>,
-    me: PeerId,
-    digest: Digest,
-    request: TrackerRequest,
-) -> Option<Plan> {
+async fn ask_tracker(client: &Client, digest: Digest, request: TrackerRequest) -> Option<TrackerPlan> {
     let tracker = tracker_for(&digest, &client.trackers().await)?;
-    let plan = match client.tracker_request(tracker, request).await {
-        Ok(TrackerResponse::Plan(plan)) => plan,
+    match client.tracker_request(tracker, request).await {
+        Ok(TrackerResponse::Plan(plan)) => Some(plan),
         Ok(TrackerResponse::Refused(why)) => {
             tracing::warn!(%digest, %why, "the tracker refused a plan request");
-            return None;
+            None
         }
         Ok(other) => {
             tracing::debug!(%digest, ?other, "unexpected tracker answer to a plan request");
-            return None;
+            None
         }
         Err(e) => {
             tracing::debug!(%digest, error = %e, "plan request failed");
-            return None;
+            None
         }
+    }
+}
+
+/// Asks the coordinator of `digest` (see [`coordinator`]): this node's own planner, or the
+/// closest node the DHT knows, found with one lookup per download. `None` without an answer;
+/// a coordinator that failed to answer is replaced by the next closest.
+async fn ask_coordinator(
+    client: &Client,
+    coordinator: &Coordinator,
+    digest: Digest,
+    request: TrackerRequest,
+) -> Option<TrackerPlan> {
+    let now = std::time::Instant::now();
+    let mut target = crate::sync::lock(&coordinator.coordinators).target(&digest, now);
+    if target == Target::LookUp {
+        let closest = client.closest_peers(digest).await.unwrap_or_default();
+        target = crate::sync::lock(&coordinator.coordinators).found(&digest, closest, now);
+        tracing::debug!(%digest, ?target, "coordinator found");
+    }
+    let answer = match (target, &request) {
+        (Target::LookingUp | Target::LookUp, _) => return None,
+        (Target::Me, TrackerRequest::Plan(req)) => coordinator.plan_local(req),
+        (Target::Me, TrackerRequest::Heartbeat(_)) => return None,
+        (Target::Peer(peer), _) => match client.tracker_request(peer, request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                let gone = matches!(e, RequestError::Unreachable | RequestError::Timeout);
+                tracing::debug!(%digest, %peer, error = %e, gone, "the coordinator did not answer");
+                crate::sync::lock(&coordinator.coordinators).failed(&digest, peer, gone);
+                return None;
+            }
+        },
     };
+    match (answer, target) {
+        (TrackerResponse::Plan(plan), target) => {
+            if let Target::Peer(peer) = target {
+                crate::sync::lock(&coordinator.coordinators).answered(&digest, peer);
+            }
+            Some(plan)
+        }
+        (other, target) => {
+            tracing::warn!(%digest, ?target, ?other, "the coordinator refused a plan request");
+            if let Target::Peer(peer) = target {
+                crate::sync::lock(&coordinator.coordinators).failed(&digest, peer, false);
+            }
+            None
+        }
+    }
+}
+
+/// A planner's answer as a download takes it: peers as [`NodeId`]s (their addresses handed to
+/// the swarm once), ourselves left out.
+async fn plan_from(
+    client: &Client,
+    addressed: &Mutex<HashSet<PeerId>>,
+    me: PeerId,
+    plan: TrackerPlan,
+) -> Plan {
     let mut peers = Vec::with_capacity(plan.peers.len());
     for p in plan.peers {
         let Ok(peer) = PeerId::from_bytes(&p.peer_id) else { continue };
@@ -351,7 +426,7 @@ async fn ask_plan(
         }
         peers.push(NodeId::new(&peer.to_bytes()));
     }
-    Some(Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests })
+    Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests }
 }
 
 /// How this node answers peers.
@@ -481,6 +556,7 @@ pub async fn export_stats(stats: Arc<SwarmStats>, period: Duration, cancel: Canc
     {
         let mut tick = tokio::time::interval(period);
         let (mut lookups_seen, mut ms_seen, mut refused_seen) = (0, 0, 0);
+        let (mut received_seen, mut sent_seen) = (0, 0);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -495,6 +571,11 @@ pub async fn export_stats(stats: Arc<SwarmStats>, period: Duration, cancel: Canc
             METRICS.dht_lookups.inc_by(lookups.saturating_sub(lookups_seen));
             METRICS.dht_lookup_seconds.inc_by(ms.saturating_sub(ms_seen) as f64 / 1000.0);
             (lookups_seen, ms_seen) = (lookups, ms);
+            let received = stats.dht_requests_received.load(Ordering::Relaxed);
+            let sent = stats.dht_requests_sent.load(Ordering::Relaxed);
+            METRICS.dht_requests_received.inc_by(received.saturating_sub(received_seen));
+            METRICS.dht_requests_sent.inc_by(sent.saturating_sub(sent_seen));
+            (received_seen, sent_seen) = (received, sent);
         }
     }
 }

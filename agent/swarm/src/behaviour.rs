@@ -11,7 +11,7 @@ use libp2p::{connection_limits, identify, kad, StreamProtocol};
 
 use super::{Role, SwarmConfig, SwarmStats};
 use crate::codec::{PieceCodec, PIECE_PROTOCOL as PROTOCOL};
-use crate::codec::{TrackerCodec, TRACKER_PROTOCOL};
+use crate::codec::{TrackerCodec, COORDINATOR_PROTOCOL, TRACKER_PROTOCOL};
 
 /// Kademlia under a private name, so a Shoal node never answers or joins a public DHT.
 pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");
@@ -94,12 +94,19 @@ impl Behaviour {
                 .with_agent_version(format!("{name}/{}", env!("CARGO_PKG_VERSION"))),
         );
 
-        // Agents serve and fetch pieces and ask trackers; a tracker only answers the tracker
-        // protocol. identify lists the inbound protocols, which is how agents recognise a
-        // tracker among their peers.
-        let (piece_support, tracker_support) = match config.role {
-            Role::Agent => (ProtocolSupport::Full, ProtocolSupport::Outbound),
-            Role::Tracker => (ProtocolSupport::Outbound, ProtocolSupport::Inbound),
+        // Agents serve and fetch pieces, ask trackers, and ask and answer plan requests as
+        // coordinators; a tracker only answers the tracker protocol. identify lists the
+        // inbound protocols, which is how agents recognise a tracker among their peers. A
+        // request offers both names: a tracker takes the first, an agent the second.
+        let (piece_support, planning) = match config.role {
+            Role::Agent => (
+                ProtocolSupport::Full,
+                vec![
+                    (TRACKER_PROTOCOL, ProtocolSupport::Outbound),
+                    (COORDINATOR_PROTOCOL, ProtocolSupport::Full),
+                ],
+            ),
+            Role::Tracker => (ProtocolSupport::Outbound, vec![(TRACKER_PROTOCOL, ProtocolSupport::Inbound)]),
         };
         let pieces = request_response::Behaviour::with_codec(
             PieceCodec { max_response_bytes: config.max_message_bytes },
@@ -108,7 +115,7 @@ impl Behaviour {
         );
         let tracker = request_response::Behaviour::with_codec(
             TrackerCodec { stats },
-            [(TRACKER_PROTOCOL, tracker_support)],
+            planning,
             request_response::Config::default().with_request_timeout(config.request_timeout),
         );
 

@@ -92,6 +92,10 @@ pub(crate) enum Command {
         timeout: Duration,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    ClosestPeers {
+        digest: Digest,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     Request {
         peer: PeerId,
         request: PieceRequest,
@@ -170,6 +174,13 @@ impl Client {
     /// or within `timeout` if it runs longer (the query is then stopped).
     pub async fn find_providers(&self, digest: Digest, timeout: Duration) -> Result<Vec<PeerId>, SwarmError> {
         self.call(|reply| Command::FindProviders { digest, timeout, reply }).await
+    }
+
+    /// The nodes XOR-closest to `digest`'s DHT key (the key its provider records live
+    /// under), this node included, closest first: at most the DHT's replication factor (20)
+    /// from one iterative lookup, plus us. Only this node when it knows no peer.
+    pub async fn closest_peers(&self, digest: Digest) -> Result<Vec<PeerId>, SwarmError> {
+        self.call(|reply| Command::ClosestPeers { digest, reply }).await
     }
 
     /// Sends a piece request, connecting first if needed (with addresses from the DHT,

@@ -20,6 +20,9 @@ pub(crate) const PIECE_PROTOCOL: StreamProtocol = StreamProtocol::new(shoal_prot
 /// `/shoal/tracker/1.0.0`.
 pub(crate) const TRACKER_PROTOCOL: StreamProtocol =
     StreamProtocol::new(shoal_protocol::tracker::TRACKER_PROTOCOL);
+/// `/shoal/plan/1.0.0`: the tracker protocol's messages, answered by a digest's coordinator.
+pub(crate) const COORDINATOR_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(shoal_protocol::tracker::COORDINATOR_PROTOCOL);
 
 /// The request-response codec: whole-stream messages, capped reads (see the module docs).
 #[derive(Clone, Debug)]

@@ -89,6 +89,8 @@ pub struct EventLoop {
 
     pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<PieceResponse, RequestError>>>,
     pending_finds: HashMap<QueryId, PendingFind>,
+    /// Closest-peer lookups in flight: the digest and who waits for the answer.
+    pending_closest: HashMap<QueryId, (Digest, oneshot::Sender<Vec<PeerId>>)>,
     find_deadlines: FuturesUnordered<Deadline>,
     pending_listen_addrs: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     active_listeners: usize,
@@ -158,6 +160,7 @@ impl EventLoop {
             last_bootstrap_republish: None,
             pending_requests: HashMap::new(),
             pending_finds: HashMap::new(),
+            pending_closest: HashMap::new(),
             find_deadlines: FuturesUnordered::new(),
             pending_listen_addrs: Vec::new(),
             active_listeners: config.listen.len(),
@@ -265,6 +268,10 @@ impl EventLoop {
                     deadline.await;
                     id
                 }));
+            }
+            Command::ClosestPeers { digest, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(record_key(&digest).to_vec());
+                self.pending_closest.insert(id, (digest, reply));
             }
             Command::Request { peer, request, reply } => {
                 if peer == self.local_peer_id {
@@ -532,32 +539,17 @@ impl EventLoop {
 
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
-            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
-                QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. })) => {
-                    self.on_providers_found(id, providers);
-                    if step.last {
-                        self.finish_find(id);
-                    }
+            kad::Event::InboundRequest { .. } => {
+                self.stats.dht_requests_received.fetch_add(1, Ordering::Relaxed);
+            }
+            kad::Event::OutboundQueryProgressed { id, result, step, stats } => {
+                if step.last {
+                    self.stats
+                        .dht_requests_sent
+                        .fetch_add(u64::from(stats.num_requests()), Ordering::Relaxed);
                 }
-                QueryResult::GetProviders(Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. })) => {
-                    self.finish_find(id);
-                }
-                QueryResult::GetProviders(Err(e)) => {
-                    tracing::debug!(error = %e, "provider lookup ended");
-                    self.finish_find(id);
-                }
-                QueryResult::StartProviding(result) => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "provider record publication incomplete");
-                    }
-                    if step.last && self.publishing.remove(&id) {
-                        self.stats.dht_publications.fetch_add(1, Ordering::Relaxed);
-                        self.pump_publications();
-                    }
-                }
-                QueryResult::Bootstrap(result) => tracing::trace!(?result, "DHT bootstrap step"),
-                _ => {}
-            },
+                self.on_query_progressed(id, result, step.last);
+            }
             kad::Event::RoutingUpdated { peer, is_new_peer: true, .. } => {
                 tracing::debug!(%peer, "DHT routing table: new peer");
                 let kad = &mut self.swarm.behaviour_mut().kad;
@@ -567,6 +559,62 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    fn on_query_progressed(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        match result {
+            QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. })) => {
+                self.on_providers_found(id, providers);
+                if last {
+                    self.finish_find(id);
+                }
+            }
+            QueryResult::GetProviders(Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. })) => {
+                self.finish_find(id);
+            }
+            QueryResult::GetProviders(Err(e)) => {
+                tracing::debug!(error = %e, "provider lookup ended");
+                self.finish_find(id);
+            }
+            QueryResult::StartProviding(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "provider record publication incomplete");
+                }
+                if last && self.publishing.remove(&id) {
+                    self.stats.dht_publications.fetch_add(1, Ordering::Relaxed);
+                    self.pump_publications();
+                }
+            }
+            QueryResult::GetClosestPeers(result) => {
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    // What the lookup found before its deadline is still the best answer.
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                self.on_closest_peers(id, peers);
+            }
+            QueryResult::Bootstrap(result) => tracing::trace!(?result, "DHT bootstrap step"),
+            _ => {}
+        }
+    }
+
+    /// A closest-peer lookup ended: this node joins the list, sorted by XOR distance to the
+    /// digest's key; the peers' addresses go to the swarm so a request can reach them.
+    fn on_closest_peers(&mut self, id: QueryId, found: Vec<kad::PeerInfo>) {
+        let Some((digest, reply)) = self.pending_closest.remove(&id) else { return };
+        let target = kad::KBucketKey::new(record_key(&digest).to_vec());
+        let mut peers = vec![self.local_peer_id];
+        for info in found {
+            if info.peer_id == self.local_peer_id || peers.contains(&info.peer_id) {
+                continue;
+            }
+            for addr in info.addrs {
+                self.swarm.add_peer_address(info.peer_id, without_peer(addr));
+            }
+            peers.push(info.peer_id);
+        }
+        peers.sort_by_cached_key(|p| kad::KBucketKey::from(*p).distance(&target));
+        let _ = reply.send(peers);
     }
 
     fn on_identify_event(&mut self, event: identify::Event) {

@@ -300,6 +300,10 @@ pub struct SwarmStats {
     pub dht_lookup_ms_total: AtomicU64,
     /// Provider record publications finished (first ones and re-publications).
     pub dht_publications: AtomicU64,
+    /// Kademlia requests this node received (find node, get/add providers, ...), and those
+    /// its own queries sent (counted when each query ends): what the DHT costs this node.
+    pub dht_requests_received: AtomicU64,
+    pub dht_requests_sent: AtomicU64,
     /// Piece requests received from peers.
     pub inbound_requests: AtomicU64,
     /// Tracker requests received (trackers only), and those refused as malformed or too many.

@@ -362,10 +362,13 @@ pub async fn run(args: Args) -> Result<()> {
             result.utilisation = sampler.and_then(|s| {
                 s.finish(&result.node_seconds, args.node_rate.0 as f64, args.origin_rate.0 as f64)
             });
-            if let Some((from_origin, from_peers, unowned)) = fleet.agents_received(&setup).await {
-                result.agents_received_from_origin = Some(from_origin);
-                result.agents_received_from_peers = Some(from_peers);
-                result.agents_unowned_origin_pieces = Some(unowned);
+            if let Some(t) = fleet.agents_received(&setup).await {
+                result.agents_received_from_origin = Some(t.from_origin);
+                result.agents_received_from_peers = Some(t.from_peers);
+                result.agents_unowned_origin_pieces = Some(t.unowned_pieces);
+                let delivered_mib = (result.completed() * image_bytes as usize) as f64 / (1 << 20) as f64;
+                let seconds = result.max_s.unwrap_or(0.0);
+                result.agent_costs = Some(report::AgentCosts::of(&t, args.nodes, seconds, delivered_mib));
             }
             eprintln!(
                 "run {}: {}: {}/{} done, max {:.1} s, origin egress {:.3}× image, CPU busy {:.0}% \
@@ -381,6 +384,18 @@ pub async fn run(args: Args) -> Result<()> {
                 fleet.agents_alive(),
                 result.agents_unowned_origin_pieces.map_or("no".to_string(), |n| n.to_string()),
             );
+            if let Some(c) = &result.agent_costs {
+                eprintln!(
+                    "run {}: {}: per node per s: DHT requests received {:.1}, sent {:.1}; busiest \
+                     coordinator {:.1} plans/s; agent CPU {:.3} s per MiB delivered",
+                    round + 1,
+                    scenario.name(),
+                    c.dht_requests_received_per_node_per_s,
+                    c.dht_requests_sent_per_node_per_s,
+                    c.plans_of_busiest_coordinator_per_s,
+                    c.cpu_seconds_per_mib,
+                );
+            }
             if let Some(u) = &result.utilisation {
                 let p = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.0}%", v * 100.0));
                 eprintln!(

@@ -57,8 +57,35 @@ pub struct RunResult {
     /// Origin pieces the agents fetched although another node owned them (takeovers) or
     /// outside a tracker plan: where duplicate origin bytes come from.
     pub agents_unowned_origin_pieces: Option<f64>,
+    /// The agents' message costs over the pull: DHT requests received and sent per node per
+    /// second, plan requests the busiest coordinator answered per second, agent CPU seconds
+    /// per MiB delivered to the nodes (the pull's duration is the slowest node's).
+    pub agent_costs: Option<AgentCosts>,
     /// Per-node link use over the pull, sampled from the bridge ports (namespaces only).
     pub utilisation: Option<super::links::Utilisation>,
+}
+
+/// What the agents' work cost during one run (see [`RunResult::agent_costs`]). Counters
+/// run from each agent's start, so start-up (bootstrap, the first DHT walks) is included.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct AgentCosts {
+    pub dht_requests_received_per_node_per_s: f64,
+    pub dht_requests_sent_per_node_per_s: f64,
+    pub plans_of_busiest_coordinator_per_s: f64,
+    pub cpu_seconds_per_mib: f64,
+}
+
+impl AgentCosts {
+    /// From the agents' totals, over `seconds` of pull, `nodes` agents, `mib` delivered.
+    pub fn of(t: &super::scenario::AgentTotals, nodes: usize, seconds: f64, mib: f64) -> AgentCosts {
+        let per_node_s = (nodes as f64 * seconds).max(1e-9);
+        AgentCosts {
+            dht_requests_received_per_node_per_s: t.dht_requests_received / per_node_s,
+            dht_requests_sent_per_node_per_s: t.dht_requests_sent / per_node_s,
+            plans_of_busiest_coordinator_per_s: t.busiest_coordinator_plans / seconds.max(1e-9),
+            cpu_seconds_per_mib: t.cpu_seconds / mib.max(1e-9),
+        }
+    }
 }
 
 impl RunResult {
@@ -88,6 +115,7 @@ impl RunResult {
             agents_received_from_origin: None,
             agents_received_from_peers: None,
             agents_unowned_origin_pieces: None,
+            agent_costs: None,
             utilisation: None,
         }
     }

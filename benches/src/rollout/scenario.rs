@@ -332,10 +332,9 @@ impl Fleet {
         out
     }
 
-    /// What the agents say, summed: (bytes from the origin, bytes from peers, origin pieces
-    /// taken over from a stalled owner or fetched outside a tracker plan). `None` without
-    /// agents or if a scrape failed.
-    pub async fn agents_received(&self, s: &Setup<'_>) -> Option<(f64, f64, f64)> {
+    /// What the agents say, summed (see [`AgentTotals`]). `None` without agents or if a
+    /// scrape failed.
+    pub async fn agents_received(&self, s: &Setup<'_>) -> Option<AgentTotals> {
         if self.agents.is_empty() {
             return None;
         }
@@ -344,19 +343,25 @@ impl Fleet {
             async move { probe(s.bins, &a.place, &url, Duration::from_secs(5)).await }
         }))
         .await;
-        let (mut origin, mut peers, mut unowned) = (0.0, 0.0, 0.0);
-        for text in scrapes {
+        let mut t = AgentTotals::default();
+        for (text, agent) in scrapes.into_iter().zip(&self.agents) {
             let samples = shoal_tests::metrics::parse(&text.ok()?);
-            let get = |source| {
-                shoal_tests::metrics::sum(&samples, "shoal_received_bytes_total", &[("source", source)])
+            let sum = |name, labels: &[(&str, &str)]| {
+                shoal_tests::metrics::sum(&samples, name, labels).unwrap_or(0.0)
             };
-            origin += get("origin").unwrap_or(0.0);
-            peers += get("peer").unwrap_or(0.0);
+            t.from_origin += sum("shoal_received_bytes_total", &[("source", "origin")]);
+            t.from_peers += sum("shoal_received_bytes_total", &[("source", "peer")]);
             for name in ["shoal_origin_pieces_taken_over_total", "shoal_origin_pieces_unplanned_total"] {
-                unowned += shoal_tests::metrics::sum(&samples, name, &[]).unwrap_or(0.0);
+                t.unowned_pieces += sum(name, &[]);
             }
+            t.dht_requests_received += sum("shoal_dht_requests_received_total", &[]);
+            t.dht_requests_sent += sum("shoal_dht_requests_sent_total", &[]);
+            let plans = sum("shoal_coordinator_plans_total", &[]);
+            t.coordinator_plans += plans;
+            t.busiest_coordinator_plans = t.busiest_coordinator_plans.max(plans);
+            t.cpu_seconds += agent.daemon.pid().and_then(process_cpu_seconds).unwrap_or(0.0);
         }
-        Some((origin, peers, unowned))
+        Some(t)
     }
 
     /// How many agents are still running (a crashed agent is a result worth reporting).
@@ -367,4 +372,36 @@ impl Fleet {
         }
         alive
     }
+}
+
+/// What the agents of one run say, summed over them (from their `/metrics` and `/proc`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct AgentTotals {
+    /// Content bytes received from the origin and from peers (`shoal_received_bytes_total`).
+    pub from_origin: f64,
+    pub from_peers: f64,
+    /// Origin pieces fetched although another node owned them (takeovers) or outside a
+    /// plan: where duplicate origin bytes come from.
+    pub unowned_pieces: f64,
+    /// Kademlia requests received and sent.
+    pub dht_requests_received: f64,
+    pub dht_requests_sent: f64,
+    /// Plan requests answered as a digest's coordinator (all agents; and the busiest one).
+    pub coordinator_plans: f64,
+    pub busiest_coordinator_plans: f64,
+    /// CPU seconds (user + system) the agent processes used since they started.
+    pub cpu_seconds: f64,
+}
+
+/// User plus system CPU seconds of process `pid` so far (Linux `/proc/<pid>/stat`).
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the C library; no memory is touched.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
 }

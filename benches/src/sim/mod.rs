@@ -12,10 +12,13 @@
 //!   of each link among its flows (a documented approximation of max-min), RTT.
 //! - [`dht`]: provider records on the K = 20 closest nodes, 20 providers per key kept first
 //!   come first kept (libp2p-kad's `MemoryStore`), lookups of ⌈log2 N⌉ round trips.
-//! - the tracker: `shoal_tracker::state::State` itself, fed the plan requests and heartbeats the
-//!   agents send, its CPU time per plan measured with the thread CPU clock.
+//! - the planner: `shoal_plan::State` itself (the tracker's and every coordinating agent's),
+//!   fed the plan requests (and, with a tracker, the heartbeats) the agents send, its CPU
+//!   time per plan measured with the thread CPU clock. With a tracker one `State` plans every
+//!   layer; in DHT mode each layer's coordinator (the alive node closest to the layer's key,
+//!   found with one lookup per download, the next closest when it is gone) runs its own.
 //! - [`sched`]: each download: the start-up steps of the agent's download task (lookup,
-//!   `Have`, settle, HEAD), then the agent's own pure scheduler
+//!   `Have`, HEAD), then the agent's own pure scheduler
 //!   (`shoal_agent::fetch::scheduler::Scheduler`), unchanged: every decision of a simulated
 //!   node is the agent's code.
 //!
@@ -123,7 +126,10 @@ fn messages(o: &Outcome) -> Value {
             "have_received": rate(&|m| m.have_received),
             "piece_requests_received": rate(&|m| m.piece_requests_received),
             "plan_requests": rate(&|m| m.plan_requests),
+            // Plan requests answered as a layer's coordinator (DHT mode; 0 with a tracker).
+            "plans_received": rate(&|m| m.plans_received),
         },
+        // Every plan request (to the tracker, or to coordinators) per second.
         "tracker_plan_requests_per_s": plans as f64 / d,
         "over_s": d,
     })
@@ -272,15 +278,15 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         args.seed, args.rtt_ms, args.start_spread_ms, args.churn
     ));
     table.push_str(
-        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (tracker) | tracker CPU µs/plan | tracker cores | up busy p50 | wall s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (all) | plans /s of the busiest coordinator | planner CPU µs/plan | planner cores | up busy p50 | wall s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (s, x) in scenarios.iter().zip(&extras) {
         let m = &x["messages"]["per_node_per_s"];
         let f = |v: &Value| v.as_f64().map_or("–".to_string(), |v| format!("{v:.1}"));
         let cpu = &x["measured"]["tracker_cpu"];
         table.push_str(&format!(
-            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} | {} |\n",
             s.name(),
             x["killed"],
             f(&m["dht_received"]["mean"]),
@@ -288,6 +294,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             f(&m["have_received"]["mean"]),
             f(&m["have_received"]["max"]),
             f(&x["messages"]["tracker_plan_requests_per_s"]),
+            f(&m["plans_received"]["max"]),
             f(&cpu["cpu_us_per_plan_mean"]),
             cpu["cores_needed_at_this_plan_rate"].as_f64().map_or("–".into(), |v| format!("{v:.3}")),
             x["utilisation"]["up_busy_share_per_node"]["p50"]

@@ -23,7 +23,6 @@ use sha2::{Digest as _, Sha256};
 use shoal_protocol::tracker::{Heartbeat, NodeCounters, PlanRequest, TrackerResponse};
 use shoal_tracker::state::State;
 
-use shoal_agent::fetch::herd;
 use shoal_agent::fetch::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use shoal_agent::fetch::scheduler::{self, Action, Event};
 use shoal_agent::p2p::shares::Shares;
@@ -78,9 +77,8 @@ enum Ev {
     Start { node: u32 },
     Wake { dl: u32 },
     Lookup { dl: u32 },
-    Fetchers { dl: u32 },
     Whole { dl: u32 },
-    AddProvider { layer: u32, level: u8, k: u32, provider: u32 },
+    AddProvider { layer: u32, k: u32, provider: u32 },
     Have { dl: u32, peer: u32 },
     Head { dl: u32 },
     PieceReq { dl: u32, peer: u32, piece: u32 },
@@ -151,6 +149,8 @@ pub struct Msgs {
     pub have_received: u64,
     pub piece_requests_received: u64,
     pub plan_requests: u64,
+    /// Plan requests this node answered as a coordinator (its own included).
+    pub plans_received: u64,
 }
 
 /// Origin piece requests by the requester's reason, and how many pieces left the origin more
@@ -161,15 +161,11 @@ pub struct OriginWhy {
     pub pieces: u64,
     /// Pieces of a layer requested more than once (the excess over one each).
     pub duplicates: u64,
-    /// Requested as the owner in an origin group.
-    pub group_owner: u64,
-    /// Requested as an owner over the known downloaders (a swarm too small for a group).
-    pub small_swarm_owner: u64,
-    /// Requested as the tracker's assignee.
+    /// Requested as the planner's assignee (the tracker's, or the layer's coordinator's).
     pub assigned: u64,
     /// Taken over from a stalled owner.
     pub taken_over: u64,
-    /// Requested with a tracker present but outside its plan.
+    /// Requested outside a plan (no live plan: the planner was gone or late).
     pub unplanned: u64,
     /// Refetched by a repair.
     pub repair: u64,
@@ -225,8 +221,6 @@ struct Layer {
     size: u64,
     piece_size: u64,
     records: KeyRecords,
-    /// The origin group's level keys ([`herd::level_key`]) and their records.
-    levels: Vec<(u8, KeyRecords)>,
     /// Stand-ins for the pieces' sha256 (the simulator moves no bytes): unique per piece.
     piece_digests: Vec<[u8; 32]>,
 }
@@ -261,6 +255,12 @@ pub struct World {
     node_ids: Vec<NodeId>,
     by_id: HashMap<NodeId, u32>,
     tracker: Option<State>,
+    /// DHT mode: the planner of each node that coordinates a layer (the node closest to
+    /// the layer's key that a download's lookup found alive), created on first use.
+    planners: HashMap<u32, State>,
+    /// Per download (DHT mode): index into its layer's closest nodes of the coordinator it
+    /// asks, once its one lookup found it.
+    coordinator: Vec<Option<u8>>,
     base: Instant,
     cpu: TrackerCpu,
     msgs: Vec<Msgs>,
@@ -313,11 +313,6 @@ impl World {
                     size,
                     piece_size: u64::from(layout.piece_size),
                     records: KeyRecords::new(&digest, &node_keys),
-                    levels: herd::levels()
-                        .map(|l| {
-                            (l, KeyRecords::new(herd::level_key(&agent_digest, l).as_bytes(), &node_keys))
-                        })
-                        .collect(),
                     piece_digests: (0..layout.pieces())
                         .map(|i| {
                             Sha256::new().chain_update(digest).chain_update(i.to_le_bytes()).finalize().into()
@@ -348,6 +343,8 @@ impl World {
             node_ids,
             by_id,
             tracker: (cfg.scenario == Scenario::Tracker).then(State::new),
+            planners: HashMap::new(),
+            coordinator: vec![None; n * l],
             base: Instant::now(),
             cpu: TrackerCpu::default(),
             msgs: vec![Msgs::default(); n],
@@ -406,6 +403,8 @@ impl World {
                 let at = self.rng.below(2000 * MS);
                 self.push(at, Ev::Heartbeat { node });
             }
+        }
+        if self.cfg.scenario != Scenario::Direct {
             self.push(0, Ev::TrackerTick);
         }
         let kills = ((self.cfg.churn_pct / 100.0) * n as f64).round() as usize;
@@ -494,8 +493,13 @@ impl World {
             origin_bytes: self.net.sent[self.origin as usize],
             killed: self.killed,
             msgs: self.msgs,
-            tracker_cpu: self.tracker.as_ref().map(|_| self.cpu),
-            tracker_refused: self.tracker.as_ref().map_or(0, |s| s.totals.refused),
+            tracker_cpu: (self.cfg.scenario != Scenario::Direct).then_some(self.cpu),
+            tracker_refused: self
+                .tracker
+                .iter()
+                .chain(self.planners.values())
+                .map(|s| s.totals.refused)
+                .sum(),
             samples: self.samples,
             up_util,
             down_util,
@@ -532,18 +536,14 @@ impl World {
         self.msgs[node as usize].dht_sent += ALPHA * u64::from(self.cfg.dht_hops) + REPLICATION as u64;
     }
 
-    /// Publishes `node` as a provider of `key` (the layer, or one of its level keys).
-    fn announce(&mut self, node: u32, layer: u32, level: Option<u8>) {
+    /// Publishes `node` as a provider of the layer.
+    fn announce(&mut self, node: u32, layer: u32) {
         self.lookup_cost(node);
         let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
-        let l = &self.layers[layer as usize];
-        let k_count = match level {
-            None => l.records.closest.len(),
-            Some(lv) => l.levels.iter().find(|(x, _)| *x == lv).map_or(0, |(_, r)| r.closest.len()),
-        };
+        let k_count = self.layers[layer as usize].records.closest.len();
         for k in 0..k_count {
             let at = self.now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
-            self.push(at, Ev::AddProvider { layer, level: level.unwrap_or(0), k: k as u32, provider: node });
+            self.push(at, Ev::AddProvider { layer, k: k as u32, provider: node });
         }
     }
 
@@ -567,7 +567,8 @@ impl World {
                     let (digest, layout) = (l.agent_digest, l.layout);
                     let me = self.node_ids[node as usize].clone();
                     let mut cfg = self.cfg.sched.clone();
-                    cfg.tracker = self.tracker.is_some();
+                    // A planner answers in both modes: the tracker, or the layer's coordinator.
+                    cfg.tracker = true;
                     let now = self.instant(self.now);
                     if let Some(d) = self.dls[dl as usize].sched.as_mut() {
                         d.start(cfg, digest, layout, me, now);
@@ -575,9 +576,6 @@ impl World {
                     self.drive(dl, None);
                 }
             }
-        }
-        if let Some(t) = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until) {
-            self.set_wake(dl, t);
         }
     }
 
@@ -620,13 +618,6 @@ impl World {
                 self.lookup_cost(node);
                 self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
             }
-            Action::FindFetchers => {
-                // One lookup per level key, in parallel.
-                for _ in herd::levels() {
-                    self.lookup_cost(node);
-                }
-                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Fetchers { dl });
-            }
             Action::AskHave(peer) => {
                 if let Some(peer) = peer_ix(self, &peer) {
                     self.msgs[node as usize].have_sent += 1;
@@ -642,11 +633,6 @@ impl World {
             },
             Action::FetchOrigin { first, end, taken_over, unplanned, repair } => {
                 let k = u64::from(end - first);
-                let small = self.dls[dl as usize]
-                    .sched
-                    .as_ref()
-                    .and_then(|d| d.sched.as_ref())
-                    .is_some_and(|s| s.group().is_none());
                 let w = &mut self.origin_why;
                 w.pieces += k;
                 if repair {
@@ -655,12 +641,8 @@ impl World {
                     w.taken_over += k;
                 } else if unplanned {
                     w.unplanned += k;
-                } else if self.tracker.is_some() {
-                    w.assigned += k;
-                } else if small {
-                    w.small_swarm_owner += k;
                 } else {
-                    w.group_owner += k;
+                    w.assigned += k;
                 }
                 for i in first..end {
                     let c = &mut self.origin_count[layer as usize][i as usize];
@@ -671,17 +653,14 @@ impl World {
                 }
                 self.push(now + rtt / 2, Ev::OriginReq { dl, first, end });
             }
-            Action::AskPlan(report) => {
-                self.msgs[node as usize].plan_requests += 1;
-                self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
-            }
+            Action::AskPlan(report) => self.ask_plan(dl, report),
             Action::CheckWhole => self.push(now, Ev::Whole { dl }),
             Action::Ban { .. } | Action::SaveState => {}
             Action::Done => {
                 self.dls[dl as usize].done_at = Some(now);
                 self.layer_done(node);
-                if self.tracker.is_some() {
-                    // Tell the tracker the whole blob verified (task.rs does the same).
+                {
+                    // Tell the planner the whole blob verified (task.rs does the same).
                     let report =
                         self.dls[dl as usize].sched.as_ref().and_then(|d| d.sched.as_ref()).map(|s| {
                             let map = s.map();
@@ -691,11 +670,11 @@ impl World {
                                 have: map.verified.clone(),
                                 attest: Vec::new(),
                                 complete: true,
+                                fetching: Vec::new(),
                             }
                         });
                     if let Some(report) = report {
-                        self.msgs[node as usize].plan_requests += 1;
-                        self.push(now + rtt / 2, Ev::PlanReq { dl, report: Box::new(report) });
+                        self.ask_plan(dl, report);
                     }
                 }
                 let _ = layer;
@@ -817,15 +796,9 @@ impl World {
                         self.start_flow(origin, node, size, size, Job::Direct { dl });
                         continue;
                     }
-                    self.dls[dl as usize].sched = Some(Download::new(self.tracker.is_some()));
-                    // task.rs: announce the digest and our origin-group level key at once,
-                    // then look the providers up.
-                    self.announce(node, layer, None);
-                    let level =
-                        herd::level(&self.layers[layer as usize].agent_digest, &self.node_ids[node as usize]);
-                    if level >= herd::MIN_LEVEL {
-                        self.announce(node, layer, Some(level));
-                    }
+                    self.dls[dl as usize].sched = Some(Download::new());
+                    // task.rs: announce the digest, then look the providers up.
+                    self.announce(node, layer);
                     self.startup(dl, vec![Startup::FindProviders]);
                 }
             }
@@ -837,17 +810,6 @@ impl World {
                 if !self.dl_alive(dl) {
                     return;
                 }
-                let settle = self.dls[dl as usize].sched.as_ref().and_then(Download::settle_until);
-                if let Some(until) = settle {
-                    if now >= until {
-                        let mut out = Vec::new();
-                        if let Some(d) = self.dls[dl as usize].sched.as_mut() {
-                            d.settled(&mut out);
-                        }
-                        self.startup(dl, out);
-                    }
-                    return;
-                }
                 self.drive(dl, None);
             }
             Ev::Lookup { dl } => {
@@ -856,13 +818,13 @@ impl World {
                 }
                 let layer = self.layer_of(dl) as usize;
                 let me = self.node_of(dl);
-                let found = self.lookup(&self.layers[layer].records.closest.clone(), layer, None, me);
+                let found = self.lookup(&self.layers[layer].records.closest.clone(), layer, me);
                 let phase = self.dls[dl as usize].sched.as_ref().map(|d| d.phase);
                 match phase {
-                    Some(Phase::Lookup { .. }) => {
+                    Some(Phase::Lookup) => {
                         let mut out = Vec::new();
                         if let Some(d) = self.dls[dl as usize].sched.as_mut() {
-                            d.providers(found, now, &mut out);
+                            d.providers(found, &mut out);
                         }
                         self.startup(dl, out);
                     }
@@ -873,31 +835,8 @@ impl World {
                     _ => {}
                 }
             }
-            Ev::Fetchers { dl } => {
-                if !self.running(dl) {
-                    return;
-                }
-                let layer = self.layer_of(dl) as usize;
-                let me = self.node_of(dl);
-                let keys: Vec<(u8, Vec<u32>)> =
-                    self.layers[layer].levels.iter().map(|(l, r)| (*l, r.closest.clone())).collect();
-                let mut found = Vec::new();
-                for (level, closest) in keys {
-                    let nodes = self.lookup(&closest, layer, Some(level), me);
-                    found.push((level, nodes.iter().map(|&p| self.node_ids[p as usize].clone()).collect()));
-                }
-                self.drive(dl, Some(Event::Fetchers(found)));
-            }
-            Ev::AddProvider { layer, level, k, provider } => {
-                let l = &mut self.layers[layer as usize];
-                let records = if level == 0 {
-                    &mut l.records
-                } else {
-                    match l.levels.iter_mut().find(|(x, _)| *x == level) {
-                        Some((_, r)) => r,
-                        None => return,
-                    }
-                };
+            Ev::AddProvider { layer, k, provider } => {
+                let records = &mut self.layers[layer as usize].records;
                 let store = records.closest[k as usize];
                 if self.alive[store as usize] {
                     self.msgs[store as usize].dht_received += 1;
@@ -933,7 +872,7 @@ impl World {
                 } else {
                     let mut out = Vec::new();
                     if let Some(d) = self.dls[dl as usize].sched.as_mut() {
-                        d.have(peer_id, result, now, &mut out);
+                        d.have(peer_id, result, &mut out);
                     }
                     self.startup(dl, out);
                 }
@@ -997,6 +936,7 @@ impl World {
                 if !self.alive[self.node_of(dl) as usize] {
                     return;
                 }
+                // A coordinator that is gone answers nothing: the connection resets, as fast.
                 let plan = self.plan(dl, &report);
                 self.push(now + rtt / 2, Ev::PlanReply { dl, plan });
             }
@@ -1011,11 +951,14 @@ impl World {
                 self.push(now + 2000 * MS, Ev::Heartbeat { node });
             }
             Ev::TrackerTick => {
-                if let Some(state) = self.tracker.as_mut() {
-                    let at = self.base + Duration::from_nanos(now);
-                    let c0 = thread_cpu_ns();
+                let at = self.base + Duration::from_nanos(now);
+                let c0 = thread_cpu_ns();
+                for state in self.tracker.iter_mut().chain(self.planners.values_mut()) {
                     state.tick(at, now / MS);
-                    self.cpu.tick_cpu_ns += thread_cpu_ns().saturating_sub(c0);
+                }
+                self.cpu.tick_cpu_ns += thread_cpu_ns().saturating_sub(c0);
+                if self.remaining == 0 {
+                    return;
                 }
                 self.push(now + 1000 * MS, Ev::TrackerTick);
             }
@@ -1027,24 +970,49 @@ impl World {
         }
     }
 
-    /// A provider lookup of a layer key (`level` None) or a level key, by node `me`: the union
-    /// of the alive closest nodes' lists, without `me`; counts the requests they receive.
-    fn lookup(&mut self, closest: &[u32], layer: usize, level: Option<u8>, me: u32) -> Vec<u32> {
+    /// A provider lookup of a layer's key by node `me`: the union of the alive closest
+    /// nodes' lists, without `me`; counts the requests they receive.
+    fn lookup(&mut self, closest: &[u32], layer: usize, me: u32) -> Vec<u32> {
         for &c in closest {
             if self.alive[c as usize] {
                 self.msgs[c as usize].dht_received += 1;
             }
         }
-        let l = &self.layers[layer];
-        let records = match level {
-            None => &l.records,
-            Some(lv) => match l.levels.iter().find(|(x, _)| *x == lv) {
-                Some((_, r)) => r,
-                None => return Vec::new(),
-            },
-        };
         let alive = &self.alive;
-        records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
+        self.layers[layer].records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
+    }
+
+    /// Sends a download's plan request: to the tracker, or (DHT mode) to the layer's
+    /// coordinator, found with one closest-peers lookup the first time (`p2p::coordinator`).
+    fn ask_plan(&mut self, dl: u32, report: PlanReport) {
+        let node = self.node_of(dl);
+        let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
+        let mut delay = rtt / 2;
+        if self.tracker.is_none() && self.coordinator[dl as usize].is_none() {
+            // One lookup: the closest nodes answer it; the first alive one coordinates.
+            self.lookup_cost(node);
+            let layer = self.layer_of(dl) as usize;
+            let closest = self.layers[layer].records.closest.clone();
+            for &c in &closest {
+                if self.alive[c as usize] {
+                    self.msgs[c as usize].dht_received += 1;
+                }
+            }
+            let first = closest.iter().position(|&c| self.alive[c as usize]).unwrap_or(0);
+            self.coordinator[dl as usize] = Some(first as u8);
+            delay += hops * rtt;
+        }
+        let coordinator = self.coordinator_of(dl);
+        if coordinator != Some(node) {
+            self.msgs[node as usize].plan_requests += 1;
+        }
+        self.push(self.now + delay, Ev::PlanReq { dl, report: Box::new(report) });
+    }
+
+    /// The node download `dl` asks for plans in DHT mode.
+    fn coordinator_of(&self, dl: u32) -> Option<u32> {
+        let at = self.coordinator[dl as usize]?;
+        self.layers[self.layer_of(dl) as usize].records.closest.get(usize::from(at)).copied()
     }
 
     fn plan(&mut self, dl: u32, report: &PlanReport) -> Option<Box<Plan>> {
@@ -1057,10 +1025,26 @@ impl World {
             have: report.have.as_bytes().to_vec(),
             attest: report.attest.clone(),
             complete: report.complete,
+            fetching: report.fetching.clone(),
         };
         let peer = self.peer_ids[node as usize];
         let at = self.instant(self.now);
-        let state = self.tracker.as_mut()?;
+        let state = match self.tracker.as_mut() {
+            Some(state) => state,
+            None => {
+                let c = self.coordinator_of(dl)?;
+                if !self.alive[c as usize] {
+                    // Gone: the request fails; the next goes to the next closest, or (past
+                    // the last) to a new lookup.
+                    let at = self.coordinator[dl as usize].unwrap_or(0) + 1;
+                    let len = self.layers[self.layer_of(dl) as usize].records.closest.len();
+                    self.coordinator[dl as usize] = (usize::from(at) < len).then_some(at);
+                    return None;
+                }
+                self.msgs[c as usize].plans_received += 1;
+                self.planners.entry(c).or_default()
+            }
+        };
         let c0 = thread_cpu_ns();
         let resp = state.plan(peer, &[], &req, at);
         let spent = thread_cpu_ns().saturating_sub(c0);

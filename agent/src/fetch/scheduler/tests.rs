@@ -5,6 +5,17 @@ use super::*;
 
 const MIB: u64 = 1 << 20;
 
+/// A download with a planner to ask (a tracker or its digest's coordinator): nothing from
+/// the origin before the first answer.
+const PLANNED: Config = Config {
+    peer_concurrency: 16,
+    per_peer_concurrency: 4,
+    origin_concurrency: 4,
+    owner_stall: Duration::from_secs(30),
+    tracker: true,
+    give_up_after: GIVE_UP_AFTER,
+};
+
 fn node(b: u8) -> NodeId {
     NodeId::new(&[b; 8])
 }
@@ -53,13 +64,6 @@ impl Timeline {
         let layout = Layout::for_size(size);
         let s = Scheduler::new(config, Digest::of(b"blob"), layout, me, resumed, t0);
         Timeline { s, t0, now: t0, layout }
-    }
-
-    /// Answers the first origin-group lookup: a small swarm (no group).
-    fn no_group(&mut self) -> Vec<Action> {
-        let mut acts = self.actions();
-        acts.extend(self.event(Event::Fetchers(Vec::new())));
-        acts
     }
 
     fn actions(&mut self) -> Vec<Action> {
@@ -145,8 +149,7 @@ fn drain_origin(t: &mut Timeline, acts: &[Action]) -> Vec<Action> {
 fn alone_everything_from_the_origin_then_done() {
     let me = node(1);
     let mut t = Timeline::new(40 * MIB, Config::default(), me, &[]);
-    let first = t.no_group();
-    assert!(first.contains(&Action::FindFetchers));
+    let first = t.actions();
     let spans = origin(&first);
     assert_eq!(spans.len(), 3, "three spans of MAX_SPAN (origin_concurrency 4): {spans:?}");
     assert!(spans.iter().all(|(a, b)| b - a <= MAX_SPAN));
@@ -167,7 +170,7 @@ fn alone_everything_from_the_origin_then_done() {
 /// A piece peers hold is requested from a peer, with the digest the peer attested.
 #[test]
 fn pieces_peers_hold_come_from_peers() {
-    let mut t = Timeline::new(4 * MIB, Config::default(), node(1), &[]);
+    let mut t = Timeline::new(4 * MIB, PLANNED, node(1), &[]);
     t.actions();
     let layout = t.layout;
     let acts = t.event(Event::Have { peer: node(2), result: Ok(have(layout, 0..4, good)) });
@@ -182,7 +185,7 @@ fn pieces_peers_hold_come_from_peers() {
 /// A busy peer is left alone for BUSY_BACKOFF, then asked again.
 #[test]
 fn busy_peer_backs_off() {
-    let cfg = Config { per_peer_concurrency: 1, ..Config::default() };
+    let cfg = Config { per_peer_concurrency: 1, ..PLANNED };
     let mut t = Timeline::new(MIB, cfg, node(1), &[]);
     t.actions();
     let h = have(t.layout, [0], good);
@@ -216,7 +219,7 @@ fn a_peer_that_lacks_a_piece_is_not_asked_for_it_again() {
 /// another peer, and the banned peer is never asked or added again.
 #[test]
 fn bad_piece_bans_the_peer() {
-    let mut t = Timeline::new(MIB, Config::default(), node(1), &[]);
+    let mut t = Timeline::new(MIB, PLANNED, node(1), &[]);
     t.actions();
     let layout = t.layout;
     let acts = t.event(Event::Have { peer: node(2), result: Ok(have(layout, [0], good)) });
@@ -242,7 +245,7 @@ fn resumed_pieces_are_kept() {
     let mut t = Timeline::new(5 * MIB, Config::default(), node(1), &resumed);
     assert_eq!(t.s.watermark(), 3 * MIB);
     assert_eq!(t.s.map().digests[1], good(1));
-    let acts = t.no_group();
+    let acts = t.actions();
     assert_eq!(origin_pieces(&acts), vec![3, 4]);
     // A resumed blob that is whole goes straight to the digest check.
     let resumed: Vec<(u32, [u8; 32])> = (0..5).map(|i| (i, good(i))).collect();
@@ -258,12 +261,12 @@ fn resumed_pieces_are_kept() {
 #[test]
 fn stalled_owner_is_taken_over() {
     let stall = Duration::from_secs(30);
-    let cfg = Config { owner_stall: stall, origin_concurrency: 8, ..Config::default() };
+    let cfg = Config { owner_stall: stall, origin_concurrency: 8, ..PLANNED };
     let (me, other) = (node(1), node(2));
     let mut t = Timeline::new(8 * MIB, cfg, me.clone(), &[]);
     t.actions();
     t.event(Event::Have { peer: other.clone(), result: Err(PeerError::Lacks) });
-    let acts = t.no_group();
+    let acts = t.event(Event::Plan(None));
     let digest = Digest::of(b"blob");
     let owners = [me.clone(), other.clone()];
     let mine: Vec<u32> = (0..8).filter(|&i| origin_owner(&digest, i, &owners) == Some(&me)).collect();
@@ -289,12 +292,12 @@ fn stalled_owner_is_taken_over() {
 #[test]
 fn a_progressing_owner_is_waited_for() {
     let stall = Duration::from_secs(30);
-    let cfg = Config { owner_stall: stall, ..Config::default() };
+    let cfg = Config { owner_stall: stall, ..PLANNED };
     let (me, other) = (node(1), node(2));
     let mut t = Timeline::new(64 * MIB, cfg, me.clone(), &[]);
     t.actions();
     t.event(Event::Have { peer: other.clone(), result: Err(PeerError::Lacks) });
-    let first = t.no_group();
+    let first = t.event(Event::Plan(None));
     drain_origin(&mut t, &first);
     let digest = Digest::of(b"blob");
     let owners = [me.clone(), other.clone()];
@@ -330,7 +333,6 @@ fn plan_stale_falls_back_to_dht_rules() {
     let acts = t.actions();
     assert!(matches!(acts.first(), Some(Action::AskPlan(_))));
     assert!(origin(&acts).is_empty(), "waits for the first plan");
-    assert!(!acts.contains(&Action::FindFetchers), "the tracker decides while it answers");
     let plan = Plan { peers: vec![], assigned: vec![0, 1], piece_digests: vec![] };
     let acts = t.event(Event::Plan(Some(plan)));
     assert_eq!(origin_pieces(&acts), vec![0, 1]);
@@ -354,9 +356,6 @@ fn plan_stale_falls_back_to_dht_rules() {
         let acts = t.until(at);
         if acts.iter().any(|a| matches!(a, Action::AskPlan(_))) {
             fetched.extend(origin(&t.event(Event::Plan(None))));
-        }
-        if acts.contains(&Action::FindFetchers) {
-            fetched.extend(origin(&t.event(Event::Fetchers(Vec::new()))));
         }
         fetched.extend(origin(&acts));
         if !fetched.is_empty() {
@@ -413,7 +412,7 @@ fn repair_unmarks_peer_pieces_and_bans_the_liar() {
 #[test]
 fn digest_mismatch_without_peer_pieces_fails() {
     let mut t = Timeline::new(MIB, Config::default(), node(1), &[]);
-    let acts = t.no_group();
+    let acts = t.actions();
     assert_eq!(origin(&acts), vec![(0, 1)]);
     deliver_origin(&mut t, 0, 1);
     let acts = t.event(Event::WholeDigest { matched: false });
@@ -421,63 +420,98 @@ fn digest_mismatch_without_peer_pieces_fails() {
     assert!(t.s.is_done());
 }
 
-/// Origin failures back off and give up after MAX_ORIGIN_FAILURES in a row; "not found"
+/// Origin failures back off, doubling up to ORIGIN_BACKOFF_MAX, and give up only after
+/// give_up_after without a verified piece; "not found" and "access refused"
 /// gives up at once.
 #[test]
 fn origin_failures_back_off_then_fail() {
-    let mut t = Timeline::new(MIB, Config::default(), node(1), &[]);
-    let mut acts = t.no_group();
-    for k in 1..MAX_ORIGIN_FAILURES {
-        assert_eq!(origin(&acts), vec![(0, 1)], "attempt {k}");
-        let failed = Event::OriginDone {
-            first: 0,
-            end: 1,
-            unfinished: vec![0],
-            error: Some(OriginFailure::Failed("x".into())),
-        };
-        let now_acts = t.event(failed);
-        assert!(origin(&now_acts).is_empty(), "backs off");
-        let at = t.now - t.t0 + Duration::from_millis(250 * u64::from(k));
-        acts = t.until(at);
-    }
-    let failed = Event::OriginDone {
+    let cfg = Config { give_up_after: Duration::from_secs(60), ..Config::default() };
+    let mut t = Timeline::new(MIB, cfg.clone(), node(1), &[]);
+    let mut acts = t.actions();
+    let failed = || Event::OriginDone {
         first: 0,
         end: 1,
         unfinished: vec![0],
-        error: Some(OriginFailure::Failed("x".into())),
+        error: Some(OriginFailure::Failed("timed out".into())),
     };
-    let acts = t.event(failed);
-    assert_eq!(acts, vec![Action::Failed(Failure::OriginFailed("x".into()))]);
+    let mut gaps = Vec::new();
+    for k in 1..=40u32 {
+        assert_eq!(origin(&acts), vec![(0, 1)], "attempt {k}");
+        let tried = t.now;
+        let now_acts = t.event(failed());
+        if t.now - t.t0 >= Duration::from_secs(60) {
+            assert_eq!(now_acts, vec![Action::Failed(Failure::OriginFailed("timed out".into()))]);
+            assert!(gaps.len() >= 8, "retried for the whole minute: {gaps:?}");
+            assert!(gaps.iter().all(|g| *g <= ORIGIN_BACKOFF_MAX + Duration::from_millis(1)));
+            assert_eq!(gaps[..4], [250, 500, 1000, 2000].map(Duration::from_millis));
+            break;
+        }
+        assert!(origin(&now_acts).is_empty(), "backs off");
+        let at = t.now - t.t0 + origin_backoff(k);
+        acts = t.until(at);
+        gaps.push(t.now - tried);
+        assert!(k < 40, "gave up within 40 attempts");
+    }
 
-    let mut t = Timeline::new(MIB, Config::default(), node(1), &[]);
-    t.no_group();
-    let acts = t.event(Event::OriginDone {
-        first: 0,
-        end: 1,
-        unfinished: vec![0],
-        error: Some(OriginFailure::NotFound),
-    });
-    assert_eq!(acts, vec![Action::Failed(Failure::OriginNotFound)]);
+    // Definitive answers fail at once.
+    for (error, failure) in [
+        (OriginFailure::NotFound, Failure::OriginNotFound),
+        (OriginFailure::Refused("403".into()), Failure::OriginFailed("403".into())),
+    ] {
+        let mut t = Timeline::new(MIB, cfg.clone(), node(1), &[]);
+        t.actions();
+        let acts = t.event(Event::OriginDone { first: 0, end: 1, unfinished: vec![0], error: Some(error) });
+        assert_eq!(acts, vec![Action::Failed(failure)]);
+    }
+}
+
+/// While peers still deliver pieces, a failing origin never fails the download.
+#[test]
+fn a_failing_origin_does_not_fail_a_download_peers_feed() {
+    let cfg = Config { give_up_after: Duration::from_secs(5), origin_concurrency: 1, ..Config::default() };
+    let mut t = Timeline::new(16 * MIB, cfg, node(1), &[]);
+    t.actions();
+    for k in 0..12u32 {
+        let acts = t.until(Duration::from_secs(u64::from(k) + 1));
+        for (first, end) in origin(&acts) {
+            let unfinished: Vec<u32> = (first..end).collect();
+            let error = Some(OriginFailure::Failed("slow".into()));
+            let after = t.event(Event::OriginDone { first, end, unfinished, error });
+            assert!(!after.iter().any(|a| matches!(a, Action::Failed(_))), "second {k}: {after:?}");
+        }
+        // A peer's piece arrives every second (as if from a peer met earlier).
+        t.event(Event::Verified { index: 15 - k, digest: good(15 - k), from: None });
+    }
+    assert!(!t.s.is_done());
 }
 
 /// A verified origin piece resets the failure count.
 #[test]
 fn a_verified_piece_resets_origin_failures() {
     let mut t = Timeline::new(2 * MIB, Config { origin_concurrency: 1, ..Config::default() }, node(1), &[]);
-    t.no_group();
-    for _ in 0..MAX_ORIGIN_FAILURES + 2 {
-        t.event(Event::Verified { index: 0, digest: good(0), from: None });
-        let fail = Event::OriginDone {
-            first: 0,
-            end: 2,
-            unfinished: vec![1],
-            error: Some(OriginFailure::Failed("x".into())),
-        };
-        let acts = t.event(fail);
-        assert!(!acts.iter().any(|a| matches!(a, Action::Failed(_))));
-        let at = t.now - t.t0 + Duration::from_millis(300);
-        t.until(at);
-    }
+    let acts = t.actions();
+    assert_eq!(origin(&acts), vec![(0, 2)]);
+    let fail = |first| Event::OriginDone {
+        first,
+        end: 2,
+        unfinished: (first..2).collect(),
+        error: Some(OriginFailure::Failed("x".into())),
+    };
+    // Two failures in a row: the next try waits 500 ms.
+    t.event(fail(0));
+    let acts = t.until(Duration::from_millis(251));
+    assert_eq!(origin(&acts), vec![(0, 2)]);
+    t.event(fail(0));
+    let at = t.now - t.t0;
+    assert!(origin(&t.until(at + Duration::from_millis(499))).is_empty());
+    let acts = t.until(at + Duration::from_millis(501));
+    assert_eq!(origin(&acts), vec![(0, 2)]);
+    // Piece 0 arrives, then the span fails: back to 250 ms.
+    t.event(Event::Verified { index: 0, digest: good(0), from: None });
+    t.event(fail(1));
+    let at = t.now - t.t0;
+    let acts = t.until(at + Duration::from_millis(251));
+    assert_eq!(origin(&acts), vec![(1, 2)]);
 }
 
 /// Polls: Have of known peers every HAVE_POLL, providers every PROVIDER_POLL, and
@@ -506,65 +540,13 @@ fn polls_follow_their_intervals() {
 #[test]
 fn askers_share_the_origin_pieces() {
     let mut t = Timeline::new(16 * MIB, Config { origin_concurrency: 1, ..Config::default() }, node(1), &[]);
-    let acts = t.no_group();
+    let acts = t.actions();
     assert_eq!(origin(&acts), vec![(0, 16)], "alone: one long span");
     deliver_origin(&mut t, 0, 16);
     let mut t = Timeline::new(16 * MIB, Config { origin_concurrency: 1, ..Config::default() }, node(1), &[]);
     t.s.handle(Event::Asker(node(2)), t.t0);
     let _ = t.actions();
     assert_eq!(t.s.downloaders(), 1);
-}
-
-/// Providers of each level key, as [`Event::Fetchers`] carries them.
-type LevelLists = Vec<(u8, Vec<NodeId>)>;
-
-/// 4,000 nodes downloading `digest`: their origin group, one node outside it, and the level
-/// lookups as a node sees them (at most 20 providers per level key).
-fn large_swarm(digest: &Digest) -> (Vec<NodeId>, NodeId, LevelLists) {
-    let nodes: Vec<NodeId> = (0..4000u32).map(|i| NodeId::new(&i.to_le_bytes())).collect();
-    let mut lists: Vec<(u8, Vec<NodeId>)> = herd::levels().map(|l| (l, Vec::new())).collect();
-    for x in &nodes {
-        let l = herd::level(digest, x);
-        if l >= herd::MIN_LEVEL {
-            lists[usize::from(l - herd::MIN_LEVEL)].1.push(x.clone());
-        }
-    }
-    let group = herd::group(digest, &nodes[0], &lists).expect("4000 nodes form a group");
-    let outsider = nodes.iter().find(|n| !group.contains(n)).unwrap().clone();
-    let found = lists.iter().map(|(l, v)| (*l, v.iter().take(20).cloned().collect())).collect();
-    (group, outsider, found)
-}
-
-/// In a large swarm (an origin group formed) a node outside the group fetches nothing from
-/// the origin by itself, while a member fetches its share at once.
-#[test]
-fn only_the_origin_group_fetches_from_the_origin() {
-    let digest = Digest::of(b"blob");
-    let (group, outsider, found) = large_swarm(&digest);
-    let member = group[0].clone();
-
-    let mut out = Timeline::new(64 * MIB, Config::default(), outsider, &[]);
-    out.actions();
-    let acts = out.event(Event::Fetchers(found.clone()));
-    assert!(origin(&acts).is_empty(), "an outsider waits for peers");
-    assert_eq!(out.s.group(), Some(&group[..]));
-    let acts = out.until(Duration::from_secs(30));
-    assert!(origin(&acts).is_empty(), "and keeps waiting at owner_stall");
-
-    let mut m = Timeline::new(64 * MIB, Config::default(), member.clone(), &[]);
-    m.actions();
-    let acts = m.event(Event::Fetchers(found.clone()));
-    assert!(origin(&acts).is_empty(), "one answer is not a settled group yet");
-    let acts = m.until(FETCHERS_RETRY);
-    assert!(acts.contains(&Action::FindFetchers), "asked again soon: {acts:?}");
-    let acts = m.event(Event::Fetchers(found));
-    let owned: Vec<u32> = (0..64).filter(|&i| origin_owner(&digest, i, &group) == Some(&member)).collect();
-    assert!(!owned.is_empty());
-    let fetched = origin_pieces(&acts);
-    assert!(
-        !fetched.is_empty() && fetched.iter().all(|i| owned.contains(i)),
-        "{fetched:?} not within {owned:?}"
-    );
 }
 
 /// The peer set is bounded: beyond MAX_PEERS peers wait as spares, and a spare takes the
@@ -624,49 +606,4 @@ fn a_peer_with_nothing_new_is_polled_less_often() {
     let at = t.now - t.t0;
     let acts = t.until(at + HAVE_POLL + Duration::from_millis(1));
     assert!(acts.contains(&Action::AskHave(node(2))), "{acts:?}");
-}
-
-/// "No group" from a lookup while we know at least GROUP_MIN downloaders whose level
-/// announces means the lookup missed them: no origin fetch on that view, and the group is
-/// looked up again after FETCHERS_RETRY. After MAX_UNSETTLED such answers the small-swarm
-/// rules apply, so the download always starts.
-#[test]
-fn an_incomplete_group_lookup_is_asked_again() {
-    let digest = Digest::of(b"blob");
-    let mut t = Timeline::new(8 * MIB, Config::default(), node(1), &[]);
-    t.actions();
-    let leveled: Vec<NodeId> = (0..2000u32)
-        .map(|i| NodeId::new(&i.to_le_bytes()))
-        .filter(|n| herd::level(&digest, n) >= herd::MIN_LEVEL)
-        .take(herd::GROUP_MIN)
-        .collect();
-    for p in &leveled {
-        t.event(Event::Have { peer: p.clone(), result: Err(PeerError::Lacks) });
-    }
-    let mut acts = t.event(Event::Fetchers(Vec::new()));
-    for answer in 1..MAX_UNSETTLED {
-        assert!(origin(&acts).is_empty(), "answer {answer}: no origin fetch on an incomplete view");
-        let at = t.now - t.t0 + FETCHERS_RETRY;
-        let next = t.until(at);
-        assert!(next.contains(&Action::FindFetchers), "answer {answer}: asked again: {next:?}");
-        acts = t.event(Event::Fetchers(Vec::new()));
-    }
-    assert!(!origin(&acts).is_empty(), "after MAX_UNSETTLED answers the small-swarm rules start it");
-}
-
-/// A node whose window piece nobody it polls holds starts polling that piece's origin owner
-/// (a group member it never met), instead of waiting for the takeover delay.
-#[test]
-fn the_owner_of_a_piece_nobody_holds_is_polled() {
-    let digest = Digest::of(b"blob");
-    let (group, outsider, found) = large_swarm(&digest);
-    let mut t = Timeline::new(4 * MIB, Config::default(), outsider, &[]);
-    t.actions();
-    t.event(Event::Fetchers(found.clone()));
-    t.until(FETCHERS_RETRY);
-    t.event(Event::Fetchers(found));
-    let owner = origin_owner(&digest, 0, &group).unwrap().clone();
-    let acts = t.until(FETCHERS_RETRY + HAVE_POLL);
-    assert!(acts.contains(&Action::AskHave(owner.clone())), "the owner of piece 0 is polled: {acts:?}");
-    assert!(origin(&acts).is_empty());
 }

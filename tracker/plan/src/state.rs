@@ -26,6 +26,11 @@
 //!   each piece leaves the origin once.
 //! - A node has at most [`BATCH`] pieces assigned; each plan tops it up with the lowest-index
 //!   pieces nobody holds and nobody is assigned.
+//! - Pieces a request says it is fetching from the origin (`fetching`) are its assignments
+//!   unless held or assigned to another: a planner that takes a digest over (after a
+//!   restart, or as the next coordinator) learns what its predecessor assigned. When the
+//!   first request it sees for a digest comes from a download under way, it assigns nothing
+//!   new for [`ADOPT_GRACE`], while the other downloaders report.
 //! - An assignment is released when its assignee is dead (not seen for [`NODE_DEAD`]) or
 //!   stalled (assigned for more than [`STALL`] while its piece count has not grown for
 //!   [`STALL`]). The next plan from anyone picks the piece up again.
@@ -77,6 +82,13 @@ pub const MAX_PEERS: usize = 16;
 pub const LOAD_WINDOW: Duration = Duration::from_secs(2);
 /// Hand-outs remembered per node within [`LOAD_WINDOW`] (a bound, far above real rates).
 const MAX_LOAD_ENTRIES: usize = 4096;
+/// A planner whose first plan request for a digest comes from a download already under way
+/// (pieces held, fetching or attested) took the digest over from another planner (it
+/// restarted, or it is the next coordinator after one died). It assigns no new origin piece
+/// for this long, so that every live downloader reports what it holds and fetches first:
+/// what the previous planner assigned is learned, not handed out a second time. Several
+/// plan polls ([`shoal_protocol::timing::PLAN_POLL`]).
+pub const ADOPT_GRACE: Duration = Duration::from_millis(1500);
 /// Digest states nobody planned for in this long are forgotten.
 pub const DIGEST_FORGET: Duration = Duration::from_secs(600);
 /// Nodes the tracker keeps at once; beyond that, unknown nodes are refused. A node costs
@@ -195,6 +207,9 @@ struct DigestState {
     ring_cursor: usize,
     /// Where the next plan's scan of whole holders (from heartbeats) starts.
     seed_cursor: Option<PeerId>,
+    /// Until then no new origin piece is assigned: this planner took the digest over
+    /// mid-download (see [`ADOPT_GRACE`]).
+    adopting_until: Option<Instant>,
 }
 
 /// Adds the bits set in `new` and not in `old` to `holds`, subtracts those set in `old` and
@@ -557,6 +572,10 @@ impl State {
             holder_pos: HashMap::new(),
             ring_cursor: 0,
             seed_cursor: None,
+            adopting_until: (req.have.iter().any(|b| *b != 0)
+                || !req.fetching.is_empty()
+                || !req.attest.is_empty())
+            .then(|| now + ADOPT_GRACE),
         });
         state.last_plan = now;
         state.expire(now);
@@ -635,7 +654,17 @@ impl State {
             }
             !(dead || stalled)
         });
+        // Pieces the requester is fetching from the origin now stay its own (a previous
+        // planner assigned them), unless someone else holds or was given them here.
         if !complete {
+            for &piece in &req.fetching {
+                if piece < pieces && !held_any[piece as usize] {
+                    state.assigned.entry(piece).or_insert((peer, now));
+                }
+            }
+        }
+        let adopting = state.adopting_until.is_some_and(|t| now < t);
+        if !complete && !adopting {
             let mut outstanding = state.assigned.values().filter(|(a, _)| *a == peer).count();
             let mut piece = 0;
             while outstanding < BATCH && piece < pieces {

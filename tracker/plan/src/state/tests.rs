@@ -34,6 +34,7 @@ fn request(pieces: u32, have: &[u32]) -> PlanRequest {
         have: bits,
         attest: Vec::new(),
         complete: have.len() as u32 == pieces,
+        fetching: Vec::new(),
     }
 }
 
@@ -472,4 +473,38 @@ fn plan_cost() {
             rounds[2]
         );
     }
+}
+
+/// A planner that takes a digest over mid-download (the next coordinator after one died, a
+/// restarted tracker) learns what its predecessor assigned from the `fetching` lists, gives
+/// those pieces to nobody else, and assigns nothing new until every live downloader had
+/// time to report ([`ADOPT_GRACE`]); then it tops everyone up as usual.
+#[test]
+fn a_planner_taking_over_learns_assignments_before_giving_any() {
+    let mut s = State::new();
+    let t0 = Instant::now();
+    let (a, b) = (peer(), peer());
+    // A holds piece 0 and is fetching 1 and 2 (its old coordinator's assignment).
+    let mut req_a = request(16, &[0]);
+    req_a.fetching = vec![1, 2];
+    let p = plan(&mut s, a, &req_a, t0);
+    assert_eq!(p.assigned, vec![1, 2], "its own fetches stay its own, and nothing new yet");
+    // B, fresh, asks within the grace: nothing yet.
+    let p = plan(&mut s, b, &request(16, &[]), t0 + Duration::from_millis(500));
+    assert!(p.assigned.is_empty(), "{:?}", p.assigned);
+    // After the grace, B gets pieces nobody holds and nobody fetches.
+    let p = plan(&mut s, b, &request(16, &[]), t0 + ADOPT_GRACE);
+    assert_eq!(p.assigned, vec![3, 4, 5, 6]);
+    let p = plan(&mut s, a, &req_a, t0 + ADOPT_GRACE);
+    assert_eq!(p.assigned, vec![1, 2, 7, 8]);
+
+    // A cold start (nothing held anywhere) is not a takeover: assignments at once.
+    let mut s = State::new();
+    let p = plan(&mut s, a, &request(16, &[]), t0);
+    assert_eq!(p.assigned, vec![0, 1, 2, 3]);
+    // A piece somebody else already fetches is not learned as the requester's.
+    let mut req_b = request(16, &[]);
+    req_b.fetching = vec![0];
+    let p = plan(&mut s, b, &req_b, t0);
+    assert_eq!(p.assigned, vec![4, 5, 6, 7]);
 }
