@@ -25,11 +25,14 @@
 //!   client per minute covers a whole image.
 //! - Origin unreachable: objects last seen public are served (as the last known tag is);
 //!   private ones are refused, unless the same credential was allowed within
-//!   `--auth-offline-grace` (default 0: refused).
+//!   `--auth-offline-grace` (default 0: refused). Repositories the operator named public
+//!   (`--public`, see [`public`]) are served to any client, marked [`PublicBasis::Configured`].
 //!
 //! Registries: only the configured ones (`--upstream`, the built-in defaults unless
 //! `--no-default-registries`, and `--default-registry`) are mirrored; any other gets 404 before
 //! any connection is made, unless `--mirror-any-registry`.
+
+pub mod public;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
@@ -44,6 +47,7 @@ use crate::metrics::METRICS;
 use crate::origin::auth::Challenge;
 use crate::origin::{As, Kind, Origin, OriginError, Resolved};
 use crate::types::{Registry, RepoName};
+pub use public::{PublicEntry, PublicList};
 
 /// Longest time a decision (and "this repository needs credentials", which saves the
 /// anonymous HEAD) is reused without asking the origin again; `--auth-decision-ttl` may
@@ -105,6 +109,25 @@ pub enum Refusal {
 pub struct Grant {
     pub until: Instant,
     pub resolved: Option<Resolved>,
+    /// Set when the origin could not be asked and the object is served as public on a basis
+    /// other than this agent's own check (the response says so).
+    pub public: Option<PublicBasis>,
+}
+
+/// Why content is served as public while the origin is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublicBasis {
+    /// The repository is named by `--public`.
+    Configured,
+}
+
+impl PublicBasis {
+    /// The value of the `X-Shoal-Public` response header and of the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublicBasis::Configured => "configured",
+        }
+    }
 }
 
 #[derive(Clone, Hash, PartialEq, Eq)]
@@ -127,6 +150,8 @@ pub struct Access {
     registries: RegistryList,
     ttl: Duration,
     offline_grace: Duration,
+    /// `--public`: served to anyone while the origin is unreachable.
+    public: PublicList,
     decisions: Mutex<LruCache<DecisionKey, Decision>>,
     /// Repositories whose anonymous check failed, with the challenge to send.
     private: Mutex<LruCache<(Registry, RepoName), (String, Instant)>>,
@@ -141,9 +166,16 @@ impl Access {
             registries,
             ttl: ttl.min(DECISION_TTL),
             offline_grace,
+            public: PublicList::default(),
             decisions: Mutex::new(LruCache::new(memory)),
             private: Mutex::new(LruCache::new(memory)),
         }
+    }
+
+    /// Repositories public by configuration (`--public`).
+    pub fn with_public(mut self, public: PublicList) -> Self {
+        self.public = public;
+        self
     }
 
     pub fn allows_registry(&self, registry: &Registry) -> bool {
@@ -191,7 +223,7 @@ impl Access {
         for k in [key([0; 32]), key(who.key)] {
             if let Some(d) = fresh(&k) {
                 METRICS.auth_check("cached");
-                return Ok(Grant { until: d.until, resolved: None });
+                return Ok(Grant { until: d.until, resolved: None, public: None });
             }
         }
         if who.is_anonymous() {
@@ -223,7 +255,7 @@ impl Access {
                 let lend_until = answer.token_expires.or(who.expires).unwrap_or(now + BASIC_LEND);
                 origin.lend(registry, repo, authorization, lend_until);
             }
-            let mut grant = Grant { until, resolved: answer.resolved };
+            let mut grant = Grant { until, resolved: answer.resolved, public: None };
             self.remember(registry, repo, reference, who, &mut grant);
             return Ok(grant);
         }
@@ -301,7 +333,8 @@ impl Access {
         if decisions.get(&k([0; 32])).is_some() {
             tracing::warn!(%registry, %repo, reference, error = %e,
                 "origin unreachable: serving an object last seen public");
-            return Ok(Grant { until: now, resolved: None });
+            METRICS.outage_served("seen_public");
+            return Ok(Grant { until: now, resolved: None, public: None });
         }
         if !who.is_anonymous() && !self.offline_grace.is_zero() {
             let expired_token = who.expires.is_some_and(|exp| exp <= now);
@@ -309,9 +342,17 @@ impl Access {
                 if !expired_token && now.saturating_duration_since(d.checked) <= self.offline_grace {
                     tracing::warn!(%registry, %repo, reference, error = %e,
                         "origin unreachable: serving private content within --auth-offline-grace");
-                    return Ok(Grant { until: now, resolved: None });
+                    METRICS.outage_served("offline_grace");
+                    return Ok(Grant { until: now, resolved: None, public: None });
                 }
             }
+        }
+        if self.public.contains(registry, repo) {
+            tracing::warn!(%registry, %repo, reference, error = %e,
+                "origin unreachable: serving a repository that --public names");
+            let basis = PublicBasis::Configured;
+            METRICS.outage_served(basis.as_str());
+            return Ok(Grant { until: now, resolved: None, public: Some(basis) });
         }
         tracing::warn!(%registry, %repo, reference, error = %e,
             "origin unreachable: refusing content it has not shown this client may read");
