@@ -4,21 +4,23 @@
 //! while the origin is up; then the origin is stopped, and agents D (bootstrapped from C, never
 //! having asked the origin anything) are asked for it by an anonymous client:
 //!
-//! - D with `--public` naming the repository serves it from C, marked
+//! - D with `--public` naming the repository serves it (and its manifest by digest) from C, marked
 //!   `X-Shoal-Public: configured` and counted in `shoal_outage_served_total{basis="configured"}`;
 //! - D without it, and D for a repository `--public` does not name, refuse it as before: they
 //!   cannot tell the content is public.
 
 use std::time::Duration;
 
-use shoal_tests::{digest_of, http_client, Agent, AgentOptions, ImageKind, ImageSpec, Origin};
+use shoal_tests::{
+    digest_of, http_client, Agent, AgentOptions, ImageKind, ImageSpec, Origin, MANIFEST_ACCEPT,
+};
 
 fn blob_url(agent: &Agent, origin: &Origin, repo: &str, digest: &str) -> String {
     format!("{}/v2/{repo}/blobs/{digest}?ns={}", agent.url(), origin.host().replace(':', "%3A"))
 }
 
 async fn get(url: &str) -> reqwest::Response {
-    let req = http_client().get(url).timeout(Duration::from_secs(60));
+    let req = http_client().get(url).header("accept", MANIFEST_ACCEPT).timeout(Duration::from_secs(60));
     req.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
@@ -57,6 +59,13 @@ async fn origin_down_serves_configured_public_repositories_from_a_peer() {
     let resp = get(&blob_url(&c, &origin, "outage/other", &other.digest)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(digest_of(&resp.bytes().await.unwrap()), other.digest);
+    let host = origin.host().replace(':', "%3A");
+    let manifest_url = |agent: &Agent| {
+        format!("{}/v2/outage/app/manifests/{}?ns={host}", agent.url(), named.manifest.digest)
+    };
+    let resp = get(&manifest_url(&c)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), named.manifest.bytes.as_slice());
 
     origin.stop();
 
@@ -71,6 +80,13 @@ async fn origin_down_serves_configured_public_repositories_from_a_peer() {
         metric(&d_public, "shoal_received_bytes_total", &[("source", "peer")]).await >= layer.size as f64
     );
     assert!(metric(&d_public, "shoal_outage_served_total", &[("basis", "configured")]).await >= 1.0);
+    // The manifest by digest too, with its type.
+    let resp = get(&manifest_url(&d_public)).await;
+    assert_eq!(resp.status(), 200, "D with --public refused the manifest:\n{}", d_public.log_tail());
+    assert_eq!(resp.headers().get("x-shoal-public").map(|v| v.to_str().unwrap()), Some("configured"));
+    assert_eq!(resp.headers()["content-type"].to_str().unwrap(), named.manifest.media_type);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), named.manifest.bytes.as_slice());
+    assert_eq!(get(&manifest_url(&d_plain)).await.status(), 404, "D without --public served the manifest");
 
     // A repository --public does not name: today's rule, refused.
     let resp = get(&blob_url(&d_public, &origin, "outage/other", &other.digest)).await;
