@@ -26,7 +26,8 @@
 //! - Origin unreachable: objects last seen public are served (as the last known tag is);
 //!   private ones are refused, unless the same credential was allowed within
 //!   `--auth-offline-grace` (default 0: refused). Repositories the operator named public
-//!   (`--public`, see [`public`]) are served to any client, marked [`PublicBasis::Configured`].
+//!   (`--public`, see [`public`]) are served to any client, marked [`PublicBasis::Configured`],
+//!   unless the origin refused this agent's anonymous check for them while it answered.
 //!
 //! Registries: only the configured ones (`--upstream`, the built-in defaults unless
 //! `--no-default-registries`, and `--default-registry`) are mirrored; any other gets 404 before
@@ -347,7 +348,10 @@ impl Access {
                 }
             }
         }
-        if self.public.contains(registry, repo) {
+        // The origin's own word beats the configuration: a repository it answered anonymously
+        // with 401/403 (while this agent ran) stays refused, whatever --public says.
+        let seen_private = crate::sync::lock(&self.private).peek(&(registry.clone(), repo.clone())).is_some();
+        if self.public.contains(registry, repo) && !seen_private {
             tracing::warn!(%registry, %repo, reference, error = %e,
                 "origin unreachable: serving a repository that --public names");
             let basis = PublicBasis::Configured;
@@ -430,6 +434,46 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Origin down: `--public` serves its repositories to anyone, and nothing else; a
+    /// repository the origin itself called private stays refused.
+    #[test]
+    fn origin_down_serves_configured_public_repositories_only() {
+        let public = PublicList::new(vec!["reg.test/pub".parse().unwrap()]);
+        let a = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO).with_public(public);
+        let reg: Registry = "reg.test".parse().unwrap();
+        let repo = |r: &str| r.parse::<RepoName>().unwrap();
+        let down = OriginError::Unreachable("reg.test: connection refused".into());
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let anonymous = a.identity(None);
+        let someone = a.identity(Some("Basic YTpi"));
+        for who in [&anonymous, &someone] {
+            let grant = a.offline(&reg, &repo("pub/app"), &digest, who, &down).expect("named: served");
+            assert_eq!(grant.public, Some(PublicBasis::Configured));
+        }
+        assert_eq!(
+            a.offline(&reg, &repo("public/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        let other: Registry = "other.test".parse().unwrap();
+        assert_eq!(
+            a.offline(&other, &repo("pub/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        // The origin answered 401 for pub/secret's anonymous check: expired or not, refused.
+        let past = Instant::now();
+        crate::sync::lock(&a.private).put((reg.clone(), repo("pub/secret")), ("Basic".into(), past));
+        assert_eq!(
+            a.offline(&reg, &repo("pub/secret"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        // Without --public: today's rule.
+        let plain = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
+        assert_eq!(
+            plain.offline(&reg, &repo("pub/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+    }
 
     #[test]
     fn hmac_matches_rfc4231() {
