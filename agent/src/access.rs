@@ -25,11 +25,15 @@
 //!   client per minute covers a whole image.
 //! - Origin unreachable: objects last seen public are served (as the last known tag is);
 //!   private ones are refused, unless the same credential was allowed within
-//!   `--auth-offline-grace` (default 0: refused).
+//!   `--auth-offline-grace` (default 0: refused). Repositories the operator named public
+//!   (`--public`, see [`public`]) are served to any client, marked [`PublicBasis::Configured`],
+//!   unless the origin refused this agent's anonymous check for them while it answered.
 //!
 //! Registries: only the configured ones (`--upstream`, the built-in defaults unless
 //! `--no-default-registries`, and `--default-registry`) are mirrored; any other gets 404 before
 //! any connection is made, unless `--mirror-any-registry`.
+
+pub mod public;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
@@ -44,6 +48,7 @@ use crate::metrics::METRICS;
 use crate::origin::auth::Challenge;
 use crate::origin::{As, Kind, Origin, OriginError, Resolved};
 use crate::types::{Registry, RepoName};
+pub use public::{PublicEntry, PublicList};
 
 /// Longest time a decision (and "this repository needs credentials", which saves the
 /// anonymous HEAD) is reused without asking the origin again; `--auth-decision-ttl` may
@@ -105,6 +110,25 @@ pub enum Refusal {
 pub struct Grant {
     pub until: Instant,
     pub resolved: Option<Resolved>,
+    /// Set when the origin could not be asked and the object is served as public on a basis
+    /// other than this agent's own check (the response says so).
+    pub public: Option<PublicBasis>,
+}
+
+/// Why content is served as public while the origin is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublicBasis {
+    /// The repository is named by `--public`.
+    Configured,
+}
+
+impl PublicBasis {
+    /// The value of the `X-Shoal-Public` response header and of the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublicBasis::Configured => "configured",
+        }
+    }
 }
 
 #[derive(Clone, Hash, PartialEq, Eq)]
@@ -127,6 +151,8 @@ pub struct Access {
     registries: RegistryList,
     ttl: Duration,
     offline_grace: Duration,
+    /// `--public`: served to anyone while the origin is unreachable.
+    public: PublicList,
     decisions: Mutex<LruCache<DecisionKey, Decision>>,
     /// Repositories whose anonymous check failed, with the challenge to send.
     private: Mutex<LruCache<(Registry, RepoName), (String, Instant)>>,
@@ -141,9 +167,16 @@ impl Access {
             registries,
             ttl: ttl.min(DECISION_TTL),
             offline_grace,
+            public: PublicList::default(),
             decisions: Mutex::new(LruCache::new(memory)),
             private: Mutex::new(LruCache::new(memory)),
         }
+    }
+
+    /// Repositories public by configuration (`--public`).
+    pub fn with_public(mut self, public: PublicList) -> Self {
+        self.public = public;
+        self
     }
 
     pub fn allows_registry(&self, registry: &Registry) -> bool {
@@ -191,7 +224,7 @@ impl Access {
         for k in [key([0; 32]), key(who.key)] {
             if let Some(d) = fresh(&k) {
                 METRICS.auth_check("cached");
-                return Ok(Grant { until: d.until, resolved: None });
+                return Ok(Grant { until: d.until, resolved: None, public: None });
             }
         }
         if who.is_anonymous() {
@@ -223,7 +256,7 @@ impl Access {
                 let lend_until = answer.token_expires.or(who.expires).unwrap_or(now + BASIC_LEND);
                 origin.lend(registry, repo, authorization, lend_until);
             }
-            let mut grant = Grant { until, resolved: answer.resolved };
+            let mut grant = Grant { until, resolved: answer.resolved, public: None };
             self.remember(registry, repo, reference, who, &mut grant);
             return Ok(grant);
         }
@@ -301,7 +334,8 @@ impl Access {
         if decisions.get(&k([0; 32])).is_some() {
             tracing::warn!(%registry, %repo, reference, error = %e,
                 "origin unreachable: serving an object last seen public");
-            return Ok(Grant { until: now, resolved: None });
+            METRICS.outage_served("seen_public");
+            return Ok(Grant { until: now, resolved: None, public: None });
         }
         if !who.is_anonymous() && !self.offline_grace.is_zero() {
             let expired_token = who.expires.is_some_and(|exp| exp <= now);
@@ -309,9 +343,20 @@ impl Access {
                 if !expired_token && now.saturating_duration_since(d.checked) <= self.offline_grace {
                     tracing::warn!(%registry, %repo, reference, error = %e,
                         "origin unreachable: serving private content within --auth-offline-grace");
-                    return Ok(Grant { until: now, resolved: None });
+                    METRICS.outage_served("offline_grace");
+                    return Ok(Grant { until: now, resolved: None, public: None });
                 }
             }
+        }
+        // The origin's own word beats the configuration: a repository it answered anonymously
+        // with 401/403 (while this agent ran) stays refused, whatever --public says.
+        let seen_private = crate::sync::lock(&self.private).peek(&(registry.clone(), repo.clone())).is_some();
+        if self.public.contains(registry, repo) && !seen_private {
+            tracing::warn!(%registry, %repo, reference, error = %e,
+                "origin unreachable: serving a repository that --public names");
+            let basis = PublicBasis::Configured;
+            METRICS.outage_served(basis.as_str());
+            return Ok(Grant { until: now, resolved: None, public: Some(basis) });
         }
         tracing::warn!(%registry, %repo, reference, error = %e,
             "origin unreachable: refusing content it has not shown this client may read");
@@ -389,6 +434,46 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Origin down: `--public` serves its repositories to anyone, and nothing else; a
+    /// repository the origin itself called private stays refused.
+    #[test]
+    fn origin_down_serves_configured_public_repositories_only() {
+        let public = PublicList::new(vec!["reg.test/pub".parse().unwrap()]);
+        let a = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO).with_public(public);
+        let reg: Registry = "reg.test".parse().unwrap();
+        let repo = |r: &str| r.parse::<RepoName>().unwrap();
+        let down = OriginError::Unreachable("reg.test: connection refused".into());
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let anonymous = a.identity(None);
+        let someone = a.identity(Some("Basic YTpi"));
+        for who in [&anonymous, &someone] {
+            let grant = a.offline(&reg, &repo("pub/app"), &digest, who, &down).expect("named: served");
+            assert_eq!(grant.public, Some(PublicBasis::Configured));
+        }
+        assert_eq!(
+            a.offline(&reg, &repo("public/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        let other: Registry = "other.test".parse().unwrap();
+        assert_eq!(
+            a.offline(&other, &repo("pub/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        // The origin answered 401 for pub/secret's anonymous check: expired or not, refused.
+        let past = Instant::now();
+        crate::sync::lock(&a.private).put((reg.clone(), repo("pub/secret")), ("Basic".into(), past));
+        assert_eq!(
+            a.offline(&reg, &repo("pub/secret"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+        // Without --public: today's rule.
+        let plain = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
+        assert_eq!(
+            plain.offline(&reg, &repo("pub/app"), &digest, &anonymous, &down).err(),
+            Some(Refusal::Unreachable)
+        );
+    }
 
     #[test]
     fn hmac_matches_rfc4231() {

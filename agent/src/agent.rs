@@ -75,11 +75,14 @@ impl Agent {
             give_up_after: config.download_give_up,
             ..FetchConfig::default()
         };
-        let access = Arc::new(crate::access::Access::new(
-            config.registries.clone(),
-            config.auth_decision_ttl,
-            config.auth_offline_grace,
-        ));
+        let access = Arc::new(
+            crate::access::Access::new(
+                config.registries.clone(),
+                config.auth_decision_ttl,
+                config.auth_offline_grace,
+            )
+            .with_public(config.public.clone()),
+        );
         let readiness = Readiness::default();
         let supervisor = Supervisor::new();
         supervisor.spawn("cache check", check_cache(store.clone(), readiness.clone(), supervisor.token()));

@@ -30,6 +30,8 @@ pub enum ConfigError {
     Zone(String),
     #[error("--auth-decision-ttl must be between 1s and 60s, got {0:?}")]
     DecisionTtl(std::time::Duration),
+    #[error("--public {spec:?}: expected REGISTRY or REGISTRY/REPO-PREFIX, e.g. docker.io/library: {why}")]
+    Public { spec: String, why: String },
 }
 
 /// Log output format.
@@ -87,6 +89,14 @@ pub struct RunArgs {
     /// credentials the origin accepted for it within this window, e.g. 10m (0: refuse).
     #[arg(long, env = "SHOAL_AUTH_OFFLINE_GRACE", default_value = "0", value_parser = parse_duration)]
     pub auth_offline_grace: std::time::Duration,
+
+    /// Registries or repositories that are public by configuration: REGISTRY or
+    /// REGISTRY/REPO-PREFIX (whole path components), repeatable (comma-separated in the
+    /// environment variable). While the origin is unreachable, content of these is served to
+    /// any client without a check (header `X-Shoal-Public: configured`); while it answers,
+    /// nothing changes.
+    #[arg(long = "public", env = "SHOAL_PUBLIC", value_delimiter = ',')]
+    pub public: Vec<String>,
 
     /// How long an access decision (allowed, or "this repository needs credentials") is
     /// reused before the origin is asked again, 1s to 60s. Shorter: a revoked credential
@@ -228,6 +238,8 @@ pub struct Config {
     pub registries: crate::access::RegistryList,
     pub auth_offline_grace: std::time::Duration,
     pub auth_decision_ttl: std::time::Duration,
+    /// `--public`.
+    pub public: crate::access::PublicList,
     /// `None` with `--no-p2p`.
     pub p2p: Option<P2pConfig>,
     pub max_download_rate: Option<u64>,
@@ -286,6 +298,13 @@ impl RunArgs {
         if ttl < std::time::Duration::from_secs(1) || ttl > crate::access::DECISION_TTL {
             return Err(ConfigError::DecisionTtl(ttl));
         }
+        let public = self
+            .public
+            .iter()
+            .filter(|spec| !spec.trim().is_empty())
+            .map(|spec| spec.parse().map_err(|why| ConfigError::Public { spec: spec.clone(), why }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let public = crate::access::PublicList::new(public);
         if let Some(zone) = &self.zone {
             let ok = !zone.is_empty()
                 && zone.len() <= 63
@@ -337,6 +356,7 @@ impl RunArgs {
             registries,
             auth_offline_grace: self.auth_offline_grace,
             auth_decision_ttl: self.auth_decision_ttl,
+            public,
         })
     }
 }
@@ -459,6 +479,22 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5 parsecs").is_err());
         assert!(parse_bytes("").is_err());
+    }
+
+    #[test]
+    fn public_entries() {
+        let cfg = Cli::try_parse_from(["x", "--public", "quay.io", "--public", "127.0.0.1:5000/d/app"])
+            .unwrap()
+            .run
+            .into_config()
+            .unwrap();
+        let has = |r: &str, n: &str| cfg.public.contains(&r.parse().unwrap(), &n.parse().unwrap());
+        assert!(has("quay.io", "any/thing"));
+        assert!(has("127.0.0.1:5000", "d/app/x"));
+        assert!(!has("127.0.0.1:5000", "d/other"));
+        assert!(Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap().public.is_empty());
+        let args = Cli::try_parse_from(["x", "--public", "quay.io/Upper"]).unwrap().run;
+        assert!(matches!(args.into_config(), Err(ConfigError::Public { .. })));
     }
 
     #[test]

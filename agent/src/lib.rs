@@ -9,7 +9,8 @@
 //! - [`config`]: the `run` flags (each also `SHOAL_<FLAG>`), defaults, validation.
 //! - [`registry`]: the `/v2/` HTTP API: routing, registry selection, tags, `Range`, OCI errors.
 //! - [`access`]: the registry list, and the origin-backed check of each client's right to read
-//!   private content, with its short-lived decision cache.
+//!   private content, with its short-lived decision cache, and `--public` (repositories public
+//!   by configuration, served during an origin outage).
 //! - [`origin`]: the upstream registry client: tag HEADs, content GETs, token and Basic auth.
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub origin_pieces_unplanned: Counter,
     pub origin_pieces_taken_over: Counter,
     pub auth_checks: Family<OutcomeLabels, Counter>,
+    pub outage_served: Family<BasisLabels, Counter>,
     pub max_peers: Gauge,
     pub peer_connections_refused: Counter,
     pub tasks: Gauge,
@@ -82,6 +83,12 @@ pub struct Metrics {
 pub struct OutcomeLabels {
     /// `answered` or `unanswered`.
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BasisLabels {
+    /// `seen_public`, `offline_grace` or `configured` (see [`Metrics::outage_served`]).
+    pub basis: &'static str,
 }
 
 impl Metrics {
@@ -220,6 +227,14 @@ impl Metrics {
              cached (a recent decision), origin_unreachable",
             auth_checks.clone(),
         );
+        let outage_served = Family::<BasisLabels, Counter>::default();
+        registry.register(
+            "outage_served",
+            "Requests allowed while the origin was unreachable, by basis: seen_public (this \
+             agent saw the object public), offline_grace (the credential was accepted within \
+             --auth-offline-grace), configured (the repository is named by --public)",
+            outage_served.clone(),
+        );
         let tracker_plans = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "plan_requests",
@@ -256,6 +271,7 @@ impl Metrics {
         let tasks = Gauge::default();
         registry.register("tasks", "Tokio tasks alive in the agent process", tasks.clone());
         Metrics {
+            outage_served,
             max_peers,
             peer_connections_refused,
             tasks,
@@ -312,6 +328,11 @@ impl Metrics {
     /// One access check (see `access`): `allowed`, `denied`, `cached`, `origin_unreachable`.
     pub fn auth_check(&self, outcome: &'static str) {
         self.auth_checks.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A request allowed while the origin was unreachable, on `basis`.
+    pub fn outage_served(&self, basis: &'static str) {
+        self.outage_served.get_or_create(&BasisLabels { basis }).inc();
     }
 
     pub fn served(&self, source: &'static str, bytes: u64) {

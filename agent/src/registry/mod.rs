@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use lru::LruCache;
 use tokio::net::TcpListener;
 
-use crate::access::{Access, Grant, Identity, Refusal};
+use crate::access::{Access, Grant, Identity, PublicBasis, Refusal};
 use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
 use crate::metrics::{RequestLabels, METRICS};
 use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
@@ -44,6 +44,9 @@ pub use limit::RequestLimit;
 
 /// Response header on a tag answered from the last known digest (origin unreachable).
 pub const STALE_HEADER: &str = "x-shoal-stale";
+/// Response header on content served, while the origin is unreachable, as public on a basis
+/// other than the agent's own check: `configured` (`--public`).
+pub const PUBLIC_HEADER: &str = "x-shoal-public";
 /// How many tag→digest answers are remembered for when the origin is unreachable.
 const TAG_MEMORY: usize = 16_384;
 
@@ -179,15 +182,24 @@ async fn dispatch(
         Route::Blob { name, digest } if readonly => {
             let (registry, repo) = api.select(name, query_param(uri, "ns").as_deref())?;
             let digest: Digest = digest.parse()?;
-            api.authorize(&registry, &repo, Kind::Blob, &digest.to_string(), "", &who).await?;
+            let grant = api.authorize(&registry, &repo, Kind::Blob, &digest.to_string(), "", &who).await?;
             let source = Source { registry, repo, kind: Kind::Blob, accept: String::new() };
-            api.content(method, headers, digest, source, None).await
+            let resp = api.content(method, headers, digest, source, None).await?;
+            Ok(mark_public(resp, grant.public))
         }
         Route::Base | Route::Manifest { .. } | Route::Blob { .. } => {
             Err(ApiError::unsupported(&format!("{method} {}", uri.path())))
         }
         Route::Other => Err(ApiError::unsupported(&format!("{method} {}", uri.path()))),
     }
+}
+
+/// Adds [`PUBLIC_HEADER`] to a response whose grant says why it is served as public.
+fn mark_public(mut resp: Response, public: Option<PublicBasis>) -> Response {
+    if let Some(basis) = public {
+        resp.headers_mut().insert(PUBLIC_HEADER, HeaderValue::from_static(basis.as_str()));
+    }
+    resp
 }
 
 /// A manifest reference. A malformed digest is the client's mistake (400 `DIGEST_INVALID`), but
@@ -246,7 +258,8 @@ impl Api {
                 if method == Method::GET {
                     self.grant_references(&digest, &source, who, grant.until).await;
                 }
-                return self.content(method, headers, digest, source, None).await;
+                let resp = self.content(method, headers, digest, source, None).await?;
+                return Ok(mark_public(resp, grant.public));
             }
             Reference::Tag(tag) => tag,
         };
@@ -315,7 +328,7 @@ impl Api {
         if stale {
             resp.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("origin unreachable"));
         }
-        Ok(resp)
+        Ok(mark_public(resp, grant.public))
     }
 
     /// Whether `who` may read `reference` of `repo` (see `access`), as an API error if not.
