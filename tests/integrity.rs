@@ -47,8 +47,11 @@ async fn flipped_byte_is_never_served() {
     // nothing and bans nobody.
     let t = std::time::Instant::now();
     assert!(get_blob(&b, &origin, &image, &for_peer.digest).await.unwrap(), "B's client got the right bytes");
-    // A holder that lost the blob is no origin owner to wait for (30 s owner stall).
-    assert!(t.elapsed() < Duration::from_secs(10), "B's GET took {:?}:\n{}", t.elapsed(), b.log_tail());
+    // A holder that lost the blob is no origin owner to wait for (30 s owner stall). The
+    // digest's planner still counts A, which reported the blob complete moments ago, as a
+    // holder until it is silent for NODE_DEAD (10 s): only then is the piece assigned to B.
+    // (A lost-blob report to the planner would cut this wait; not built yet.)
+    assert!(t.elapsed() < Duration::from_secs(16), "B's GET took {:?}:\n{}", t.elapsed(), b.log_tail());
     assert_eq!(b.metric("shoal_pieces_rejected_total", &[]).await, 0.0, "B received a bad piece");
     assert_eq!(b.metric("shoal_peer_bans_total", &[]).await, 0.0, "B banned A");
     eprintln!(

@@ -74,13 +74,15 @@
 //!    after its polls backed off. Each active peer is polled every [`HAVE_POLL`] while its
 //!    answers bring pieces we lack, the gap doubling up to [`HAVE_POLL_MAX`] otherwise; while
 //!    `peer_concurrency` known pieces wait for capacity, only owners of pieces nobody holds are
-//!    polled. Providers are looked up every [`PROVIDER_POLL`], the planner asked every
+//!    polled. Providers are looked up every [`PROVIDER_POLL`] (every
+//!    [`PROVIDER_POLL_PLANNED`] while a plan is live: it names the peers), the planner asked every
 //!    [`PLAN_POLL`] (sooner once every assigned piece is done or on its way, never closer than
 //!    [`PLAN_MIN_GAP`]). With a planner no origin piece is fetched before its first answer,
 //!    so the first request already follows its assignment.
 //! 3. A failed or timed-out origin read is retried, resuming from the verified pieces, after
 //!    a back-off that doubles from 250 ms to [`ORIGIN_BACKOFF_MAX`]. Only a definitive
-//!    answer fails the download at once ("not found", access refused); otherwise it fails
+//!    answer fails the download at once ("not found", access refused, another 4xx, a
+//!    malformed response: [`OriginFailure::Final`]); otherwise it fails
 //!    once no piece arrived from anywhere for [`Config::give_up_after`] (default
 //!    [`GIVE_UP_AFTER`]): a node starved of CPU or a slow origin keeps its clients' streams.
 //!
@@ -110,6 +112,8 @@ use crate::types::Digest;
 pub const HAVE_POLL: Duration = Duration::from_millis(500);
 /// How often the provider set is looked up again during a download.
 pub const PROVIDER_POLL: Duration = Duration::from_secs(2);
+/// How often the providers are looked up while a plan is live (the plan names peers).
+pub const PROVIDER_POLL_PLANNED: Duration = Duration::from_secs(10);
 /// The first provider poll after the download started.
 pub const FIRST_PROVIDER_POLL: Duration = Duration::from_millis(300);
 /// Peers a download polls and requests pieces from at once. Others it learns of (providers,
@@ -187,8 +191,9 @@ impl Default for Config {
 pub enum OriginFailure {
     /// The origin does not have the object: final.
     NotFound,
-    /// The origin refused access (401/403): final.
-    Refused(String),
+    /// An answer a retry will not change: access refused (401/403), another 4xx such as a
+    /// range the object does not have, a malformed response. Final.
+    Final(String),
     /// Anything else (unreachable, a broken body, a local write error): retried.
     Failed(String),
 }
@@ -394,6 +399,8 @@ pub struct Scheduler {
     unsaved: u32,
     next_have_poll: Instant,
     next_provider_poll: Instant,
+    /// The last provider lookup (the driver's, before the scheduler existed, at first).
+    last_provider_lookup: Instant,
     providers_polling: bool,
     /// Known pieces that peers hold and we could not request yet (capacity), counted up to
     /// [`Config::peer_concurrency`] by the last step: when that many wait, polling more peers
@@ -489,6 +496,7 @@ impl Scheduler {
             unsaved: 0,
             next_have_poll: now + HAVE_POLL,
             next_provider_poll: now + FIRST_PROVIDER_POLL,
+            last_provider_lookup: now,
             providers_polling: false,
             backlog: 0,
             wanted: Vec::new(),
@@ -624,7 +632,7 @@ impl Scheduler {
                 match error {
                     None => {}
                     Some(OriginFailure::NotFound) => return self.fail(Failure::OriginNotFound),
-                    Some(OriginFailure::Refused(why)) => return self.fail(Failure::OriginFailed(why)),
+                    Some(OriginFailure::Final(why)) => return self.fail(Failure::OriginFailed(why)),
                     Some(OriginFailure::Failed(why)) => {
                         self.origin_failures += 1;
                         if now.saturating_duration_since(self.last_progress) >= self.cfg.give_up_after {
@@ -1348,8 +1356,16 @@ impl Scheduler {
         }
         self.wake = earliest(self.wake, self.next_have_poll);
         if !self.providers_polling {
+            // While a plan is live the planner names the peers that hold what we lack: the
+            // DHT is asked only every PROVIDER_POLL_PLANNED (for holders the planner does not
+            // know, e.g. nodes that pulled long ago).
+            if self.cfg.tracker && self.coord.active(now) {
+                let due = self.last_provider_lookup + PROVIDER_POLL_PLANNED;
+                self.next_provider_poll = self.next_provider_poll.max(due);
+            }
             if now >= self.next_provider_poll {
                 self.next_provider_poll = now + PROVIDER_POLL;
+                self.last_provider_lookup = now;
                 self.providers_polling = true;
                 self.stats.provider_lookups += 1;
                 self.actions.push_back(Action::FindProviders);

@@ -641,7 +641,7 @@ async fn origin_span(
     };
     let failure = error.as_ref().map(|e| match e {
         OriginError::NotFound(_) => OriginFailure::NotFound,
-        OriginError::Denied(why) => OriginFailure::Refused(why.clone()),
+        OriginError::Denied(why) | OriginError::Protocol(why) => OriginFailure::Final(why.clone()),
         other => OriginFailure::Failed(other.to_string()),
     });
     if let Some(e) = error {

@@ -594,7 +594,13 @@ impl State {
             me.last_gain = now;
         }
         let old: &[u8] = if me.counted { &me.have } else { &[] };
-        let complete = me.complete || req.complete;
+        // A node that was complete and asks again without being complete lost its copy
+        // (evicted, or quarantined as damaged) and downloads it again: it holds only what its
+        // bitfield says from now on.
+        let complete = req.complete;
+        if me.complete && !complete {
+            state.completes.remove(&peer);
+        }
         if me.counted {
             state.by_last_plan.remove(&(me.last_plan, peer));
         }
@@ -636,7 +642,7 @@ impl State {
         let alive = |id: &PeerId| nodes.get(id).is_some_and(|n| n.alive(now));
         let seeders = self.seeders.get(&req.digest);
         let whole = seeders.is_some_and(|s| s.keys().any(|id| *id != peer && alive(id)))
-            || state.completes.iter().any(alive);
+            || state.completes.iter().any(|id| *id != peer && alive(id));
         let held_any: Vec<bool> = state.holds.iter().map(|&h| whole || h > 0).collect();
 
         // Assignments: drop what is held now, release the dead and the stalled.

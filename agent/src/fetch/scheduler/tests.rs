@@ -456,7 +456,7 @@ fn origin_failures_back_off_then_fail() {
     // Definitive answers fail at once.
     for (error, failure) in [
         (OriginFailure::NotFound, Failure::OriginNotFound),
-        (OriginFailure::Refused("403".into()), Failure::OriginFailed("403".into())),
+        (OriginFailure::Final("403".into()), Failure::OriginFailed("403".into())),
     ] {
         let mut t = Timeline::new(MIB, cfg.clone(), node(1), &[]);
         t.actions();
@@ -533,6 +533,47 @@ fn polls_follow_their_intervals() {
     t.event(Event::Have { peer: node(2), result: Ok(have(layout, [0, 1], good)) });
     let acts = t.until(HAVE_POLL * 3);
     assert_eq!(acts.iter().filter(|a| matches!(a, Action::AskHave(_))).count(), 1);
+}
+
+/// While a plan is live the providers are looked up only every PROVIDER_POLL_PLANNED (the
+/// plan names the peers); once plans stop, every PROVIDER_POLL again.
+#[test]
+fn a_live_plan_spares_provider_lookups() {
+    let mut t = Timeline::new(64 * MIB, PLANNED, node(1), &[]);
+    let plan = || Event::Plan(Some(Plan { peers: vec![node(2)], assigned: vec![], piece_digests: vec![] }));
+    let first = t.actions();
+    assert!(first.iter().any(|a| matches!(a, Action::AskPlan(_))));
+    t.event(plan());
+    let lookups = |acts: &[Action]| acts.iter().filter(|a| **a == Action::FindProviders).count();
+    let mut found = 0;
+    let mut at = Duration::ZERO;
+    while at < PROVIDER_POLL_PLANNED * 2 - Duration::from_millis(100) {
+        at += Duration::from_millis(100);
+        let acts = t.until(at);
+        if acts.iter().any(|a| matches!(a, Action::AskPlan(_))) {
+            t.event(plan());
+        }
+        if lookups(&acts) > 0 {
+            found += lookups(&acts);
+            t.event(Event::Providers(vec![]));
+        }
+    }
+    assert_eq!(found, 1, "one lookup in 2 x PROVIDER_POLL_PLANNED of live plans (at PROVIDER_POLL_PLANNED)");
+    // The planner goes silent: after PLAN_STALE the lookups are every PROVIDER_POLL again.
+    let mut after = 0;
+    let end = at + PLAN_STALE + PROVIDER_POLL * 5;
+    while at < end {
+        at += Duration::from_millis(100);
+        let acts = t.until(at);
+        if acts.iter().any(|a| matches!(a, Action::AskPlan(_))) {
+            t.event(Event::Plan(None));
+        }
+        if lookups(&acts) > 0 {
+            after += lookups(&acts);
+            t.event(Event::Providers(vec![]));
+        }
+    }
+    assert!(after >= 4, "{after} lookups once plans stopped");
 }
 
 /// An asker (a peer that asked us Have) becomes a downloader: in a small swarm it takes a

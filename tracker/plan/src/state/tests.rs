@@ -508,3 +508,22 @@ fn a_planner_taking_over_learns_assignments_before_giving_any() {
     let p = plan(&mut s, b, &req_b, t0);
     assert_eq!(p.assigned, vec![4, 5, 6, 7]);
 }
+
+/// A node that completed a digest and later downloads it again (its copy was evicted or
+/// found damaged) is no holder of it any more: the pieces nobody else holds are assigned,
+/// to it too.
+#[test]
+fn a_node_that_lost_its_copy_is_no_holder() {
+    let mut s = State::new();
+    let t0 = Instant::now();
+    let a = peer();
+    let all: Vec<u32> = (0..8).collect();
+    plan(&mut s, a, &request(8, &all), t0);
+    // (Past ADOPT_GRACE: the digest's first request came from a holder.)
+    let later = t0 + ADOPT_GRACE + Duration::from_secs(1);
+    let p = plan(&mut s, a, &request(8, &[]), later);
+    assert_eq!(p.assigned, vec![0, 1, 2, 3], "its own old copy does not count");
+    let b = peer();
+    let p = plan(&mut s, b, &request(8, &[]), later);
+    assert_eq!(p.assigned, vec![4, 5, 6, 7], "nor for others");
+}
