@@ -131,7 +131,28 @@ impl Fetcher {
         let (total, mut media_type, claimed_size) = match claim {
             SizeClaim::Agreed(h) => (h.size, h.media_type, named(h.size)),
             SizeClaim::Unknown => {
-                let (size, media_type) = head().await?;
+                // Nobody else knows the size: the origin's HEAD, retried with back-off while
+                // the origin is only slow or unreachable (a starved node's requests time
+                // out), for as long as a download may go without progress.
+                let started = Instant::now();
+                let mut failures = 0;
+                let (size, media_type) = loop {
+                    match head().await {
+                        Ok(info) => break info,
+                        Err(e @ OriginError::Unreachable(_))
+                            if started.elapsed() + scheduler::origin_backoff(failures + 1)
+                                < self.config.give_up_after =>
+                        {
+                            failures += 1;
+                            tracing::info!(%digest, error = %e, failures, "origin HEAD failed; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(scheduler::origin_backoff(failures)) => {}
+                                () = self.supervisor.cancelled() => return Err(FetchError::ShuttingDown),
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
                 (size, media_type, Vec::new())
             }
             // A digest has one size: someone lies (or is broken). The origin settles it
