@@ -317,7 +317,9 @@ struct Coordination {
     /// A plan request is in flight, with these attestations.
     asking: Option<Vec<(u32, [u8; 32])>>,
     next_ask: Option<Instant>,
-    /// Some plan request was answered (or failed): origin fetches may start.
+    /// A plan arrived, or none did for [`PLAN_STALE`] since the download started: origin
+    /// fetches may start. (A failed first request is no answer: under load a planner's
+    /// answers come late, and fetching by our own rules meanwhile duplicates what it assigns.)
     answered: bool,
     /// Digests of pieces we fetched from the origin, not yet reported.
     unreported: Vec<(u32, [u8; 32])>,
@@ -396,6 +398,8 @@ pub struct Scheduler {
     origin_retry_at: Option<Instant>,
     /// When the last piece was verified (or the download started).
     last_progress: Instant,
+    /// When the download (this scheduler) started.
+    started: Instant,
     unsaved: u32,
     next_have_poll: Instant,
     next_provider_poll: Instant,
@@ -493,6 +497,7 @@ impl Scheduler {
             origin_failures: 0,
             origin_retry_at: None,
             last_progress: now,
+            started: now,
             unsaved: 0,
             next_have_poll: now + HAVE_POLL,
             next_provider_poll: now + FIRST_PROVIDER_POLL,
@@ -657,9 +662,9 @@ impl Scheduler {
             }
             Event::Plan(plan) => {
                 let attest = self.coord.asking.take().unwrap_or_default();
-                self.coord.answered = true;
                 match plan {
                     Some(plan) => {
+                        self.coord.answered = true;
                         self.coord.planned_at = Some(now);
                         let n = self.layout.pieces();
                         self.coord.assigned = plan.assigned.into_iter().filter(|&i| i < n).collect();
@@ -1161,10 +1166,15 @@ impl Scheduler {
             }
         }
         self.meet_owners(&nobody_holds, window_end, coordinated, now);
-        // Nothing from the origin before the planner's first answer: the first request
-        // already follows it.
+        // Nothing from the origin before the planner's first answer (the first request
+        // already follows it), or before PLAN_STALE without one: then by our own rules.
         if !self.coord.answered {
-            return;
+            let alone_at = self.started + PLAN_STALE;
+            if now < alone_at {
+                self.wake = earliest(self.wake, alone_at);
+                return;
+            }
+            self.coord.answered = true;
         }
         if let Some(t) = self.origin_retry_at {
             if now < t {
