@@ -23,7 +23,9 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
 //! - [`p2p`]: the P2P adapter, the one module that knows both the swarm and the downloads:
-//!   the download's `Network` over the swarm client, serving peers, heartbeats to trackers.
+//!   the download's `Network` over the swarm client, serving peers, heartbeats to trackers,
+//!   and the coordinator: the planner of the digests this node is XOR-closest to when there
+//!   is no tracker (`shoal-plan`, the tracker's own planner).
 //! - [`supervise`]: the supervisor every long-running task is spawned through, so SIGTERM
 //!   waits for all of them within a grace period.
 //! - [`agent`]: wiring: open the store, bind the listeners, run until shutdown.
