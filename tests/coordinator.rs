@@ -8,30 +8,16 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use shoal_tests::pull::{pull, url};
 use shoal_tests::{
-    http_client, poll_until, AccessLogExt, Agent, AgentOptions, FaultyProxy, ImageKind, ImageSpec, Origin,
-    ProxyConfig,
+    http_client, poll_until, start_swarm, wait_for_peers, AccessLogExt, Agent, AgentOptions, FaultyProxy,
+    ImageKind, ImageSpec, Origin, ProxyConfig,
 };
 
 /// Starts `n` agents reaching the origin at `origin_url`; the first is the others'
 /// bootstrap peer. Returns once every agent knows a peer.
 async fn cluster(origin: &Origin, origin_url: &str, n: usize) -> Vec<Agent> {
-    let opts = || AgentOptions::new().upstream(&origin.host(), origin_url);
-    let first = Agent::start(opts()).await.expect("start agent 0");
-    let seed = first.p2p_addr().await.expect("agent 0 p2p address");
-    let mut rest = join_all((1..n).map(|i| {
-        let o = opts().arg("--bootstrap").arg(&seed);
-        async move { Agent::start(o).await.unwrap_or_else(|e| panic!("start agent {i}: {e:#}")) }
-    }))
-    .await;
-    rest.insert(0, first);
-    for a in &rest {
-        poll_until("a peer", Duration::from_secs(20), Duration::from_millis(100), || async {
-            Ok((a.metric("shoal_connected_peers", &[]).await >= 1.0).then_some(()))
-        })
-        .await
-        .unwrap();
-    }
-    rest
+    let agents = start_swarm(n, |_| AgentOptions::new().upstream(&origin.host(), origin_url)).await;
+    wait_for_peers(&agents).await;
+    agents
 }
 
 /// Plan requests `agent` answered for peers as a coordinator.
@@ -49,12 +35,8 @@ async fn downloads_follow_the_coordinators_plans() {
         .push(&ImageSpec::new(ImageKind::OciManifest, "coord/plans", "v1").layers(&[24 << 20, 8 << 20]))
         .await
         .unwrap();
-    let proxy = FaultyProxy::start(
-        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
-        ProxyConfig { total_bytes_per_sec: Some(8 << 20), ..ProxyConfig::default() },
-    )
-    .await
-    .unwrap();
+    let config = ProxyConfig { total_bytes_per_sec: Some(8 << 20), ..ProxyConfig::default() };
+    let proxy = FaultyProxy::in_front_of(&origin, config).await.unwrap();
     let agents = cluster(&origin, &proxy.url(), 6).await;
     let mark = origin.access_log().len();
     let started = Instant::now();
@@ -110,12 +92,8 @@ async fn a_killed_coordinator_is_replaced_and_the_others_complete() {
         .push(&ImageSpec::new(ImageKind::OciManifest, "coord/killed", "v1").layers(&[32 << 20]))
         .await
         .unwrap();
-    let proxy = FaultyProxy::start(
-        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
-        ProxyConfig { total_bytes_per_sec: Some(4 << 20), ..ProxyConfig::default() },
-    )
-    .await
-    .unwrap();
+    let config = ProxyConfig { total_bytes_per_sec: Some(4 << 20), ..ProxyConfig::default() };
+    let proxy = FaultyProxy::in_front_of(&origin, config).await.unwrap();
     let mut agents = cluster(&origin, &proxy.url(), 6).await;
     let layer = image.largest_layer().digest.clone();
     let mut victim = agents.remove(coordinator_of(&agents, &layer).await);

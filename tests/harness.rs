@@ -137,8 +137,8 @@ async fn proxy_throttles_and_corrupts() {
         .unwrap();
     let layer = image.largest_layer().clone();
     let original = layer.read().unwrap();
-    let proxy = FaultyProxy::start(
-        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
+    let proxy = FaultyProxy::in_front_of(
+        &origin,
         ProxyConfig {
             bytes_per_sec: Some(2 << 20),
             path_contains: Some("/blobs/".into()),

@@ -33,8 +33,7 @@ async fn sigterm_during_a_download_exits_0_in_time_and_the_restart_resumes() {
         .unwrap();
     // 4 MiB/s: what is left after a third (21 MiB) takes longer than the grace period.
     let slow = ProxyConfig { total_bytes_per_sec: Some(4 << 20), ..Default::default() };
-    let proxy =
-        FaultyProxy::start(format!("127.0.0.1:{}", origin.port()).parse().unwrap(), slow).await.unwrap();
+    let proxy = FaultyProxy::in_front_of(&origin, slow).await.unwrap();
     let grace = Duration::from_secs(3);
     let mut agent = Agent::start(
         AgentOptions::new().upstream(&origin.host(), &proxy.url()).arg("--shutdown-grace").arg("3s"),

@@ -410,8 +410,8 @@ async fn range_requests_on_cached_blob() {
 /// download stays in flight long enough for concurrent requests to join it.
 async fn slow_blob_origin() -> (Origin, FaultyProxy, Agent) {
     let origin = Origin::start().await.unwrap();
-    let proxy = FaultyProxy::start(
-        format!("127.0.0.1:{}", origin.port()).parse().unwrap(),
+    let proxy = FaultyProxy::in_front_of(
+        &origin,
         ProxyConfig {
             total_bytes_per_sec: Some(2 << 20),
             path_contains: Some("/blobs/".into()),
@@ -714,8 +714,7 @@ async fn lying_origin_is_not_trusted() {
         method: Some("GET".into()),
         ..Default::default()
     };
-    let proxy =
-        FaultyProxy::start(format!("127.0.0.1:{}", origin.port()).parse().unwrap(), lie).await.unwrap();
+    let proxy = FaultyProxy::in_front_of(&origin, lie).await.unwrap();
     let agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
     let image = origin
         .push(&ImageSpec::new(ImageKind::OciManifest, "mirror/liar", "v1").layers(&[3 << 20]))

@@ -7,28 +7,18 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use shoal_tests::pull::{content_gets, pull, url};
 use shoal_tests::{
-    dead_url, digest_of, http_client, poll_until, write_hosts_toml, AccessLogExt, Agent, AgentOptions,
-    Containerd, FaultyProxy, Image, ImageKind, ImageSpec, Origin, ProxyConfig, MANIFEST_ACCEPT,
+    dead_url, digest_of, http_client, poll_until, start_swarm, wait_for_peers, write_hosts_toml,
+    AccessLogExt, Agent, AgentOptions, Containerd, FaultyProxy, Image, ImageKind, ImageSpec, Origin,
+    ProxyConfig, MANIFEST_ACCEPT,
 };
 
-/// Starts `n` agents; the first is the others' bootstrap peer.
+/// Starts `n` agents mirroring `origin`, agent `i` with the extra arguments `extra(i)`; the
+/// first is the others' bootstrap peer.
 async fn cluster(origin: &Origin, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Agent> {
-    let opts = |i: usize| {
-        let mut o = AgentOptions::new().upstream(&origin.host(), &origin.url());
-        for a in extra(i) {
-            o = o.arg(&a);
-        }
-        o
-    };
-    let first = Agent::start(opts(0)).await.expect("start agent 0");
-    let seed = first.p2p_addr().await.expect("agent 0 p2p address");
-    let mut rest = join_all((1..n).map(|i| {
-        let o = opts(i).arg("--bootstrap").arg(&seed);
-        async move { Agent::start(o).await.unwrap_or_else(|e| panic!("start agent {i}: {e:#}")) }
-    }))
-    .await;
-    rest.insert(0, first);
-    rest
+    start_swarm(n, |i| {
+        extra(i).iter().fold(AgentOptions::new().upstream(&origin.host(), &origin.url()), |o, a| o.arg(a))
+    })
+    .await
 }
 
 /// Every blob of `image` is complete in `agent`'s cache, with the origin's bytes.
@@ -69,13 +59,7 @@ async fn ten_agents_at_once_cost_the_origin_one_copy() {
         .unwrap();
     let agents = cluster(&origin, 10, |_| vec![]).await;
     // Let the DHT settle: every agent knows at least one peer.
-    for a in &agents {
-        poll_until("a peer", Duration::from_secs(20), Duration::from_millis(100), || async {
-            Ok((a.metric("shoal_connected_peers", &[]).await >= 1.0).then_some(()))
-        })
-        .await
-        .unwrap();
-    }
+    wait_for_peers(&agents).await;
     let mark = origin.access_log().len();
     let started = Instant::now();
     let results = join_all(agents.iter().map(|a| pull(a, &origin, &image))).await;
@@ -268,8 +252,7 @@ async fn restart_resumes_verified_pieces() {
         .await
         .unwrap();
     let slow = ProxyConfig { total_bytes_per_sec: Some(8 << 20), ..Default::default() };
-    let proxy =
-        FaultyProxy::start(format!("127.0.0.1:{}", origin.port()).parse().unwrap(), slow).await.unwrap();
+    let proxy = FaultyProxy::in_front_of(&origin, slow).await.unwrap();
     let mut agent = Agent::start(AgentOptions::new().upstream(&origin.host(), &proxy.url())).await.unwrap();
     let layer = image.largest_layer().clone();
     let blob_url = url(&agent, &origin, &image.repo, "blobs", &layer.digest);

@@ -84,7 +84,7 @@ async fn pull_all(agents: &[Agent], origin: &Origin, image: &Image) -> Vec<Resul
 /// long enough to interfere with.
 async fn slow_origin(origin: &Origin, bytes_per_sec: u64) -> FaultyProxy {
     let config = ProxyConfig { total_bytes_per_sec: Some(bytes_per_sec), ..ProxyConfig::default() };
-    FaultyProxy::start(format!("127.0.0.1:{}", origin.port()).parse().unwrap(), config).await.unwrap()
+    FaultyProxy::in_front_of(origin, config).await.unwrap()
 }
 
 /// Waits until some node reports verified pieces of an image blob to the tracker.

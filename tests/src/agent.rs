@@ -417,3 +417,27 @@ pub async fn run_agent_expecting_exit(args: &[String], timeout: Duration) -> Res
         .await
         .with_context(|| format!("shoal-agent {args:?} should have exited on its own within {timeout:?}"))
 }
+
+/// Starts `n` agents, agent `i` with `options(i)`; agent 0 is the others' bootstrap peer.
+pub async fn start_swarm(n: usize, options: impl Fn(usize) -> AgentOptions) -> Vec<Agent> {
+    let first = Agent::start(options(0)).await.expect("start agent 0");
+    let seed = first.p2p_addr().await.expect("agent 0 p2p address");
+    let mut rest = futures_util::future::join_all((1..n).map(|i| {
+        let o = options(i).arg("--bootstrap").arg(&seed);
+        async move { Agent::start(o).await.unwrap_or_else(|e| panic!("start agent {i}: {e:#}")) }
+    }))
+    .await;
+    rest.insert(0, first);
+    rest
+}
+
+/// Waits until every agent has a connected peer (at most 20 s each).
+pub async fn wait_for_peers(agents: &[Agent]) {
+    for a in agents {
+        poll_until("a peer", Duration::from_secs(20), Duration::from_millis(100), || async {
+            Ok((a.metric("shoal_connected_peers", &[]).await >= 1.0).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -38,7 +38,7 @@ pub mod token;
 pub mod tracker;
 pub mod util;
 
-pub use agent::{agent_binary, run_agent_expecting_exit, Agent, AgentOptions};
+pub use agent::{agent_binary, run_agent_expecting_exit, start_swarm, wait_for_peers, Agent, AgentOptions};
 pub use containerd::{write_hosts_toml, Containerd};
 pub use image::{Blob, Image, ImageKind, ImageSpec, ManifestInfo};
 pub use origin::{AccessEntry, AccessLogExt, Origin};

@@ -90,6 +90,11 @@ const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
 const MAX_HEAD: usize = 64 * 1024;
 
 impl FaultyProxy {
+    /// A proxy in front of `origin` (see [`FaultyProxy::start`]).
+    pub async fn in_front_of(origin: &crate::Origin, config: ProxyConfig) -> Result<FaultyProxy> {
+        FaultyProxy::start(SocketAddr::from(([127, 0, 0, 1], origin.port())), config).await
+    }
+
     /// Listens on a free loopback port and forwards to `upstream` (e.g. the origin).
     /// Must be called inside a tokio runtime.
     pub async fn start(upstream: SocketAddr, config: ProxyConfig) -> Result<FaultyProxy> {

@@ -222,7 +222,7 @@ impl Network for SwarmNetwork {
             // half second); the tracker learns the rest from the complete report.
             attest.truncate(MAX_PLAN_DIGESTS);
         }
-        let request = TrackerRequest::Plan(PlanRequest {
+        let request = PlanRequest {
             digest: *digest.as_bytes(),
             size: report.size,
             piece_size: report.piece_size,
@@ -230,7 +230,7 @@ impl Network for SwarmNetwork {
             attest,
             complete: report.complete,
             fetching: report.fetching,
-        });
+        };
         let addressed = self.addressed.clone();
         let slot = self.plans.clone().try_acquire_owned();
         let tracker = self.tracker_online.load(Ordering::Relaxed);
@@ -332,9 +332,9 @@ impl Network for SwarmNetwork {
 }
 
 /// Sends a plan request to the tracker of `digest`; `None` without an answer.
-async fn ask_tracker(client: &Client, digest: Digest, request: TrackerRequest) -> Option<TrackerPlan> {
+async fn ask_tracker(client: &Client, digest: Digest, request: PlanRequest) -> Option<TrackerPlan> {
     let tracker = tracker_for(&digest, &client.trackers().await)?;
-    match client.tracker_request(tracker, request).await {
+    match client.tracker_request(tracker, TrackerRequest::Plan(request)).await {
         Ok(TrackerResponse::Plan(plan)) => Some(plan),
         Ok(TrackerResponse::Refused(why)) => {
             tracing::warn!(%digest, %why, "the tracker refused a plan request");
@@ -358,7 +358,7 @@ async fn ask_coordinator(
     client: &Client,
     coordinator: &Coordinator,
     digest: Digest,
-    request: TrackerRequest,
+    request: PlanRequest,
 ) -> Option<TrackerPlan> {
     let now = std::time::Instant::now();
     let mut target = crate::sync::lock(&coordinator.coordinators).target(&digest, now);
@@ -367,11 +367,10 @@ async fn ask_coordinator(
         target = crate::sync::lock(&coordinator.coordinators).found(&digest, closest, now);
         tracing::debug!(%digest, ?target, "coordinator found");
     }
-    let answer = match (target, &request) {
-        (Target::LookingUp | Target::LookUp, _) => return None,
-        (Target::Me, TrackerRequest::Plan(req)) => coordinator.plan_local(req),
-        (Target::Me, TrackerRequest::Heartbeat(_)) => return None,
-        (Target::Peer(peer), _) => match client.tracker_request(peer, request).await {
+    let answer = match target {
+        Target::LookingUp | Target::LookUp => return None,
+        Target::Me => coordinator.plan_local(&request),
+        Target::Peer(peer) => match client.tracker_request(peer, TrackerRequest::Plan(request)).await {
             Ok(answer) => answer,
             Err(e) => {
                 let gone = matches!(e, RequestError::Unreachable | RequestError::Timeout);

@@ -973,13 +973,19 @@ impl World {
     /// A provider lookup of a layer's key by node `me`: the union of the alive closest
     /// nodes' lists, without `me`; counts the requests they receive.
     fn lookup(&mut self, closest: &[u32], layer: usize, me: u32) -> Vec<u32> {
+        self.walk_received(closest);
+        let alive = &self.alive;
+        self.layers[layer].records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
+    }
+
+    /// The last step of a DHT walk towards a key: each alive node of its `closest` receives
+    /// a request.
+    fn walk_received(&mut self, closest: &[u32]) {
         for &c in closest {
             if self.alive[c as usize] {
                 self.msgs[c as usize].dht_received += 1;
             }
         }
-        let alive = &self.alive;
-        self.layers[layer].records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
     }
 
     /// Sends a download's plan request: to the tracker, or (DHT mode) to the layer's
@@ -993,11 +999,7 @@ impl World {
             self.lookup_cost(node);
             let layer = self.layer_of(dl) as usize;
             let closest = self.layers[layer].records.closest.clone();
-            for &c in &closest {
-                if self.alive[c as usize] {
-                    self.msgs[c as usize].dht_received += 1;
-                }
-            }
+            self.walk_received(&closest);
             let first = closest.iter().position(|&c| self.alive[c as usize]).unwrap_or(0);
             self.coordinator[dl as usize] = Some(first as u8);
             delay += hops * rtt;
