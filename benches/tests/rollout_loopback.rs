@@ -107,6 +107,45 @@ fn loopback_rollout_pulls_on_every_node_and_reports() {
     }
 }
 
+/// `--kill coordinator` in the dht scenario kills the agent the layer's coordinator is (and
+/// that node's client) mid-pull; the other nodes complete, and the report says what died.
+#[test]
+fn a_killed_coordinator_is_reported_and_the_others_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let (ok, stdout, stderr) = run_rollout(&[
+        "--loopback",
+        "--nodes",
+        "4",
+        "--image",
+        "24MiB",
+        "--layers",
+        "1",
+        "--scenario",
+        "dht",
+        "--kill",
+        "coordinator",
+        "--kill-after",
+        "0.2",
+        "--timeout-secs",
+        "120",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "rollout failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let dht = scenario(&report, "dht");
+    assert_eq!((dht["completed"].as_u64(), dht["pulls"].as_u64()), (Some(3), Some(3)), "{dht:#}");
+    assert_eq!(dht["killed"].as_u64(), Some(1), "{dht:#}");
+    let run = &dht["runs"][0];
+    assert_eq!(run["errors"].as_array().unwrap().len(), 0, "{run:#}");
+    let killed = &run["killed"][0];
+    let victim = killed["node"].as_u64().expect("a node was killed") as usize;
+    assert!(killed["what"].as_str().unwrap().contains("coordinator of sha256:"), "{killed:#}");
+    assert_eq!(run["node_seconds"][victim], Value::Null, "the killed node has no completion time");
+    assert!(stdout.contains("| dht | 3/3 (+1 killed) |"), "table:\n{stdout}");
+}
+
 #[test]
 fn bad_arguments_fail_clearly() {
     let (ok, _, stderr) = run_rollout(&["--loopback", "--nodes", "0"]);
@@ -115,6 +154,12 @@ fn bad_arguments_fail_clearly() {
     assert!(!ok && stderr.contains("expected e.g. 200mbit"), "{stderr}");
     let (ok, _, stderr) = run_rollout(&["--loopback", "--scenario", "bittorrent"]);
     assert!(!ok && stderr.contains("invalid value"), "{stderr}");
+    let (ok, _, stderr) = run_rollout(&["--loopback", "--kill", "everyone"]);
+    assert!(!ok && stderr.contains("expected `coordinator` or a number"), "{stderr}");
+    let (ok, _, stderr) = run_rollout(&["--loopback", "--nodes", "3", "--kill", "3"]);
+    assert!(!ok && stderr.contains("must survive"), "{stderr}");
+    let (ok, _, stderr) = run_rollout(&["--loopback", "--kill", "coordinator", "--scenario", "direct"]);
+    assert!(!ok && stderr.contains("no coordinator"), "{stderr}");
 }
 
 fn namespaces_of(pid: u32) -> Vec<String> {

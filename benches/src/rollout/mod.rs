@@ -85,6 +85,16 @@ pub struct Args {
     /// Extra flags for every agent, space-separated, e.g. "--peer-concurrency 8".
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub agent_args: String,
+    /// Kill part of the fleet mid-pull (SIGKILL, `--kill-after` seconds into it):
+    /// `coordinator` kills the planner of the image's largest layer (in `dht` the agent
+    /// XOR-closest to the layer's DHT key, as the agents elect it; in `tracker` the tracker);
+    /// a number N kills N randomly chosen nodes (agent and client; the same nodes for the
+    /// same run number). Killed nodes are reported apart and left out of the percentiles.
+    #[arg(long, value_parser = scenario::parse_kill)]
+    pub kill: Option<scenario::KillWhat>,
+    /// Seconds into the pull at which `--kill` strikes.
+    #[arg(long, default_value_t = 5.0)]
+    pub kill_after: f64,
 }
 
 /// Runs the benchmark; on Ctrl-C or SIGTERM stops early and cleans up (by dropping it all).
@@ -250,6 +260,18 @@ pub async fn run(args: Args) -> Result<()> {
     if args.layers == 0 || args.image < args.layers as u64 {
         bail!("--layers must be at least 1 and at most the image size in bytes");
     }
+    if !(args.kill_after.is_finite() && args.kill_after >= 0.0) {
+        bail!("--kill-after must be a number of seconds, 0 or more");
+    }
+    match args.kill {
+        Some(scenario::KillWhat::Nodes(k)) if k >= args.nodes => {
+            bail!("--kill {k}: at least one of the {} nodes must survive", args.nodes)
+        }
+        Some(scenario::KillWhat::Coordinator) if args.scenario.contains(&Scenario::Direct) => {
+            bail!("--kill coordinator: the direct scenario has no coordinator (choose dht and/or tracker)")
+        }
+        _ => {}
+    }
     let bins = binaries()?;
     let scenarios: Vec<Scenario> = {
         let mut v = args.scenario.clone();
@@ -318,6 +340,7 @@ pub async fn run(args: Args) -> Result<()> {
         ),
     };
     let reference = format!("{origin_host}/{REPO}:{TAG}");
+    let largest_layer = image.largest_layer().digest.clone();
     let t_min = (!args.loopback).then(|| {
         let rate = args.origin_rate.bytes_per_sec().min(args.node_rate.bytes_per_sec());
         image_bytes as f64 / rate
@@ -346,6 +369,12 @@ pub async fn run(args: Args) -> Result<()> {
                 agent_args: &agent_args,
                 dir: scratch.path(),
                 timeout: Duration::from_secs(args.timeout_secs),
+                kill: args.kill.map(|what| scenario::Kill {
+                    what,
+                    after: Duration::from_secs_f64(args.kill_after),
+                    digest: largest_layer.clone(),
+                    round,
+                }),
             };
             eprintln!("run {}: {}: starting {} node(s)", round + 1, scenario.name(), args.nodes);
             let mut fleet = Fleet::start(&setup, *scenario).await?;
@@ -353,10 +382,14 @@ pub async fn run(args: Args) -> Result<()> {
             eprintln!("run {}: {}: pulling", round + 1, scenario.name());
             let cpu_before = report::cpu_ticks();
             let sampler = net.as_ref().map(links::LinkSampler::start);
-            let nodes = fleet.pull_all(&setup).await?;
+            let (nodes, killed) = fleet.pull_all(&setup).await?;
+            for k in &killed {
+                eprintln!("run {}: {}: killed {} at {:.1} s", round + 1, scenario.name(), k.what, k.at_s);
+            }
             let cpu = cpu_before.zip(report::cpu_ticks()).and_then(|(a, b)| report::cpu_shares(a, b));
             let (wire, payload) = egress_since(net.as_ref(), &origin, mark).await?;
             let mut result = RunResult::new(nodes, wire, payload);
+            result.killed = killed;
             result.cpu_busy = cpu.map(|c| c.0);
             result.cpu_iowait = cpu.map(|c| c.1);
             result.utilisation = sampler.and_then(|s| {
@@ -368,15 +401,20 @@ pub async fn run(args: Args) -> Result<()> {
                 result.agents_unowned_origin_pieces = Some(t.unowned_pieces);
                 let delivered_mib = (result.completed() * image_bytes as usize) as f64 / (1 << 20) as f64;
                 let seconds = result.max_s.unwrap_or(0.0);
-                result.agent_costs = Some(report::AgentCosts::of(&t, args.nodes, seconds, delivered_mib));
+                result.agent_costs =
+                    Some(report::AgentCosts::of(&t, result.survivors(), seconds, delivered_mib));
             }
             eprintln!(
-                "run {}: {}: {}/{} done, max {:.1} s, origin egress {:.3}× image, CPU busy {:.0}% \
+                "run {}: {}: {}/{} done{}, max {:.1} s, origin egress {:.3}× image, CPU busy {:.0}% \
                  (iowait {:.0}%), {} agents alive, {} origin pieces taken over or unplanned",
                 round + 1,
                 scenario.name(),
                 result.completed(),
-                args.nodes,
+                result.survivors(),
+                match result.killed_nodes() {
+                    0 => String::new(),
+                    k => format!(" ({k} killed)"),
+                },
                 result.max_s.unwrap_or(f64::NAN),
                 result.origin_egress_bytes as f64 / image_bytes as f64,
                 result.cpu_busy.unwrap_or(f64::NAN) * 100.0,

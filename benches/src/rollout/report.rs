@@ -28,13 +28,44 @@ pub fn median(v: &[f64]) -> Option<f64> {
     percentile(&s, 50.0)
 }
 
+/// How one node's pull ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeOutcome {
+    /// Completed, this many seconds after the common start.
+    Done(f64),
+    /// Failed, and why.
+    Failed(String),
+    /// `--kill` killed the node mid-pull: neither a completion nor a failure.
+    Killed,
+}
+
+impl From<Result<f64, String>> for NodeOutcome {
+    fn from(r: Result<f64, String>) -> NodeOutcome {
+        r.map_or_else(NodeOutcome::Failed, NodeOutcome::Done)
+    }
+}
+
+/// Something `--kill` killed: a node (its agent and its client) or the tracker.
+#[derive(Debug, Clone, Serialize)]
+pub struct Killed {
+    /// The node's index; `None` for the tracker.
+    pub node: Option<usize>,
+    /// What it was, e.g. "agent 7 (coordinator of sha256:…)".
+    pub what: String,
+    /// Seconds after the common start.
+    pub at_s: f64,
+}
+
 /// One pull of the image by every node.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
-    /// Completion time of each node in seconds from the common start; `None` if it failed.
+    /// Completion time of each node in seconds from the common start; `None` if it failed
+    /// or was killed.
     pub node_seconds: Vec<Option<f64>>,
-    /// Why nodes failed (empty when all completed).
+    /// Why nodes failed (empty when all completed; killed nodes are not failures).
     pub errors: Vec<String>,
+    /// What `--kill` killed during the pull.
+    pub killed: Vec<Killed>,
     pub p50_s: Option<f64>,
     pub p90_s: Option<f64>,
     pub p99_s: Option<f64>,
@@ -90,12 +121,24 @@ impl AgentCosts {
 
 impl RunResult {
     pub fn new(
-        node_results: Vec<Result<f64, String>>,
+        node_results: Vec<NodeOutcome>,
         origin_wire_bytes: Option<u64>,
         origin_payload_bytes: u64,
     ) -> RunResult {
-        let node_seconds: Vec<Option<f64>> = node_results.iter().map(|r| r.as_ref().ok().copied()).collect();
-        let errors = node_results.into_iter().filter_map(|r| r.err()).collect();
+        let node_seconds: Vec<Option<f64>> = node_results
+            .iter()
+            .map(|r| match r {
+                NodeOutcome::Done(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        let errors = node_results
+            .into_iter()
+            .filter_map(|r| match r {
+                NodeOutcome::Failed(e) => Some(e),
+                _ => None,
+            })
+            .collect();
         let mut done: Vec<f64> = node_seconds.iter().flatten().copied().collect();
         done.sort_by(|a, b| a.total_cmp(b));
         // A failed node never finished: the percentiles cover completed nodes only and the
@@ -107,6 +150,7 @@ impl RunResult {
             max_s: done.last().copied(),
             node_seconds,
             errors,
+            killed: Vec::new(),
             origin_egress_bytes: origin_wire_bytes.unwrap_or(origin_payload_bytes),
             origin_wire_bytes,
             origin_payload_bytes,
@@ -122,6 +166,16 @@ impl RunResult {
 
     pub fn completed(&self) -> usize {
         self.node_seconds.iter().flatten().count()
+    }
+
+    /// Nodes `--kill` killed (the tracker is not a node).
+    pub fn killed_nodes(&self) -> usize {
+        self.killed.iter().filter(|k| k.node.is_some()).count()
+    }
+
+    /// Nodes expected to complete: all but the killed ones.
+    pub fn survivors(&self) -> usize {
+        self.node_seconds.len() - self.killed_nodes()
     }
 }
 
@@ -143,9 +197,11 @@ pub struct ScenarioResult {
     pub p99_over_t_min: Option<f64>,
     pub speedup_vs_direct: Option<f64>,
     pub cpu_busy: Option<f64>,
-    /// Nodes that completed, summed over runs, and how many pulls there were.
+    /// Nodes that completed, summed over runs, and how many pulls there were (killed
+    /// nodes' pulls not counted; they are in `killed`).
     pub completed: usize,
     pub pulls: usize,
+    pub killed: usize,
 }
 
 impl ScenarioResult {
@@ -166,6 +222,7 @@ impl ScenarioResult {
             cpu_busy: None,
             completed: 0,
             pulls: 0,
+            killed: 0,
         }
     }
 
@@ -189,7 +246,8 @@ impl ScenarioResult {
             speedup_vs_direct: None,
             cpu_busy: med(&|r| r.cpu_busy),
             completed: runs.iter().map(RunResult::completed).sum(),
-            pulls: runs.iter().map(|r| r.node_seconds.len()).sum(),
+            pulls: runs.iter().map(RunResult::survivors).sum(),
+            killed: runs.iter().map(RunResult::killed_nodes).sum(),
             runs,
         }
     }
@@ -271,8 +329,12 @@ impl Report {
                 out.push_str(&format!("| {} | skipped: {why} | | | | | | | | | |\n", s.scenario.name()));
                 continue;
             }
+            let killed = match s.killed {
+                0 => String::new(),
+                k => format!(" (+{k} killed)"),
+            };
             out.push_str(&format!(
-                "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {}/{}{killed} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.scenario.name(),
                 s.completed,
                 s.pulls,
@@ -343,7 +405,11 @@ mod tests {
 
     #[test]
     fn failed_nodes_are_counted_not_timed() {
-        let r = RunResult::new(vec![Ok(2.0), Err("boom".into()), Ok(1.0)], Some(110), 100);
+        let r = RunResult::new(
+            vec![NodeOutcome::Done(2.0), NodeOutcome::Failed("boom".into()), NodeOutcome::Done(1.0)],
+            Some(110),
+            100,
+        );
         assert_eq!(r.completed(), 2);
         assert_eq!(r.max_s, Some(2.0));
         assert_eq!(r.errors, vec!["boom".to_string()]);
@@ -352,6 +418,16 @@ mod tests {
         assert_eq!(s.egress_ratio, Some(1.1));
         assert_eq!(s.p99_over_t_min, Some(4.0));
         assert_eq!((s.completed, s.pulls), (2, 3));
+    }
+
+    #[test]
+    fn killed_nodes_are_neither_completions_nor_failures() {
+        let mut r = RunResult::new(vec![NodeOutcome::Done(3.0), NodeOutcome::Killed], None, 100);
+        r.killed = vec![Killed { node: Some(1), what: "agent 1".into(), at_s: 1.0 }];
+        assert!(r.errors.is_empty());
+        assert_eq!((r.completed(), r.survivors(), r.killed_nodes()), (1, 1, 1));
+        let s = ScenarioResult::from_runs(Scenario::Dht, vec![r], 100, None);
+        assert_eq!((s.completed, s.pulls, s.killed), (1, 1, 1));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use futures_util::future::join_all;
 use shoal_tests::{write_hosts_toml, Containerd, Daemon};
 
 use super::net::Host;
+use super::report::{Killed, NodeOutcome};
 
 /// What the nodes do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
@@ -104,6 +105,82 @@ pub struct Setup<'a> {
     /// Scratch space for this scenario run (logs, caches, hosts dirs).
     pub dir: &'a Path,
     pub timeout: Duration,
+    /// What to kill mid-pull (`--kill`), if anything.
+    pub kill: Option<Kill>,
+}
+
+/// What `--kill` kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillWhat {
+    /// The planner of the largest layer: its coordinator agent (`dht`) or the tracker.
+    Coordinator,
+    /// This many randomly chosen nodes.
+    Nodes(usize),
+}
+
+/// `coordinator` or a number of nodes.
+pub fn parse_kill(s: &str) -> Result<KillWhat, String> {
+    match s {
+        "coordinator" => Ok(KillWhat::Coordinator),
+        n => match n.parse::<usize>() {
+            Ok(k) if k > 0 => Ok(KillWhat::Nodes(k)),
+            _ => Err(format!("expected `coordinator` or a number of nodes (1 or more), got {s:?}")),
+        },
+    }
+}
+
+/// `--kill` for one run.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub what: KillWhat,
+    /// Time into the pull.
+    pub after: Duration,
+    /// The largest layer (`sha256:<hex>`), whose coordinator `KillWhat::Coordinator` kills.
+    pub digest: String,
+    /// Run number: random victims differ between runs, and repeat across invocations.
+    pub round: usize,
+}
+
+/// `k` distinct node indices below `n`, the same for the same `seed` (a partial
+/// Fisher-Yates shuffle driven by splitmix64).
+fn random_nodes(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in 0..k.min(n) {
+        let j = i + (next() % (n - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(k.min(n));
+    idx
+}
+
+/// The index of the peer id (base58, as in `/p2p/<id>`) XOR-closest to `digest`'s DHT key,
+/// as Kademlia measures it: sha256 of the peer id's bytes against sha256 of the digest's 32
+/// raw bytes (the agent's provider key).
+fn closest_peer(peer_ids: &[&str], digest: &str) -> Result<usize> {
+    use sha2::{Digest as _, Sha256};
+    let raw = hex::decode(digest.trim_start_matches("sha256:")).context("layer digest is not hex")?;
+    let target: [u8; 32] = Sha256::digest(&raw).into();
+    let mut best: Option<([u8; 32], usize)> = None;
+    for (i, id) in peer_ids.iter().enumerate() {
+        let id: libp2p::PeerId = id.parse().with_context(|| format!("peer id {id:?}"))?;
+        let key: [u8; 32] = Sha256::digest(id.to_bytes()).into();
+        let mut distance = [0u8; 32];
+        for (d, (a, b)) in distance.iter_mut().zip(key.iter().zip(&target)) {
+            *d = a ^ b;
+        }
+        if best.is_none_or(|(d, _)| distance < d) {
+            best = Some((distance, i));
+        }
+    }
+    best.map(|(_, i)| i).context("no agents")
 }
 
 /// GETs `url` at `place` until it answers 200 (at most `timeout`); returns the body. In a
@@ -280,9 +357,10 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Every node runs `ctr content fetch` at the same moment; returns each node's completion
-    /// time in seconds from that moment (`Err` with the reason for a node that failed).
-    pub async fn pull_all(&mut self, s: &Setup<'_>) -> Result<Vec<Result<f64, String>>> {
+    /// Every node runs `ctr content fetch` at the same moment; returns how each node's pull
+    /// ended (completion time in seconds from that moment, or why it failed) and what
+    /// `s.kill` killed on the way.
+    pub async fn pull_all(&mut self, s: &Setup<'_>) -> Result<(Vec<NodeOutcome>, Vec<Killed>)> {
         for (i, agent) in self.agents.iter_mut().enumerate() {
             if let Err(e) = agent.daemon.ensure_running() {
                 bail!("agent {i} died before the pull: {e:#}");
@@ -305,19 +383,78 @@ impl Fleet {
             cmd.kill_on_drop(true);
             children.push(cmd.spawn().with_context(|| format!("spawning ctr for node {i}"))?);
         }
-        let waits = children.into_iter().enumerate().map(|(i, child)| async move {
-            match tokio::time::timeout_at((t0 + s.timeout).into(), child.wait_with_output()).await {
-                Err(_) => Err(format!("node {i}: not done after {:?}", s.timeout)),
-                Ok(Err(e)) => Err(format!("node {i}: waiting for ctr: {e}")),
-                Ok(Ok(out)) if out.status.success() => Ok(t0.elapsed().as_secs_f64()),
-                Ok(Ok(out)) => Err(format!(
-                    "node {i}: ctr content fetch {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
+        // Nodes `--kill` chose; a node's wait ends (dropping, so killing, its `ctr`) when
+        // its index shows up here.
+        let (killed_tx, killed_rx) = tokio::sync::watch::channel(Vec::<usize>::new());
+        let waits = children.into_iter().enumerate().map(|(i, child)| {
+            let mut killed = killed_rx.clone();
+            let now = killed_rx.clone();
+            let killed_rx_now = move |i: &usize| now.borrow().contains(i);
+            async move {
+                let pull = tokio::time::timeout_at((t0 + s.timeout).into(), child.wait_with_output());
+                tokio::select! {
+                    r = pull => match r {
+                        Err(_) => NodeOutcome::Failed(format!("node {i}: not done after {:?}", s.timeout)),
+                        Ok(Err(e)) => NodeOutcome::Failed(format!("node {i}: waiting for ctr: {e}")),
+                        Ok(Ok(out)) if out.status.success() => NodeOutcome::Done(t0.elapsed().as_secs_f64()),
+                        // ctr died of its node's agent being killed a moment earlier.
+                        Ok(Ok(_)) if killed_rx_now(&i) => NodeOutcome::Killed,
+                        Ok(Ok(out)) => NodeOutcome::Failed(format!(
+                            "node {i}: ctr content fetch {}: {}",
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )),
+                    },
+                    Ok(_) = killed.wait_for(|k| k.contains(&i)) => NodeOutcome::Killed,
+                }
             }
         });
-        Ok(join_all(waits).await)
+        let kill = async {
+            let Some(kill) = &s.kill else { return Ok(Vec::new()) };
+            tokio::time::sleep_until((t0 + kill.after).into()).await;
+            self.kill(kill, t0, &killed_tx)
+        };
+        let (outcomes, killed) = tokio::join!(join_all(waits), kill);
+        Ok((outcomes, killed?))
+    }
+
+    /// Kills what `kill` names, now; node indices go to `killed_tx` (which ends their pulls).
+    fn kill(
+        &mut self,
+        kill: &Kill,
+        t0: Instant,
+        killed_tx: &tokio::sync::watch::Sender<Vec<usize>>,
+    ) -> Result<Vec<Killed>> {
+        let at_s = t0.elapsed().as_secs_f64();
+        let n = self.containerds.len();
+        let mut out = Vec::new();
+        let nodes = match kill.what {
+            KillWhat::Coordinator => {
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.daemon.kill();
+                    out.push(Killed { node: None, what: "the tracker".into(), at_s });
+                    return Ok(out);
+                }
+                let ids: Vec<&str> =
+                    self.agents.iter().map(|a| a.p2p_addr.rsplit('/').next().unwrap_or_default()).collect();
+                if ids.is_empty() {
+                    bail!("--kill coordinator: this scenario has no agents");
+                }
+                vec![(closest_peer(&ids, &kill.digest)?, format!(" (coordinator of {})", kill.digest))]
+            }
+            KillWhat::Nodes(k) => {
+                random_nodes(n, k, kill.round as u64).into_iter().map(|i| (i, String::new())).collect()
+            }
+        };
+        for (i, why) in nodes {
+            if let Some(agent) = self.agents.get_mut(i) {
+                agent.daemon.kill();
+            }
+            killed_tx.send_modify(|k| k.push(i));
+            let what = if self.agents.is_empty() { "client" } else { "agent and client" };
+            out.push(Killed { node: Some(i), what: format!("node {i}: {what}{why}"), at_s });
+        }
+        Ok(out)
     }
 
     /// Log tails of every agent and the tracker, for a failed run.
@@ -338,13 +475,15 @@ impl Fleet {
         if self.agents.is_empty() {
             return None;
         }
-        let scrapes = join_all(self.agents.iter().map(|a| {
+        // Killed agents (`--kill`) have no metrics left to read.
+        let live: Vec<&Service> = self.agents.iter().filter(|a| a.daemon.pid().is_some()).collect();
+        let scrapes = join_all(live.iter().map(|a| {
             let url = format!("{}/metrics", a.metrics_url);
             async move { probe(s.bins, &a.place, &url, Duration::from_secs(5)).await }
         }))
         .await;
         let mut t = AgentTotals::default();
-        for (text, agent) in scrapes.into_iter().zip(&self.agents) {
+        for (text, agent) in scrapes.into_iter().zip(live) {
             let samples = shoal_tests::metrics::parse(&text.ok()?);
             let sum = |name, labels: &[(&str, &str)]| {
                 shoal_tests::metrics::sum(&samples, name, labels).unwrap_or(0.0)
@@ -368,7 +507,8 @@ impl Fleet {
     pub fn agents_alive(&mut self) -> usize {
         let mut alive = 0;
         for a in &mut self.agents {
-            alive += usize::from(a.daemon.exited().is_none());
+            // A killed agent's daemon holds no process any more.
+            alive += usize::from(a.daemon.pid().is_some() && a.daemon.exited().is_none());
         }
         alive
     }
@@ -404,4 +544,49 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf reads a constant of the C library; no memory is touched.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks / hz as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_flag() {
+        assert_eq!(parse_kill("coordinator"), Ok(KillWhat::Coordinator));
+        assert_eq!(parse_kill("3"), Ok(KillWhat::Nodes(3)));
+        assert!(parse_kill("0").is_err());
+        assert!(parse_kill("everyone").is_err());
+    }
+
+    #[test]
+    fn random_victims_are_distinct_in_range_and_repeat() {
+        let a = random_nodes(20, 5, 1);
+        assert_eq!(a.len(), 5);
+        assert!(a.iter().all(|&i| i < 20));
+        let mut d = a.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), 5, "{a:?}");
+        assert_eq!(a, random_nodes(20, 5, 1));
+        assert_ne!(a, random_nodes(20, 5, 2));
+        assert_eq!(random_nodes(3, 9, 0).len(), 3);
+    }
+
+    #[test]
+    fn the_coordinator_is_the_peer_kademlia_puts_closest() {
+        let raw = [0xab_u8; 32];
+        let digest = format!("sha256:{}", hex::encode(raw));
+        let target = libp2p::kad::KBucketKey::new(raw.to_vec());
+        for _ in 0..20 {
+            let peers: Vec<libp2p::PeerId> = (0..8).map(|_| libp2p::PeerId::random()).collect();
+            let expected = (0..peers.len())
+                .min_by_key(|&i| libp2p::kad::KBucketKey::from(peers[i]).distance(&target))
+                .unwrap();
+            let ids: Vec<String> = peers.iter().map(|p| p.to_base58()).collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            assert_eq!(closest_peer(&ids, &digest).unwrap(), expected);
+        }
+        assert!(closest_peer(&[], &digest).is_err());
+        assert!(closest_peer(&["x"], "sha256:zz").is_err());
+    }
 }

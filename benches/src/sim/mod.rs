@@ -204,7 +204,11 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         let wall = Instant::now();
         let o = World::new(cfg).run();
         let wall_s = wall.elapsed().as_secs_f64();
-        let run = RunResult::new(o.nodes.clone(), None, o.origin_bytes.round() as u64);
+        let run = RunResult::new(
+            o.nodes.iter().cloned().map(Into::into).collect(),
+            None,
+            o.origin_bytes.round() as u64,
+        );
         for f in o.failures.iter().take(10) {
             eprintln!("sim: {}: download failed: {f}", scenario.name());
         }
