@@ -4,20 +4,18 @@
 //! Every default is written once, in the `#[arg(default_value ...)]` of [`RunArgs`] or in
 //! [`default_upstreams`]. [`RunArgs::into_config`] turns the flags into a validated [`Config`].
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::types::Registry;
+pub use shoal_origin::{default_upstreams, UpstreamError, Upstreams};
 
 /// Why the configuration was refused. Each message names the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--upstream {0:?}: expected REGISTRY=URL, e.g. docker.io=https://registry-1.docker.io")]
-    UpstreamSyntax(String),
-    #[error("--upstream {0:?}: the URL must start with http:// or https:// and name a host")]
-    UpstreamUrl(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("--{flag}: {source}")]
     Registry { flag: &'static str, source: crate::types::ParseError },
     #[error("--cache-max-bytes must be at least 1 MiB, got {0} bytes")]
@@ -271,7 +269,7 @@ impl RunArgs {
         let mut listed: std::collections::BTreeSet<Registry> = if self.no_default_registries {
             Default::default()
         } else {
-            upstreams.0.keys().cloned().collect()
+            upstreams.registries().cloned().collect()
         };
         for spec in &self.upstreams {
             listed.insert(upstreams.insert_spec(spec)?);
@@ -358,55 +356,6 @@ impl RunArgs {
             auth_decision_ttl: self.auth_decision_ttl,
             public,
         })
-    }
-}
-
-/// Where each registry's origin is: built-in defaults overridden by `--upstream`.
-#[derive(Debug, Clone)]
-pub struct Upstreams(BTreeMap<Registry, String>);
-
-/// Registries whose API host differs from their name, or that users expect to work with no
-/// configuration.
-pub fn default_upstreams() -> [(&'static str, &'static str); 4] {
-    [
-        ("docker.io", "https://registry-1.docker.io"),
-        ("ghcr.io", "https://ghcr.io"),
-        ("quay.io", "https://quay.io"),
-        ("registry.k8s.io", "https://registry.k8s.io"),
-    ]
-}
-
-impl Default for Upstreams {
-    fn default() -> Self {
-        Upstreams(
-            default_upstreams()
-                .into_iter()
-                .map(|(r, u)| (r.parse().expect("built-in registry names are valid"), u.to_string()))
-                .collect(),
-        )
-    }
-}
-
-impl Upstreams {
-    /// Adds (or replaces) one `REGISTRY=URL` mapping, as `--upstream` gives it.
-    pub fn insert_spec(&mut self, spec: &str) -> Result<Registry, ConfigError> {
-        let (registry, url) =
-            spec.split_once('=').ok_or_else(|| ConfigError::UpstreamSyntax(spec.to_string()))?;
-        let registry: Registry =
-            registry.trim().parse().map_err(|source| ConfigError::Registry { flag: "upstream", source })?;
-        let url = url.trim().trim_end_matches('/');
-        let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-        match host {
-            Some(h) if !h.is_empty() && !h.contains('/') => {}
-            _ => return Err(ConfigError::UpstreamUrl(spec.to_string())),
-        }
-        self.0.insert(registry.clone(), url.to_string());
-        Ok(registry)
-    }
-
-    /// The base URL (scheme and authority, no trailing slash) of a registry's origin.
-    pub fn url(&self, registry: &Registry) -> String {
-        self.0.get(registry).cloned().unwrap_or_else(|| format!("https://{registry}"))
     }
 }
 

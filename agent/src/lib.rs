@@ -44,7 +44,6 @@ pub mod containerd;
 pub mod containerd_config;
 pub mod fetch;
 pub mod metrics;
-pub mod origin;
 pub mod p2p;
 pub mod preheat;
 pub mod ratelimit;
@@ -54,5 +53,7 @@ pub mod supervise;
 
 // The wire contract and the network, shared with the tracker, under the paths the agent's
 // modules use.
+/// The origin registry client, a crate of its own (the tracker uses it too).
+pub use shoal_origin as origin;
 pub use shoal_protocol::{pieces, sync, types};
 pub use shoal_swarm as swarm;

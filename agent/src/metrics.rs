@@ -33,19 +33,11 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OriginLabels {
-    /// `manifest_head`, `manifest`, `blob` or `token`.
-    pub kind: &'static str,
-    /// HTTP status, or 0 when no response arrived (connection refused, timeout).
-    pub status: u16,
-}
-
 pub struct Metrics {
     registry: Registry,
     pub registry_requests: Family<RequestLabels, Counter>,
     pub served_bytes: Family<SourceLabels, Counter>,
-    pub origin_requests: Family<OriginLabels, Counter>,
+    /// The origin client's counters (`shoal_origin`'s, registered here).
     pub origin_bytes: Counter,
     pub origin_digest_mismatches: Counter,
     pub stale_tags_served: Counter,
@@ -106,18 +98,8 @@ impl Metrics {
             "Content bytes sent to registry clients, by where they came from",
             served_bytes.clone(),
         );
-        let origin_requests = Family::<OriginLabels, Counter>::default();
-        registry.register(
-            "origin_requests",
-            "Requests made to origin registries, by kind and status (0: no response)",
-            origin_requests.clone(),
-        );
-        let origin_bytes = Counter::default();
-        registry.register(
-            "origin_bytes",
-            "Content bytes received from origin registries",
-            origin_bytes.clone(),
-        );
+        shoal_origin::metrics::METRICS.register(&mut registry);
+        let origin_bytes = shoal_origin::metrics::METRICS.bytes.clone();
         let origin_digest_mismatches = Counter::default();
         registry.register(
             "origin_digest_mismatches",
@@ -295,7 +277,6 @@ impl Metrics {
             peer_bans,
             registry_requests,
             served_bytes,
-            origin_requests,
             origin_bytes,
             origin_digest_mismatches,
             stale_tags_served,
@@ -307,10 +288,6 @@ impl Metrics {
             cache_evictions,
             corrupt_blobs,
         }
-    }
-
-    pub fn origin_request(&self, kind: &'static str, status: u16) {
-        self.origin_requests.get_or_create(&OriginLabels { kind, status }).inc();
     }
 
     pub fn received(&self, bytes: u64, source: &'static str) {

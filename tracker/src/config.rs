@@ -3,14 +3,14 @@
 //!
 //! Every default is written once, in the `#[arg(default_value ...)]` of [`TrackerArgs`]. The
 //! origin flags (`--upstream`, `--default-registry`, `--registry-auth-file`) mean exactly what
-//! they mean for the agent, and are parsed by the agent's code, so a preheat resolves an
-//! image at the same origin the agents will fetch it from.
+//! they mean for the agent, and are parsed by the same code (`shoal_origin`), so a preheat
+//! resolves an image at the same origin the agents will fetch it from.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use shoal_agent::config::{LogFormat, Upstreams};
-use shoal_protocol::types::Registry;
+use shoal_origin::{UpstreamError, Upstreams};
+use shoal_protocol::types::{ParseError, Registry};
 use shoal_swarm::SwarmConfig;
 
 /// Why the configuration was refused. Each message names the flag.
@@ -21,7 +21,16 @@ pub enum ConfigError {
     #[error("{0}")]
     Swarm(#[from] shoal_swarm::SwarmError),
     #[error("{0}")]
-    Origin(#[from] shoal_agent::config::ConfigError),
+    Upstream(#[from] UpstreamError),
+    #[error("--default-registry: {0}")]
+    DefaultRegistry(ParseError),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Flags of `shoal-tracker`.
@@ -109,23 +118,16 @@ impl TrackerArgs {
     }
 }
 
-/// The agent's `--upstream` and `--default-registry` semantics, through the agent's own
-/// parser: its flag struct is the only public way to build [`Upstreams`]. Every other agent
-/// flag is given a harmless explicit value so no `SHOAL_*` variable meant for the tracker can
-/// change the outcome.
+/// `--upstream` and `--default-registry`, parsed as the agent parses them.
 fn origin_settings(
     upstreams: &[String],
     default_registry: &str,
 ) -> Result<(Upstreams, Registry), ConfigError> {
-    // The agent's own parsing, so both binaries read `--upstream` and `--default-registry`
-    // the same way.
     let mut parsed = Upstreams::default();
     for spec in upstreams {
         parsed.insert_spec(spec)?;
     }
-    let registry = default_registry
-        .parse()
-        .map_err(|source| shoal_agent::config::ConfigError::Registry { flag: "default-registry", source })?;
+    let registry = default_registry.parse().map_err(ConfigError::DefaultRegistry)?;
     Ok((parsed, registry))
 }
 

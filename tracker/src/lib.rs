@@ -21,8 +21,8 @@
 //! - [`metrics`]: Prometheus metrics (`shoal_tracker_`).
 //!
 //! The tracker protocol and the timing contract are `shoal_protocol`'s, the swarm is
-//! `shoal_swarm`'s (the same crates the agent builds on); the origin client is still the agent's
-//! (`shoal_agent::origin`). One implementation of each side of the wire.
+//! `shoal_swarm`'s and the origin client `shoal_origin`'s (the same crates the agent builds on;
+//! the tracker does not link the agent). One implementation of each side of the wire.
 
 pub mod config;
 pub mod http;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use shoal_agent::config::LogFormat;
+use shoal_tracker::config::LogFormat;
 use shoal_tracker::{Tracker, TrackerArgs};
 use tracing_subscriber::EnvFilter;
 

@@ -5,7 +5,7 @@
 //! if the tag moves during the rollout. Nodes then fetch that manifest (an index or a single
 //! manifest) by digest and the blobs of the platforms they run; that part is the agent's.
 
-use shoal_agent::origin::{Kind, Origin, OriginError, MANIFEST_MEDIA_TYPES};
+use shoal_origin::{Kind, Origin, OriginError, MANIFEST_MEDIA_TYPES};
 use shoal_protocol::types::{Digest, Registry, RepoName, Tag};
 
 /// An image reference: `[registry/]repository(:tag|@sha256:…)`.

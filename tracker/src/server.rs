@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shoal_agent::origin::auth::CredentialStore;
-use shoal_agent::origin::Origin;
+use shoal_origin::auth::CredentialStore;
+use shoal_origin::Origin;
 use shoal_protocol::tracker::TrackerRequest;
 use shoal_protocol::types::Registry;
 use shoal_swarm::{Client, EventLoop, InboundRequest, InboundTrackerRequest, PeerId};

@@ -22,7 +22,7 @@ use super::{
     error_chain, header_str, read_limited, Kind, Origin, OriginError, Resolved, SMALL_REQUEST_TIMEOUT,
 };
 use crate::metrics::METRICS;
-use crate::types::{Digest, Registry, RepoName};
+use shoal_protocol::types::{Digest, Registry, RepoName};
 
 /// Whose request an access check is.
 #[derive(Clone, Copy, Debug)]
@@ -71,9 +71,13 @@ impl Origin {
         };
         let mut authorization = match who {
             As::Anonymous => {
-                { crate::sync::lock(&self.anonymous_tokens).get(registry.as_str(), &scope, Instant::now()) }
-                    .map(|t| format!("Bearer {t}"))
+                shoal_protocol::sync::lock(&self.anonymous_tokens).get(
+                    registry.as_str(),
+                    &scope,
+                    Instant::now(),
+                )
             }
+            .map(|t| format!("Bearer {t}")),
             As::Client(value) => Some(value.to_string()),
         };
         let mut first_challenge = None;
@@ -84,11 +88,11 @@ impl Origin {
                 req = req.header(AUTHORIZATION, value);
             }
             let resp = req.send().await.map_err(|e| {
-                METRICS.origin_request(metric, 0);
+                METRICS.request(metric, 0);
                 OriginError::Unreachable(format!("{registry}: {}", error_chain(&e)))
             })?;
             let status = resp.status();
-            METRICS.origin_request(metric, status.as_u16());
+            METRICS.request(metric, status.as_u16());
             if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
                 return Err(OriginError::Unreachable(format!("{registry}: {repo}@{reference}: {status}")));
             }
@@ -141,7 +145,7 @@ impl Origin {
             };
             if basic.is_none() {
                 let lifetime = expires.saturating_duration_since(Instant::now());
-                crate::sync::lock(&self.anonymous_tokens).put(
+                shoal_protocol::sync::lock(&self.anonymous_tokens).put(
                     registry.as_str(),
                     &scope,
                     token.clone(),
@@ -172,11 +176,11 @@ impl Origin {
             req = req.header(AUTHORIZATION, basic);
         }
         let resp = req.send().await.map_err(|e| {
-            METRICS.origin_request("token", 0);
+            METRICS.request("token", 0);
             OriginError::Unreachable(format!("token endpoint {realm}: {}", error_chain(&e)))
         })?;
         let status = resp.status();
-        METRICS.origin_request("token", status.as_u16());
+        METRICS.request("token", status.as_u16());
         if status.is_server_error() {
             return Err(OriginError::Unreachable(format!("token endpoint {realm} answered {status}")));
         }
@@ -199,7 +203,7 @@ impl Origin {
         if self.credentials.get(registry.as_str()).is_some() {
             return;
         }
-        let mut lent = crate::sync::lock(&self.lent);
+        let mut lent = shoal_protocol::sync::lock(&self.lent);
         if lent.len() >= MAX_LENT {
             let now = Instant::now();
             lent.retain(|_, (_, until)| *until > now);
@@ -212,7 +216,7 @@ impl Origin {
 
     /// A lent client credential for `repo`, while it is valid.
     pub(super) fn lent_authorization(&self, registry: &Registry, repo: &RepoName) -> Option<String> {
-        let lent = crate::sync::lock(&self.lent);
+        let lent = shoal_protocol::sync::lock(&self.lent);
         let (value, until) = lent.get(&(registry.clone(), repo.clone()))?;
         (*until > Instant::now()).then(|| value.clone())
     }

@@ -1,12 +1,16 @@
 //! The upstream (origin) registry client: tag resolution with HEAD, content GETs by digest
 //! with `Range` for resuming, and authentication ([`auth`]).
 //!
-//! Every request is counted in `shoal_origin_requests_total{kind,status}`. Errors are split
+//! A crate of its own so the tracker uses the same client without linking the agent.
+//!
+//! Every request is counted in `shoal_origin_requests_total{kind,status}` ([`metrics`]). Errors are split
 //! by what the caller does next: [`OriginError::NotFound`] is final (answer 404),
 //! [`OriginError::Unreachable`] allows the last known tag and a retry, the rest are reported.
 
 pub mod auth;
 mod client_auth;
+pub mod metrics;
+mod upstreams;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -17,11 +21,11 @@ use reqwest::header::{
 };
 use reqwest::{RequestBuilder, Response, StatusCode};
 
-use crate::config::Upstreams;
 use crate::metrics::METRICS;
-use crate::types::{Digest, Registry, RepoName, Tag};
 use auth::{Challenge, CredentialStore, TokenCache, TokenResponse};
 pub use client_auth::{AccessAnswer, As};
+use shoal_protocol::types::{Digest, Registry, RepoName, Tag};
+pub use upstreams::{default_upstreams, UpstreamError, Upstreams};
 
 /// Manifests larger than this are refused (the OCI spec lets registries refuse over 4 MiB).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -162,7 +166,7 @@ impl Origin {
         let media_type = header_str(resp.headers(), CONTENT_TYPE.as_str())
             .ok_or_else(|| OriginError::Protocol(format!("manifest {repo}:{tag} has no Content-Type")))?;
         let body = read_limited(resp, MAX_MANIFEST_BYTES).await?;
-        METRICS.origin_bytes.inc_by(body.len() as u64);
+        METRICS.bytes.inc_by(body.len() as u64);
         let resolved = Resolved { digest: Digest::of(&body), media_type, size: body.len() as u64 };
         Ok((resolved, Some(body)))
     }
@@ -272,11 +276,11 @@ impl Origin {
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    METRICS.origin_request(kind, 0);
+                    METRICS.request(kind, 0);
                     return Err(OriginError::Unreachable(format!("{registry}: {}", error_chain(&e))));
                 }
             };
-            METRICS.origin_request(kind, resp.status().as_u16());
+            METRICS.request(kind, resp.status().as_u16());
             if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
                 return Ok(resp);
             }
@@ -291,10 +295,12 @@ impl Origin {
     }
 
     fn cached_authorization(&self, registry: &Registry, scope: &str) -> Option<String> {
-        if let Some(token) = crate::sync::lock(&self.tokens).get(registry.as_str(), scope, Instant::now()) {
+        if let Some(token) =
+            shoal_protocol::sync::lock(&self.tokens).get(registry.as_str(), scope, Instant::now())
+        {
             return Some(format!("Bearer {token}"));
         }
-        if crate::sync::lock(&self.basic).contains(registry) {
+        if shoal_protocol::sync::lock(&self.basic).contains(registry) {
             return self.credentials.get(registry.as_str()).map(|c| c.basic_header());
         }
         None
@@ -314,7 +320,7 @@ impl Origin {
                         "{registry} asks for Basic auth and --registry-auth-file has no entry for it"
                     ))
                 })?;
-                crate::sync::lock(&self.basic).insert(registry.clone());
+                shoal_protocol::sync::lock(&self.basic).insert(registry.clone());
                 Ok(creds.basic_header())
             }
             Challenge::Bearer { realm, service, scope: challenge_scope } => {
@@ -328,10 +334,10 @@ impl Origin {
                     req = req.header(AUTHORIZATION, creds.basic_header());
                 }
                 let resp = req.send().await.map_err(|e| {
-                    METRICS.origin_request("token", 0);
+                    METRICS.request("token", 0);
                     OriginError::Unreachable(format!("token endpoint {realm}: {}", error_chain(&e)))
                 })?;
-                METRICS.origin_request("token", resp.status().as_u16());
+                METRICS.request("token", resp.status().as_u16());
                 if !resp.status().is_success() {
                     return Err(OriginError::Denied(format!(
                         "token endpoint {realm} answered {}",
@@ -347,7 +353,7 @@ impl Origin {
                     })?;
                 let lifetime =
                     parsed.expires_in.map(Duration::from_secs).unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
-                crate::sync::lock(&self.tokens).put(
+                shoal_protocol::sync::lock(&self.tokens).put(
                     registry.as_str(),
                     scope,
                     token.clone(),
