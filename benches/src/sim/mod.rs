@@ -4,8 +4,9 @@
 //! The netns benchmark (`rollout`) runs real agents but stops at ~80 nodes on one machine;
 //! Shoal is for clusters of thousands. This simulator answers "what happens at 1,000-10,000
 //! nodes" for the decisions that matter at that scale (who fetches what from the origin,
-//! whom a node asks, how many messages that costs), and is calibrated against `rollout` at
-//! 10-20 nodes (`benches/README.md`).
+//! whom a node asks, how many messages that costs, what they cost in CPU), and is compared
+//! with recorded `rollout` figures at 10-80 nodes (`benches/README.md`, "Costs charged, and
+//! calibration").
 //!
 //! Parts ([`world`] wires them):
 //! - [`flow`]: the network: per-host up and down capacity, the origin's uplink, fair sharing
