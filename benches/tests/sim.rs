@@ -127,3 +127,31 @@ fn a_small_dht_swarm_fetches_each_piece_about_once() {
     let e = x["egress_ratio"].as_f64().unwrap();
     assert!((0.999..1.05).contains(&e), "dht egress {e}");
 }
+
+/// The cost model: with the CPU share of 40 agents on 2 cores and the recorded CPU per MiB,
+/// every node still completes but the rollout is CPU-bound (far slower than with free CPU,
+/// its nodes busy most of it); with no costs nothing is busy. Both say so in the JSON.
+#[test]
+fn a_cpu_starved_swarm_is_slow_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = sim_n(dir.path(), "free", "40", "dht,tracker", &["--seed", "4", "--costs", "none"]);
+    let starved = sim_n(
+        dir.path(),
+        "starved",
+        "40",
+        "dht,tracker",
+        &["--seed", "4", "--costs", "recorded", "--cores-per-node", "0.05"],
+    );
+    assert_eq!(starved["simulator"]["cores_per_node"], 0.05);
+    for s in ["dht", "tracker"] {
+        let (f, x) = (scenario(&free, s), scenario(&starved, s));
+        assert_eq!(f["cpu"]["busiest"], 0.0, "{s}: {:#}", f["cpu"]);
+        assert_eq!(x["completed"], 40, "{s}: {x:#}");
+        // 24 MiB at 37 ms per MiB on 0.05 of a core is ~18 s of CPU per node.
+        let (pf, px) = (f["p99_s"].as_f64().unwrap(), x["p99_s"].as_f64().unwrap());
+        assert!(px > 17.0 && px > 4.0 * pf, "{s}: p99 {px} starved against {pf} free");
+        let median = x["cpu"]["median"].as_f64().unwrap();
+        let busiest = x["cpu"]["busiest"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&median) && busiest >= median, "{s}: {:#}", x["cpu"]);
+    }
+}

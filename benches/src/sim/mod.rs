@@ -4,8 +4,9 @@
 //! The netns benchmark (`rollout`) runs real agents but stops at ~80 nodes on one machine;
 //! Shoal is for clusters of thousands. This simulator answers "what happens at 1,000-10,000
 //! nodes" for the decisions that matter at that scale (who fetches what from the origin,
-//! whom a node asks, how many messages that costs), and is calibrated against `rollout` at
-//! 10-20 nodes (`benches/README.md`).
+//! whom a node asks, how many messages that costs, what they cost in CPU), and is compared
+//! with recorded `rollout` figures at 10-80 nodes (`benches/README.md`, "Costs charged, and
+//! calibration").
 //!
 //! Parts ([`world`] wires them):
 //! - [`flow`]: the network: per-host up and down capacity, the origin's uplink, fair sharing
@@ -22,14 +23,19 @@
 //!   (`shoal_agent::fetch::scheduler::Scheduler`), unchanged: every decision of a simulated
 //!   node is the agent's code.
 //!
-//! Not modelled (written next to every figure): CPU (hashing, encryption, the agents' event
-//! loops: the netns runs are CPU-bound on 2 cores, the simulator is not), disk, the kernel
-//! (TCP slow start and loss, tbf queueing, neighbour tables), containerd, and the
-//! manifest/config round trips before the layers (microseconds of bytes).
+//! - [`cost`]: what each action of an agent costs in CPU time (measured: the `costs` micro
+//!   benchmark), and each node's CPU as a queue of `--cores-per-node`: a busy node answers
+//!   late, and late past the request timeout is a timeout.
+//!
+//! Not modelled (written next to every figure): disk, the kernel (TCP slow start and loss,
+//! tbf queueing, neighbour tables), containerd and `ctr` (their CPU: in the netns runs they
+//! took ~36 % of the machine, the agents ~58 %), and the manifest/config round trips before
+//! the layers (microseconds of bytes).
 //!
 //! Determinism: the same flags and `--seed` give byte-identical JSON apart from `date`,
 //! `command`, `machine` and every `measured` object (wall-clock and CPU time).
 
+pub mod cost;
 pub mod dht;
 pub mod flow;
 pub mod sched;
@@ -94,6 +100,14 @@ pub struct Args {
     /// Utilisation sampling interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub sample_ms: u64,
+    /// CPU cores of each node (and of the tracker) for the agent's work; the netns
+    /// benchmark's share is 2 cores / N agents (e.g. 0.05 at 40 nodes).
+    #[arg(long, default_value_t = 1.0)]
+    pub cores_per_node: f64,
+    /// What the agent's actions cost: `micro` (the `costs` micro benchmark), `recorded`
+    /// (that plus the recorded rollouts' CPU per MiB it does not explain), `none`.
+    #[arg(long, value_enum, default_value = "micro")]
+    pub costs: cost::CostModel,
     /// Virtual seconds after which nodes still pulling count as failed.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
@@ -109,7 +123,24 @@ fn layer_sizes(total: u64, layers: usize) -> Vec<u64> {
     v
 }
 
-/// Nearest-rank summary of `v`: p10, p50, p90, max.
+/// The modelled CPU: busy share (of the rollout) of the busiest and the median node, the
+/// tracker's, waits and timeouts.
+fn cpu_busy(o: &Outcome) -> Value {
+    let mut v = o.cpu_busy.clone();
+    v.sort_by(f64::total_cmp);
+    let median = if v.is_empty() { 0.0 } else { v[(v.len() - 1) / 2] };
+    json!({
+        "busiest": v.last().copied().unwrap_or(0.0),
+        "median": median,
+        "mean": v.iter().sum::<f64>() / v.len().max(1) as f64,
+        "tracker": o.tracker_busy,
+        "wait_mean_s": o.cpu_wait_mean_s,
+        "wait_max_s": o.cpu_wait_max_s,
+        "timeouts": o.timeouts,
+    })
+}
+
+/// Per-node message rates: mean and max over the nodes.
 fn messages(o: &Outcome) -> Value {
     let d = o.end_s;
     let rate = |f: &dyn Fn(&world::Msgs) -> u64| {
@@ -172,6 +203,9 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
     if args.rtt_ms.is_nan() || args.rtt_ms < 0.0 || args.sample_ms == 0 {
         bail!("--rtt-ms must be >= 0 and --sample-ms > 0");
     }
+    if !(args.cores_per_node > 0.0 && args.cores_per_node.is_finite()) {
+        bail!("--cores-per-node must be a positive number");
+    }
     let started_wall = Instant::now();
     let started = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let sizes = layer_sizes(args.image, args.layers);
@@ -199,6 +233,8 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             max_time: args.timeout_secs * 1000 * MS,
             sched: shoal_agent::fetch::scheduler::Config::default(),
             max_uploads: args.max_uploads.max(1),
+            costs: args.costs.costs().for_nodes(args.nodes),
+            cores: args.cores_per_node,
         };
         eprintln!("sim: {}: {} nodes", scenario.name(), args.nodes);
         let wall = Instant::now();
@@ -223,6 +259,26 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             o.events,
             wall_s
         );
+        let busy = cpu_busy(&o);
+        let m = messages(&o);
+        let rates = &m["per_node_per_s"];
+        eprintln!(
+            "sim: {}: per node per s (mean, max): DHT received {:.1}, {:.1}; Have received {:.1}, {:.1}; plans answered {:.1}, {:.1}; \
+             CPU busy share busiest {:.3}, median {:.3}{}; CPU wait mean {:.3} s, max {:.1} s; timeouts {:?}",
+            scenario.name(),
+            rates["dht_received"]["mean"].as_f64().unwrap_or(0.0),
+            rates["dht_received"]["max"].as_f64().unwrap_or(0.0),
+            rates["have_received"]["mean"].as_f64().unwrap_or(0.0),
+            rates["have_received"]["max"].as_f64().unwrap_or(0.0),
+            rates["plans_received"]["mean"].as_f64().unwrap_or(0.0),
+            rates["plans_received"]["max"].as_f64().unwrap_or(0.0),
+            busy["busiest"].as_f64().unwrap_or(0.0),
+            busy["median"].as_f64().unwrap_or(0.0),
+            o.tracker_busy.map_or(String::new(), |t| format!(", tracker {t:.3}")),
+            o.cpu_wait_mean_s,
+            o.cpu_wait_max_s,
+            o.timeouts,
+        );
         let cpu = o.tracker_cpu.map(|c| {
             json!({
                 "plans": c.plans,
@@ -245,7 +301,8 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             "origin_requests": o.origin_why,
             "tracker_refused": o.tracker_refused,
             "download_failures": o.failures,
-            "messages": messages(&o),
+            "messages": m,
+            "cpu": busy,
             "utilisation": {
                 "up_busy_share_per_node": Spread::of(&o.up_util),
                 "down_busy_share_per_completed_node": Spread::of(&o.down_util),
@@ -278,19 +335,19 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
     let mut table = report.table();
     table.push_str(&format!(
         "\nsimulated (seed {}, RTT {} ms, DHT {hops} hops, start spread {} ms, churn {} %); scheduler: {SCHEDULER}\n\
-         not modelled: CPU (hashing, noise, event loops), disk, kernel (TCP dynamics, tbf queues, ARP), containerd\n\n",
-        args.seed, args.rtt_ms, args.start_spread_ms, args.churn
+         CPU: {} cores per node, costs `{}` (benches/src/sim/cost.rs); not modelled: disk, kernel (TCP dynamics, tbf queues, ARP), containerd\n\n",
+        args.seed, args.rtt_ms, args.start_spread_ms, args.churn, args.cores_per_node, args.costs.name()
     ));
     table.push_str(
-        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (all) | plans /s of the busiest coordinator | planner CPU µs/plan | planner cores | up busy p50 | wall s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (all) | plans /s of the busiest coordinator | planner CPU µs/plan | planner cores | up busy p50 | CPU busy (busiest, median) | timeouts | wall s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (s, x) in scenarios.iter().zip(&extras) {
         let m = &x["messages"]["per_node_per_s"];
         let f = |v: &Value| v.as_f64().map_or("–".to_string(), |v| format!("{v:.1}"));
         let cpu = &x["measured"]["tracker_cpu"];
         table.push_str(&format!(
-            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} | {:.3}, {:.3} | {} | {} |\n",
             s.name(),
             x["killed"],
             f(&m["dht_received"]["mean"]),
@@ -304,6 +361,12 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             x["utilisation"]["up_busy_share_per_node"]["p50"]
                 .as_f64()
                 .map_or("–".into(), |v| format!("{v:.2}")),
+            x["cpu"]["busiest"].as_f64().unwrap_or(0.0),
+            x["cpu"]["median"].as_f64().unwrap_or(0.0),
+            {
+                let t = &x["cpu"]["timeouts"];
+                ["have", "piece", "plan", "dht"].iter().map(|k| t[k].as_u64().unwrap_or(0)).sum::<u64>()
+            },
             f(&x["measured"]["wall_s"]),
         ));
     }
@@ -327,7 +390,10 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         "sample_ms": args.sample_ms,
         "scheduler": SCHEDULER,
         "sharing": "each link split equally among its flows; a flow runs at the smaller of its two shares",
-        "not_modelled": ["CPU", "disk", "kernel (TCP dynamics, tbf queueing, neighbour tables)", "containerd", "manifest and config requests"],
+        "cores_per_node": args.cores_per_node,
+        "costs": args.costs.name(),
+        "cost_ns": args.costs.costs().for_nodes(args.nodes),
+        "not_modelled": ["disk", "kernel (TCP dynamics, tbf queueing, neighbour tables)", "containerd", "manifest and config requests"],
     });
     json["measured"] = json!({ "wall_s": started_wall.elapsed().as_secs_f64() });
     let _ = NS;

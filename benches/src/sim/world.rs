@@ -4,10 +4,13 @@
 //! when the flow network says the bytes are through), and their results back into inputs.
 //!
 //! Message latencies: a request reaches its peer after RTT/2 and its answer arrives after
-//! another RTT/2; a `Have` answer reflects the peer's map when the request reached it; a
+//! another RTT/2; a `Have` answer reflects the peer's map when the answer arrives; a
 //! piece flow starts when the request reached the server and is verified when its last byte
 //! is through (the final RTT/2 of propagation is not added). A DHT lookup or announcement
-//! takes `hops` RTTs ([`super::dht`]). Upload slots are not modelled: the agent's slot covers
+//! takes `hops` RTTs ([`super::dht`]). On top of the latencies, each step waits for the CPU
+//! of the node that does it ([`super::cost`]): a request is answered when the answering
+//! node's CPU got to it, a piece flows once its sender read and encrypted it and counts as
+//! verified once its receiver decrypted and hashed it. Upload slots are not modelled: the agent's slot covers
 //! reading a piece from disk, not sending it (the response is queued on the connection), and
 //! the model has no disk.
 //!
@@ -29,6 +32,7 @@ use shoal_agent::p2p::shares::Shares;
 use shoal_agent::pieces::Layout;
 use shoal_agent::types::Digest;
 
+use super::cost::{Costs, Cpus, DHT_TIMEOUT, REQUEST_TIMEOUT};
 use super::dht::{KeyRecords, ALPHA, REPLICATION};
 use super::flow::{Network, Time, NS};
 use super::sched::{mix, Download, Phase, Startup, MS};
@@ -53,6 +57,10 @@ pub struct Config {
     pub sched: scheduler::Config,
     /// Piece uploads a node serves at once (the agent's `ServeOptions::max_uploads`).
     pub max_uploads: u32,
+    /// What each action costs ([`super::cost`]).
+    pub costs: Costs,
+    /// Cores of each node (and of the tracker).
+    pub cores: f64,
 }
 
 /// Deterministic generator (splitmix64).
@@ -74,21 +82,89 @@ impl Rng {
 
 #[derive(Debug)]
 enum Ev {
-    Start { node: u32 },
-    Wake { dl: u32 },
-    Lookup { dl: u32 },
-    Whole { dl: u32 },
-    AddProvider { layer: u32, k: u32, provider: u32 },
-    Have { dl: u32, peer: u32 },
-    Head { dl: u32 },
-    PieceReq { dl: u32, peer: u32, piece: u32 },
-    Failed { dl: u32, peer: u32, piece: u32, why: Refused },
-    OriginReq { dl: u32, first: u32, end: u32 },
-    PlanReq { dl: u32, report: Box<PlanReport> },
-    PlanReply { dl: u32, plan: Option<Box<Plan>> },
-    Heartbeat { node: u32 },
+    Start {
+        node: u32,
+    },
+    Wake {
+        dl: u32,
+    },
+    Lookup {
+        dl: u32,
+    },
+    /// A piece verified after the receiver's CPU got to it (`from`: the sending node, or
+    /// none for the origin).
+    Verified {
+        dl: u32,
+        piece: u32,
+        from: Option<u32>,
+    },
+    /// An origin span's last piece verified.
+    OriginDone {
+        dl: u32,
+        first: u32,
+        end: u32,
+    },
+    /// A server's CPU has read and encrypted a piece: its bytes start to flow.
+    Serve {
+        dl: u32,
+        peer: u32,
+        piece: u32,
+    },
+    Whole {
+        dl: u32,
+    },
+    AddProvider {
+        layer: u32,
+        k: u32,
+        provider: u32,
+    },
+    /// `late`: the answer came after the request timeout (a busy peer): a timeout.
+    Have {
+        dl: u32,
+        peer: u32,
+        late: bool,
+    },
+    Head {
+        dl: u32,
+    },
+    PieceReq {
+        dl: u32,
+        peer: u32,
+        piece: u32,
+    },
+    Failed {
+        dl: u32,
+        peer: u32,
+        piece: u32,
+        why: Refused,
+    },
+    OriginReq {
+        dl: u32,
+        first: u32,
+        end: u32,
+    },
+    PlanReq {
+        dl: u32,
+        report: Box<PlanReport>,
+        sent: Time,
+    },
+    /// The planner's CPU got to a plan request (sent at `sent`).
+    PlanServe {
+        dl: u32,
+        report: Box<PlanReport>,
+        sent: Time,
+    },
+    PlanReply {
+        dl: u32,
+        plan: Option<Box<Plan>>,
+    },
+    Heartbeat {
+        node: u32,
+    },
     TrackerTick,
-    Kill { node: u32 },
+    Kill {
+        node: u32,
+    },
     Sample,
 }
 
@@ -120,6 +196,8 @@ impl Ord for Queued {
 enum Refused {
     /// The connection reset (the peer was killed, or is unknown).
     Unreachable,
+    /// The peer answered after the request timeout (its CPU was busy).
+    TimedOut,
     /// The peer does not hold the piece.
     Lacks,
     /// Every upload slot of the peer is taken (the agent answers `Busy`).
@@ -171,6 +249,16 @@ pub struct OriginWhy {
     pub repair: u64,
 }
 
+/// Requests answered after the request timeout, by kind: what a busy CPU did to its peers.
+#[derive(Clone, Copy, Default, Debug, serde::Serialize)]
+pub struct Timeouts {
+    pub have: u64,
+    pub piece: u64,
+    pub plan: u64,
+    /// DHT walks that ended without a slow node's answer.
+    pub dht: u64,
+}
+
 /// Tracker CPU actually spent (thread CPU clock), reported, never used in a decision.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct TrackerCpu {
@@ -205,6 +293,14 @@ pub struct Outcome {
     pub origin_why: OriginWhy,
     /// Downloads the scheduler gave up on (`Action::Failed`).
     pub failures: Vec<String>,
+    /// Per node: the share of the rollout its CPU was busy (modelled costs).
+    pub cpu_busy: Vec<f64>,
+    /// The tracker's busy share (tracker mode).
+    pub tracker_busy: Option<f64>,
+    /// Mean and largest wait of a job for its CPU, seconds.
+    pub cpu_wait_mean_s: f64,
+    pub cpu_wait_max_s: f64,
+    pub timeouts: Timeouts,
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -277,6 +373,9 @@ pub struct World {
     /// Per layer, per piece: origin requests so far.
     origin_count: Vec<Vec<u32>>,
     kinds: std::collections::BTreeMap<String, u64>,
+    /// Every host's CPU: nodes `0..n`, the origin (never charged), the tracker.
+    cpus: Cpus,
+    timeouts: Timeouts,
 }
 
 impl World {
@@ -360,6 +459,8 @@ impl World {
             peer_piece_bytes: 0.0,
             origin_why: OriginWhy::default(),
             kinds: Default::default(),
+            cpus: Cpus::new(n + 2, cfg.cores),
+            timeouts: Timeouts::default(),
             origin_count: cfg
                 .layer_sizes
                 .iter()
@@ -508,7 +609,77 @@ impl World {
             peer_piece_bytes: self.peer_piece_bytes,
             origin_why: self.origin_why,
             failures: self.failures,
+            cpu_busy: (0..n).map(|i| self.cpus.busy[i] as f64 / NS / end_s).collect(),
+            tracker_busy: self.tracker.is_some().then(|| self.cpus.busy[n + 1] as f64 / NS / end_s),
+            cpu_wait_mean_s: self.cpus.wait_total as f64 / NS / self.cpus.jobs.max(1) as f64,
+            cpu_wait_max_s: self.cpus.wait_max as f64 / NS,
+            timeouts: self.timeouts,
         }
+    }
+
+    /// The tracker's CPU (a host of its own after the nodes and the origin).
+    fn tracker_host(&self) -> u32 {
+        self.cfg.nodes as u32 + 1
+    }
+
+    /// When an answer to a request sent at `sent` and finished by the answering CPU at
+    /// `done` arrives, and whether it came too late (then it is a timeout at `sent` plus the
+    /// request timeout).
+    fn answer_at(&self, sent: Time, done: Time) -> (Time, bool) {
+        let at = done + self.cfg.rtt / 2;
+        if at.saturating_sub(sent) > REQUEST_TIMEOUT {
+            (sent + REQUEST_TIMEOUT, true)
+        } else {
+            (at, false)
+        }
+    }
+
+    /// A DHT walk by `node` towards `layer`'s key: its requests cost `node` CPU, and each
+    /// alive node of the key's closest receives the last step's request; returns when the
+    /// answers are in (the slowest alive closest node's, or [`DHT_TIMEOUT`] after the last
+    /// step without it), at least `hops` RTTs after now.
+    fn walk(&mut self, node: u32, layer: usize) -> Time {
+        let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
+        let sent = ALPHA * hops + REPLICATION as u64;
+        self.msgs[node as usize].dht_sent += sent;
+        let mine = self.cpus.charge(node, self.now, sent * self.cfg.costs.dht_sent);
+        let last = self.now + (hops * rtt).saturating_sub(rtt / 2);
+        let mut done = mine.max(self.now + hops * rtt);
+        let closest = std::mem::take(&mut self.layers[layer].records.closest);
+        for &c in &closest {
+            if self.alive[c as usize] {
+                self.msgs[c as usize].dht_received += 1;
+                let answered = self.cpus.charge(c, last, self.cfg.costs.dht_received);
+                if answered - last > DHT_TIMEOUT {
+                    self.timeouts.dht += 1;
+                    done = done.max(last + DHT_TIMEOUT);
+                } else {
+                    done = done.max(answered + rtt / 2);
+                }
+            }
+        }
+        self.layers[layer].records.closest = closest;
+        done
+    }
+
+    /// Sends `Have` from download `dl` to `peer`: CPU on both ends, the answer when the
+    /// peer's CPU got to it.
+    fn ask_have(&mut self, dl: u32, peer: u32) {
+        let node = self.node_of(dl);
+        self.msgs[node as usize].have_sent += 1;
+        let c = self.cfg.costs;
+        // The asker's own work (request out, answer read) delays when it takes the answer in,
+        // not when the request leaves: charging the peer at a far arrival time would hold
+        // its queue idle until then (see `cost`'s approximation).
+        let mine = self.cpus.charge(node, self.now, c.have_sent);
+        let rtt = self.cfg.rtt;
+        let (at, late) = if self.alive[peer as usize] {
+            let done = self.cpus.charge(peer, self.now + rtt / 2, c.have_served);
+            self.answer_at(self.now, done)
+        } else {
+            (self.now + rtt, false)
+        };
+        self.push(at.max(mine), Ev::Have { dl, peer, late });
     }
 
     fn dl_alive(&self, dl: u32) -> bool {
@@ -532,17 +703,22 @@ impl World {
         }
     }
 
-    fn lookup_cost(&mut self, node: u32) {
-        self.msgs[node as usize].dht_sent += ALPHA * u64::from(self.cfg.dht_hops) + REPLICATION as u64;
-    }
-
-    /// Publishes `node` as a provider of the layer.
+    /// Publishes `node` as a provider of the layer: a walk, then an `ADD_PROVIDER` to each
+    /// closest node, stored when that node's CPU got to it.
     fn announce(&mut self, node: u32, layer: u32) {
-        self.lookup_cost(node);
         let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
+        let sent = ALPHA * hops + REPLICATION as u64;
+        self.msgs[node as usize].dht_sent += sent;
+        self.cpus.charge(node, self.now, sent * self.cfg.costs.dht_sent);
         let k_count = self.layers[layer as usize].records.closest.len();
         for k in 0..k_count {
-            let at = self.now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
+            let arrive = self.now + hops * rtt + rtt / 2 + self.rng.below(rtt.max(1));
+            let store = self.layers[layer as usize].records.closest[k];
+            let at = if self.alive[store as usize] {
+                self.cpus.charge(store, arrive, self.cfg.costs.dht_received)
+            } else {
+                arrive
+            };
             self.push(at, Ev::AddProvider { layer, k: k as u32, provider: node });
         }
     }
@@ -554,13 +730,10 @@ impl World {
         for step in steps {
             match step {
                 Startup::FindProviders => {
-                    self.lookup_cost(node);
-                    self.push(self.now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+                    let at = self.walk(node, layer as usize);
+                    self.push(at, Ev::Lookup { dl });
                 }
-                Startup::AskHave(peer) => {
-                    self.msgs[node as usize].have_sent += 1;
-                    self.push(self.now + rtt, Ev::Have { dl, peer });
-                }
+                Startup::AskHave(peer) => self.ask_have(dl, peer),
                 Startup::Head => self.push(self.now + rtt, Ev::Head { dl }),
                 Startup::Started => {
                     let l = &self.layers[layer as usize];
@@ -615,17 +788,19 @@ impl World {
         let peer_ix = |w: &World, p: &NodeId| w.by_id.get(p).copied();
         match a {
             Action::FindProviders => {
-                self.lookup_cost(node);
-                self.push(now + u64::from(self.cfg.dht_hops) * rtt, Ev::Lookup { dl });
+                let at = self.walk(node, layer as usize);
+                self.push(at, Ev::Lookup { dl });
             }
             Action::AskHave(peer) => {
                 if let Some(peer) = peer_ix(self, &peer) {
-                    self.msgs[node as usize].have_sent += 1;
-                    self.push(now + rtt, Ev::Have { dl, peer });
+                    self.ask_have(dl, peer);
                 }
             }
             Action::RequestPiece { peer, index, expected: _ } => match peer_ix(self, &peer) {
-                Some(peer) => self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece: index }),
+                Some(peer) => {
+                    self.cpus.charge(node, now, self.cfg.costs.piece_request);
+                    self.push(now + rtt / 2, Ev::PieceReq { dl, peer, piece: index });
+                }
                 None => self.push(
                     now + rtt,
                     Ev::Failed { dl, peer: u32::MAX, piece: index, why: Refused::Unreachable },
@@ -744,11 +919,16 @@ impl World {
             Job::Piece { dl, piece, peer } => {
                 self.net.stop(id, now);
                 self.jobs[id as usize] = Job::None;
-                self.upload_done(peer, self.node_of(dl));
+                let me = self.node_of(dl);
+                self.upload_done(peer, me);
                 self.peer_piece_bytes += done;
-                let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
-                let from = Some(self.node_ids[peer as usize].clone());
-                self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
+                // The receiver decrypts, hashes and writes it: verified when its CPU is done.
+                let at = self.cpus.charge(me, now, self.cfg.costs.recv(done as u64));
+                if at == now {
+                    self.verified(dl, piece, Some(peer));
+                } else {
+                    self.push(at, Ev::Verified { dl, piece, from: Some(peer) });
+                }
             }
             Job::Origin { dl, first, mut next, end } => {
                 // Every piece boundary the flow has passed (a late milestone may have
@@ -767,16 +947,36 @@ impl World {
                     self.net.stop(id, now);
                     self.jobs[id as usize] = Job::None;
                 }
+                let me = self.node_of(dl);
+                let mut later = None;
                 for piece in through {
-                    let digest = self.layers[layer].piece_digests[piece as usize];
-                    self.drive(dl, Some(Event::Verified { index: piece, digest, from: None }));
+                    let len = self.layers[layer].piece_len(piece);
+                    let at = self.cpus.charge(me, now, self.cfg.costs.recv(len));
+                    if at == now && later.is_none() {
+                        self.verified(dl, piece, None);
+                    } else {
+                        self.push(at, Ev::Verified { dl, piece, from: None });
+                        later = Some(at);
+                    }
                 }
                 if next >= end {
-                    let ev = Event::OriginDone { first, end, unfinished: Vec::new(), error: None };
-                    self.drive(dl, Some(ev));
+                    match later {
+                        None => self.origin_done(dl, first, end),
+                        Some(at) => self.push(at, Ev::OriginDone { dl, first, end }),
+                    }
                 }
             }
         }
+    }
+
+    fn verified(&mut self, dl: u32, piece: u32, from: Option<u32>) {
+        let digest = self.layers[self.layer_of(dl) as usize].piece_digests[piece as usize];
+        let from = from.map(|p| self.node_ids[p as usize].clone());
+        self.drive(dl, Some(Event::Verified { index: piece, digest, from }));
+    }
+
+    fn origin_done(&mut self, dl: u32, first: u32, end: u32) {
+        self.drive(dl, Some(Event::OriginDone { first, end, unfinished: Vec::new(), error: None }));
     }
 
     fn event(&mut self, ev: Ev) {
@@ -818,7 +1018,7 @@ impl World {
                 }
                 let layer = self.layer_of(dl) as usize;
                 let me = self.node_of(dl);
-                let found = self.lookup(&self.layers[layer].records.closest.clone(), layer, me);
+                let found = self.lookup(layer, me);
                 let phase = self.dls[dl as usize].sched.as_ref().map(|d| d.phase);
                 match phase {
                     Some(Phase::Lookup) => {
@@ -849,7 +1049,30 @@ impl World {
                 }
             }
             Ev::Whole { dl } => self.drive(dl, Some(Event::WholeDigest { matched: true })),
-            Ev::Have { dl, peer } => {
+            Ev::Verified { dl, piece, from } => {
+                if self.dl_alive(dl) {
+                    self.verified(dl, piece, from);
+                }
+            }
+            Ev::OriginDone { dl, first, end } => {
+                if self.dl_alive(dl) {
+                    self.origin_done(dl, first, end);
+                }
+            }
+            Ev::Serve { dl, peer, piece } => {
+                if !self.alive[peer as usize] {
+                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Unreachable });
+                    return;
+                }
+                let me = self.node_of(dl);
+                if !self.dl_alive(dl) {
+                    self.upload_done(peer, me);
+                    return;
+                }
+                let len = self.layers[self.layer_of(dl) as usize].piece_len(piece);
+                self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
+            }
+            Ev::Have { dl, peer, late } => {
                 if !self.dl_alive(dl) {
                     return;
                 }
@@ -858,6 +1081,10 @@ impl World {
                 let pdl = peer * nl + layer;
                 let result = if !self.alive[peer as usize] {
                     Err(PeerError::Unreachable("the node is gone".into()))
+                } else if late {
+                    self.msgs[peer as usize].have_received += 1;
+                    self.timeouts.have += 1;
+                    Err(PeerError::Unreachable("request timed out".into()))
                 } else {
                     self.msgs[peer as usize].have_received += 1;
                     // The asker downloads the digest too: the peer counts it among the
@@ -888,6 +1115,15 @@ impl World {
                     return;
                 }
                 self.msgs[peer as usize].piece_requests_received += 1;
+                let sent = now.saturating_sub(rtt / 2);
+                let c = self.cfg.costs;
+                let looked = self.cpus.charge(peer, now, c.piece_request);
+                let (answer, late) = self.answer_at(sent, looked);
+                if late {
+                    self.timeouts.piece += 1;
+                    self.push(answer, Ev::Failed { dl, peer, piece, why: Refused::TimedOut });
+                    return;
+                }
                 let pdl = peer * nl + layer;
                 // Served only from the scheduler's map: what peers are told is what they get.
                 let has = self.dls[pdl as usize]
@@ -896,22 +1132,34 @@ impl World {
                     .and_then(|d| d.sched.as_ref())
                     .is_some_and(|s| s.map().verified.get(piece));
                 if !has {
-                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Lacks });
+                    self.push(answer, Ev::Failed { dl, peer, piece, why: Refused::Lacks });
                     return;
                 }
                 // The agent serves at most `max_uploads` pieces at once, each asking peer its
                 // fair share of them, and answers `Busy` beyond that (the agent's own rule).
                 let at = self.instant(now);
                 if !self.uploads[peer as usize].try_take(&me, at) {
-                    self.push(now + rtt / 2, Ev::Failed { dl, peer, piece, why: Refused::Busy });
+                    self.push(answer, Ev::Failed { dl, peer, piece, why: Refused::Busy });
                     return;
                 }
                 let len = self.layers[layer as usize].piece_len(piece);
-                self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
+                // The server reads, verifies and encrypts the piece before its bytes flow.
+                let ready = self.cpus.charge(peer, looked, c.send(len));
+                if self.answer_at(sent, ready).1 {
+                    self.timeouts.piece += 1;
+                    self.upload_done(peer, me);
+                    let at = sent + REQUEST_TIMEOUT;
+                    self.push(at, Ev::Failed { dl, peer, piece, why: Refused::TimedOut });
+                } else if ready == now {
+                    self.start_flow(peer, me, len, len, Job::Piece { dl, piece, peer });
+                } else {
+                    self.push(ready, Ev::Serve { dl, peer, piece });
+                }
             }
             Ev::Failed { dl, peer, piece, why } => {
                 let error = match why {
                     Refused::Unreachable => PeerError::Unreachable("connection reset".into()),
+                    Refused::TimedOut => PeerError::Unreachable("request timed out".into()),
                     Refused::Lacks => PeerError::Lacks,
                     Refused::Busy => PeerError::Busy,
                 };
@@ -932,13 +1180,34 @@ impl World {
                 let origin = self.origin;
                 self.start_flow(origin, me, total, first_len, Job::Origin { dl, first, next: first, end });
             }
-            Ev::PlanReq { dl, report } => {
-                if !self.alive[self.node_of(dl) as usize] {
+            Ev::PlanReq { dl, report, sent } => {
+                let node = self.node_of(dl);
+                if !self.alive[node as usize] {
                     return;
                 }
-                // A coordinator that is gone answers nothing: the connection resets, as fast.
-                let plan = self.plan(dl, &report);
-                self.push(now + rtt / 2, Ev::PlanReply { dl, plan });
+                let host = match self.tracker {
+                    Some(_) => Some(self.tracker_host()),
+                    None => self.coordinator_of(dl).filter(|&c| self.alive[c as usize]),
+                };
+                let Some(host) = host else {
+                    // A coordinator that is gone answers nothing: the connection resets, as fast.
+                    let plan = self.plan(dl, &report);
+                    self.push(now + rtt / 2, Ev::PlanReply { dl, plan });
+                    return;
+                };
+                let c = self.cfg.costs;
+                let work = c.planner + if host == node { 0 } else { c.plan_served };
+                let done = self.cpus.charge(host, now, work);
+                if done == now {
+                    self.plan_serve(dl, &report, sent);
+                } else {
+                    self.push(done, Ev::PlanServe { dl, report, sent });
+                }
+            }
+            Ev::PlanServe { dl, report, sent } => {
+                if self.alive[self.node_of(dl) as usize] {
+                    self.plan_serve(dl, &report, sent);
+                }
             }
             Ev::PlanReply { dl, plan } => {
                 self.drive(dl, Some(Event::Plan(plan.map(|p| *p))));
@@ -970,21 +1239,24 @@ impl World {
         }
     }
 
-    /// A provider lookup of a layer's key by node `me`: the union of the alive closest
-    /// nodes' lists, without `me`; counts the requests they receive.
-    fn lookup(&mut self, closest: &[u32], layer: usize, me: u32) -> Vec<u32> {
-        self.walk_received(closest);
+    /// A provider lookup of a layer's key by node `me` (its walk, [`World::walk`], counted
+    /// and charged when it was sent): the union of the alive closest nodes' lists, without
+    /// `me`.
+    fn lookup(&mut self, layer: usize, me: u32) -> Vec<u32> {
         let alive = &self.alive;
         self.layers[layer].records.lookup(|c| alive[c as usize]).into_iter().filter(|p| *p != me).collect()
     }
 
-    /// The last step of a DHT walk towards a key: each alive node of its `closest` receives
-    /// a request.
-    fn walk_received(&mut self, closest: &[u32]) {
-        for &c in closest {
-            if self.alive[c as usize] {
-                self.msgs[c as usize].dht_received += 1;
-            }
+    /// The planner answers a plan request sent at `sent`, now that its CPU got to it.
+    fn plan_serve(&mut self, dl: u32, report: &PlanReport, sent: Time) {
+        let local = self.tracker.is_none() && self.coordinator_of(dl) == Some(self.node_of(dl));
+        let plan = self.plan(dl, report);
+        let (at, late) = if local { (self.now, false) } else { self.answer_at(sent, self.now) };
+        if late {
+            self.timeouts.plan += 1;
+            self.push(at, Ev::PlanReply { dl, plan: None });
+        } else {
+            self.push(at, Ev::PlanReply { dl, plan });
         }
     }
 
@@ -992,23 +1264,24 @@ impl World {
     /// coordinator, found with one closest-peers lookup the first time (`p2p::coordinator`).
     fn ask_plan(&mut self, dl: u32, report: PlanReport) {
         let node = self.node_of(dl);
-        let (rtt, hops) = (self.cfg.rtt, u64::from(self.cfg.dht_hops));
-        let mut delay = rtt / 2;
+        let rtt = self.cfg.rtt;
+        let mut at = self.now;
         if self.tracker.is_none() && self.coordinator[dl as usize].is_none() {
             // One lookup: the closest nodes answer it; the first alive one coordinates.
-            self.lookup_cost(node);
             let layer = self.layer_of(dl) as usize;
-            let closest = self.layers[layer].records.closest.clone();
-            self.walk_received(&closest);
+            at = self.walk(node, layer);
+            let closest = &self.layers[layer].records.closest;
             let first = closest.iter().position(|&c| self.alive[c as usize]).unwrap_or(0);
             self.coordinator[dl as usize] = Some(first as u8);
-            delay += hops * rtt;
         }
         let coordinator = self.coordinator_of(dl);
-        if coordinator != Some(node) {
+        if self.tracker.is_some() || coordinator != Some(node) {
             self.msgs[node as usize].plan_requests += 1;
+            let mine = self.cpus.charge(node, self.now, self.cfg.costs.plan_sent);
+            at = at.max(mine);
         }
-        self.push(self.now + delay, Ev::PlanReq { dl, report: Box::new(report) });
+        at += rtt / 2;
+        self.push(at, Ev::PlanReq { dl, report: Box::new(report), sent: self.now });
     }
 
     /// The node download `dl` asks for plans in DHT mode.
@@ -1086,6 +1359,10 @@ impl World {
         };
         let peer = self.peer_ids[node as usize];
         let at = self.instant(self.now);
+        let c = self.cfg.costs;
+        self.cpus.charge(node, self.now, c.plan_sent);
+        let tracker = self.tracker_host();
+        self.cpus.charge(tracker, self.now + self.cfg.rtt / 2, c.plan_served + c.planner);
         if let Some(state) = self.tracker.as_mut() {
             let c0 = thread_cpu_ns();
             let _ = state.heartbeat(peer, &[], &beat, at);
