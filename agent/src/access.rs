@@ -28,16 +28,21 @@
 //!   `--auth-offline-grace` (default 0: refused). Repositories the operator named public
 //!   (`--public`, see [`public`]) are served to any client, marked [`PublicBasis::Configured`],
 //!   unless the origin refused this agent's anonymous check for them while it answered.
+//!   Objects and tags a swarm peer saw public itself, in the same repository, within
+//!   `--public-attestation-window`, are served too when the operator trusts peers' word
+//!   (`--public-attestations`, by default only with `--swarm-key`), marked
+//!   [`PublicBasis::Attested`] (see [`attest`]).
 //!
 //! Registries: only the configured ones (`--upstream`, the built-in defaults unless
 //! `--no-default-registries`, and `--default-registry`) are mirrored; any other gets 404 before
 //! any connection is made, unless `--mirror-any-registry`.
 
+pub mod attest;
 pub mod public;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -47,7 +52,8 @@ use sha2::{Digest as _, Sha256};
 use crate::metrics::METRICS;
 use crate::origin::auth::Challenge;
 use crate::origin::{As, Kind, Origin, OriginError, Resolved};
-use crate::types::{Registry, RepoName};
+use crate::types::{Digest, Registry, RepoName, Tag};
+pub use attest::{Attest, Attestors};
 pub use public::{PublicEntry, PublicList};
 
 /// Longest time a decision (and "this repository needs credentials", which saves the
@@ -59,6 +65,11 @@ const DECISION_MEMORY: usize = 32_768;
 /// Lent credentials outlive a Basic decision this long (a download of a large layer runs
 /// longer than one decision); tokens are lent until they expire.
 const BASIC_LEND: Duration = Duration::from_secs(600);
+/// Attestations remembered (each for at most the decision TTL, and never past its window).
+const ATTESTED_MEMORY: usize = 4096;
+/// Objects whose peers are being asked at once; more are refused at once while the origin is
+/// down (each question is a DHT lookup and a few peer requests).
+const MAX_ATTESTATION_QUERIES: usize = 16;
 
 /// Which registries are mirrored.
 #[derive(Debug, Clone)]
@@ -113,6 +124,10 @@ pub struct Grant {
     /// Set when the origin could not be asked and the object is served as public on a basis
     /// other than this agent's own check (the response says so).
     pub public: Option<PublicBasis>,
+    /// When the origin check this grant rests on was made; `None` when the origin could not
+    /// be asked. Only a grant with a check is passed on to the objects a manifest names (a
+    /// grant made during an outage is never remembered as a check, so it is never attested).
+    pub checked: Option<Instant>,
 }
 
 /// Why content is served as public while the origin is unreachable.
@@ -120,6 +135,8 @@ pub struct Grant {
 pub enum PublicBasis {
     /// The repository is named by `--public`.
     Configured,
+    /// A swarm peer saw it public at the origin within `--public-attestation-window`.
+    Attested,
 }
 
 impl PublicBasis {
@@ -127,6 +144,7 @@ impl PublicBasis {
     pub fn as_str(self) -> &'static str {
         match self {
             PublicBasis::Configured => "configured",
+            PublicBasis::Attested => "attested",
         }
     }
 }
@@ -139,6 +157,10 @@ struct DecisionKey {
     reference: String,
     who: [u8; 32],
 }
+
+/// A peer's attestation as remembered: until when it is used without asking again, and for a
+/// tag the mapping it gave.
+type Attested = (Instant, Option<Resolved>);
 
 #[derive(Clone, Copy)]
 struct Decision {
@@ -156,6 +178,13 @@ pub struct Access {
     decisions: Mutex<LruCache<DecisionKey, Decision>>,
     /// Repositories whose anonymous check failed, with the challenge to send.
     private: Mutex<LruCache<(Registry, RepoName), (String, Instant)>>,
+    /// Peers asked during an outage; `None`: attestations are not trusted.
+    attestors: Option<Arc<dyn Attestors>>,
+    /// `--public-attestation-window`.
+    attestation_window: Duration,
+    /// Attestations received, until they are to be asked again (or leave the window).
+    attested: Mutex<LruCache<(Registry, RepoName, String), Attested>>,
+    attestation_queries: Arc<tokio::sync::Semaphore>,
 }
 
 impl Access {
@@ -170,7 +199,36 @@ impl Access {
             public: PublicList::default(),
             decisions: Mutex::new(LruCache::new(memory)),
             private: Mutex::new(LruCache::new(memory)),
+            attestors: None,
+            attestation_window: Duration::ZERO,
+            attested: Mutex::new(LruCache::new(NonZeroUsize::new(ATTESTED_MEMORY).expect("non-zero"))),
+            attestation_queries: Arc::new(tokio::sync::Semaphore::new(MAX_ATTESTATION_QUERIES)),
         }
+    }
+
+    /// Trusts what `attestors` (the swarm's peers) saw public within `window` while the origin
+    /// is unreachable (see [`attest`]).
+    pub fn with_attestations(mut self, attestors: Arc<dyn Attestors>, window: Duration) -> Self {
+        self.attestors = Some(attestors);
+        self.attestation_window = window;
+        self
+    }
+
+    /// How long ago this agent's own anonymous check (or a manifest that check allowed) found
+    /// `reference` of `repo` public; `None` if it never did, or the origin refused anonymous
+    /// access to the repository since. What this agent attests to peers.
+    pub fn public_age(&self, registry: &Registry, repo: &RepoName, reference: &str) -> Option<Duration> {
+        let k = DecisionKey {
+            registry: registry.clone(),
+            repo: repo.clone(),
+            reference: reference.to_string(),
+            who: [0; 32],
+        };
+        let checked = crate::sync::lock(&self.decisions).peek(&k)?.checked;
+        let refused_since = crate::sync::lock(&self.private)
+            .peek(&(registry.clone(), repo.clone()))
+            .is_some_and(|(_, until)| until.checked_sub(self.ttl).is_none_or(|at| at >= checked));
+        (!refused_since).then(|| checked.elapsed())
     }
 
     /// Repositories public by configuration (`--public`).
@@ -224,7 +282,7 @@ impl Access {
         for k in [key([0; 32]), key(who.key)] {
             if let Some(d) = fresh(&k) {
                 METRICS.auth_check("cached");
-                return Ok(Grant { until: d.until, resolved: None, public: None });
+                return Ok(Grant { until: d.until, resolved: None, public: None, checked: Some(d.checked) });
             }
         }
         if who.is_anonymous() {
@@ -243,7 +301,20 @@ impl Access {
         };
         let answer = match origin.check_access(registry, repo, kind, reference, accept, as_who).await {
             Ok(answer) => answer,
-            Err(e) => return self.offline(registry, repo, reference, who, &e),
+            Err(e) => {
+                let refused = match self.offline(registry, repo, reference, who, &e) {
+                    Ok(grant) => return Ok(grant),
+                    Err(refused) => refused,
+                };
+                return match self.attested(registry, repo, reference, &e).await {
+                    Some(grant) => Ok(grant),
+                    None => {
+                        tracing::warn!(%registry, %repo, reference, error = %e,
+                            "origin unreachable: refusing content it has not shown this client may read");
+                        Err(refused)
+                    }
+                };
+            }
         };
         let status = answer.status;
         if status.is_success() {
@@ -256,7 +327,7 @@ impl Access {
                 let lend_until = answer.token_expires.or(who.expires).unwrap_or(now + BASIC_LEND);
                 origin.lend(registry, repo, authorization, lend_until);
             }
-            let mut grant = Grant { until, resolved: answer.resolved, public: None };
+            let mut grant = Grant { until, resolved: answer.resolved, public: None, checked: Some(now) };
             self.remember(registry, repo, reference, who, &mut grant);
             return Ok(grant);
         }
@@ -292,20 +363,22 @@ impl Access {
         if let Some(resolved) = &grant.resolved {
             references.push(resolved.digest.to_string());
         }
-        self.grant(registry, repo, who, references, grant.until);
+        self.grant(registry, repo, who, references, grant);
     }
 
-    /// Allows `who` to read `references` of `repo` until `until` (the objects a manifest it
-    /// may read names).
+    /// Allows `who` to read `references` of `repo` for as long as `grant` holds (the objects a
+    /// manifest it may read names). A grant made without the origin (an outage) allows
+    /// nothing more.
     pub fn grant(
         &self,
         registry: &Registry,
         repo: &RepoName,
         who: &Identity,
         references: impl IntoIterator<Item = String>,
-        until: Instant,
+        grant: &Grant,
     ) {
-        let checked = Instant::now();
+        let Some(checked) = grant.checked else { return };
+        let until = grant.until;
         let mut decisions = crate::sync::lock(&self.decisions);
         for reference in references {
             let k = DecisionKey { registry: registry.clone(), repo: repo.clone(), reference, who: who.key };
@@ -335,7 +408,7 @@ impl Access {
             tracing::warn!(%registry, %repo, reference, error = %e,
                 "origin unreachable: serving an object last seen public");
             METRICS.outage_served("seen_public");
-            return Ok(Grant { until: now, resolved: None, public: None });
+            return Ok(Grant { until: now, resolved: None, public: None, checked: None });
         }
         if !who.is_anonymous() && !self.offline_grace.is_zero() {
             let expired_token = who.expires.is_some_and(|exp| exp <= now);
@@ -344,7 +417,7 @@ impl Access {
                     tracing::warn!(%registry, %repo, reference, error = %e,
                         "origin unreachable: serving private content within --auth-offline-grace");
                     METRICS.outage_served("offline_grace");
-                    return Ok(Grant { until: now, resolved: None, public: None });
+                    return Ok(Grant { until: now, resolved: None, public: None, checked: None });
                 }
             }
         }
@@ -356,11 +429,59 @@ impl Access {
                 "origin unreachable: serving a repository that --public names");
             let basis = PublicBasis::Configured;
             METRICS.outage_served(basis.as_str());
-            return Ok(Grant { until: now, resolved: None, public: Some(basis) });
+            return Ok(Grant { until: now, resolved: None, public: Some(basis), checked: None });
         }
-        tracing::warn!(%registry, %repo, reference, error = %e,
-            "origin unreachable: refusing content it has not shown this client may read");
         Err(Refusal::Unreachable)
+    }
+
+    /// The origin could not be asked and nothing this agent knows allows the request: a swarm
+    /// peer's attestation may (see [`attest`]). For a tag, the grant carries the newest mapping
+    /// a peer saw within the window.
+    async fn attested(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        reference: &str,
+        e: &OriginError,
+    ) -> Option<Grant> {
+        let attestors = self.attestors.as_ref()?;
+        // The origin's own word beats peers': a repository it refused this agent anonymously
+        // stays refused.
+        if crate::sync::lock(&self.private).peek(&(registry.clone(), repo.clone())).is_some() {
+            return None;
+        }
+        let key = (registry.clone(), repo.clone(), reference.to_string());
+        let now = Instant::now();
+        let remembered =
+            crate::sync::lock(&self.attested).get(&key).filter(|(until, _)| *until > now).cloned();
+        let (resolved, left) = match remembered {
+            Some((until, resolved)) => (resolved, until - now),
+            None => {
+                let Ok(_slot) = self.attestation_queries.clone().try_acquire_owned() else {
+                    tracing::warn!(%registry, %repo, reference,
+                        "origin unreachable: {MAX_ATTESTATION_QUERIES} attestation queries in flight, not asking");
+                    return None;
+                };
+                let window = self.attestation_window;
+                let (resolved, left) = if let Ok(digest) = reference.parse::<Digest>() {
+                    let ages = attestors.public_seen(registry, repo, &digest).await;
+                    let seen = ages.into_iter().map(|age| ((), age)).collect();
+                    attest::newest_within(seen, window).map(|((), left)| (None, left))?
+                } else {
+                    let tag: Tag = reference.parse().ok()?;
+                    let seen = attestors.tag_seen(registry, repo, &tag).await;
+                    attest::newest_within(seen, window).map(|(resolved, left)| (Some(resolved), left))?
+                };
+                let until = now + left.min(self.ttl);
+                crate::sync::lock(&self.attested).put(key, (until, resolved.clone()));
+                (resolved, left)
+            }
+        };
+        tracing::warn!(%registry, %repo, reference, error = %e, window_left_ms = left.as_millis() as u64,
+            "origin unreachable: serving an object a swarm peer saw public");
+        let basis = PublicBasis::Attested;
+        METRICS.outage_served(basis.as_str());
+        Some(Grant { until: now, resolved, public: Some(basis), checked: None })
     }
 }
 
@@ -473,6 +594,132 @@ mod tests {
             plain.offline(&reg, &repo("pub/app"), &digest, &anonymous, &down).err(),
             Some(Refusal::Unreachable)
         );
+    }
+
+    /// Peers' observations, as the swarm would answer them.
+    #[derive(Default)]
+    struct FakeAttestors {
+        objects: Vec<((String, String, Digest), Duration)>,
+        tags: Vec<((String, String, String), Resolved, Duration)>,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Attestors for FakeAttestors {
+        fn public_seen(
+            &self,
+            registry: &Registry,
+            repo: &RepoName,
+            digest: &Digest,
+        ) -> futures_util::future::BoxFuture<'static, Vec<Duration>> {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let key = (registry.to_string(), repo.to_string(), *digest);
+            let ages = self.objects.iter().filter(|(k, _)| *k == key).map(|(_, age)| *age).collect();
+            Box::pin(async move { ages })
+        }
+
+        fn tag_seen(
+            &self,
+            registry: &Registry,
+            repo: &RepoName,
+            tag: &Tag,
+        ) -> futures_util::future::BoxFuture<'static, Vec<(Resolved, Duration)>> {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let key = (registry.to_string(), repo.to_string(), tag.to_string());
+            let seen =
+                self.tags.iter().filter(|(k, ..)| *k == key).map(|(_, r, age)| (r.clone(), *age)).collect();
+            Box::pin(async move { seen })
+        }
+    }
+
+    fn resolved(c: char) -> Resolved {
+        Resolved {
+            digest: format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 10,
+        }
+    }
+
+    /// Origin down: an object is served on a peer's word only for the same repository and
+    /// digest, within the window, when attestations are trusted, and never for a repository
+    /// this agent saw refuse anonymous access; a tag gets the newest mapping in the window.
+    #[tokio::test]
+    async fn attestations_are_per_repository_and_object_within_the_window() {
+        let s = Duration::from_secs;
+        let digest: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let reg: Registry = "reg.test".parse().unwrap();
+        let repo = |r: &str| r.parse::<RepoName>().unwrap();
+        let down = OriginError::Unreachable("reg.test: connection refused".into());
+        let peers = Arc::new(FakeAttestors {
+            objects: vec![
+                (("reg.test".into(), "pub/app".into(), digest), s(5)),
+                (("reg.test".into(), "pub/old".into(), digest), s(40)),
+            ],
+            tags: vec![
+                (("reg.test".into(), "pub/app".into(), "v1".into()), resolved('b'), s(20)),
+                (("reg.test".into(), "pub/app".into(), "v1".into()), resolved('c'), s(3)),
+                (("reg.test".into(), "pub/app".into(), "v1".into()), resolved('d'), s(31)),
+            ],
+            ..Default::default()
+        });
+        let a = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO)
+            .with_attestations(peers.clone(), s(30));
+        let d = digest.to_string();
+        let grant = a.attested(&reg, &repo("pub/app"), &d, &down).await.expect("attested");
+        assert_eq!(grant.public, Some(PublicBasis::Attested));
+        assert!(grant.checked.is_none(), "never remembered as a check of our own");
+        // Asked once: the answer is kept (for the decision TTL at most).
+        a.attested(&reg, &repo("pub/app"), &d, &down).await.expect("attested again");
+        assert_eq!(peers.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The same digest through another repository: nobody saw it public there.
+        assert!(a.attested(&reg, &repo("secret/app"), &d, &down).await.is_none());
+        // Seen, but before the window.
+        assert!(a.attested(&reg, &repo("pub/old"), &d, &down).await.is_none());
+        // The newest mapping within the window wins.
+        let tag = a.attested(&reg, &repo("pub/app"), "v1", &down).await.expect("tag attested");
+        assert_eq!(tag.resolved.map(|r| r.digest), Some(resolved('c').digest));
+        assert!(a.attested(&reg, &repo("pub/app"), "v2", &down).await.is_none());
+        // This agent saw the repository refuse anonymous access: peers do not overrule it.
+        crate::sync::lock(&a.private).put((reg.clone(), repo("pub/app")), ("Basic".into(), Instant::now()));
+        crate::sync::lock(&a.attested).clear();
+        assert!(a.attested(&reg, &repo("pub/app"), &d, &down).await.is_none());
+        // Not trusted (no swarm key, no opt-in): nothing is asked.
+        let plain = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
+        assert!(plain.attested(&reg, &repo("pub/app"), &d, &down).await.is_none());
+    }
+
+    /// What this agent attests: its own public checks (and what a manifest they allowed
+    /// names), not what it served without the origin, and not past a later refusal.
+    #[test]
+    fn only_own_checks_are_attested() {
+        let a = Access::new(RegistryList::Any, DECISION_TTL, Duration::ZERO);
+        let reg: Registry = "reg.test".parse().unwrap();
+        let repo: RepoName = "pub/app".parse().unwrap();
+        let anonymous = a.identity(None);
+        let someone = a.identity(Some("Basic YTpi"));
+        let (x, y, z) = ("sha256:x".to_string(), "sha256:y".to_string(), "sha256:z".to_string());
+        let checked = Grant {
+            until: Instant::now() + DECISION_TTL,
+            resolved: None,
+            public: None,
+            checked: Some(Instant::now()),
+        };
+        a.grant(&reg, &repo, &anonymous, [x.clone()], &checked);
+        a.grant(&reg, &repo, &someone, [y.clone()], &checked);
+        let offline = Grant {
+            until: Instant::now(),
+            resolved: None,
+            public: Some(PublicBasis::Attested),
+            checked: None,
+        };
+        a.grant(&reg, &repo, &anonymous, [z.clone()], &offline);
+        assert!(a.public_age(&reg, &repo, &x).is_some_and(|age| age < Duration::from_secs(5)));
+        assert_eq!(a.public_age(&reg, &repo, &y), None, "a credential's grant says nothing of public");
+        assert_eq!(a.public_age(&reg, &repo, &z), None, "served on a peer's word: not attested");
+        assert_eq!(a.public_age(&reg, &"pub/other".parse().unwrap(), &x), None);
+        // The origin refused anonymous access to the repository since.
+        crate::sync::lock(&a.private)
+            .put((reg.clone(), repo.clone()), ("Basic".into(), Instant::now() + DECISION_TTL));
+        assert_eq!(a.public_age(&reg, &repo, &x), None);
     }
 
     #[test]

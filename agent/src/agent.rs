@@ -75,14 +75,12 @@ impl Agent {
             give_up_after: config.download_give_up,
             ..FetchConfig::default()
         };
-        let access = Arc::new(
-            crate::access::Access::new(
-                config.registries.clone(),
-                config.auth_decision_ttl,
-                config.auth_offline_grace,
-            )
-            .with_public(config.public.clone()),
-        );
+        let access = crate::access::Access::new(
+            config.registries.clone(),
+            config.auth_decision_ttl,
+            config.auth_offline_grace,
+        )
+        .with_public(config.public.clone());
         let readiness = Readiness::default();
         let supervisor = Supervisor::new();
         supervisor.spawn("cache check", check_cache(store.clone(), readiness.clone(), supervisor.token()));
@@ -113,7 +111,7 @@ impl Agent {
                 fetch_config,
                 supervisor.clone(),
             );
-            let api = Api::new(fetcher, origin, config.default_registry.clone(), access.clone());
+            let api = Api::new(fetcher, origin, config.default_registry.clone(), Arc::new(access));
             return Ok(agent(api, None));
         };
         let swarm_config = p2p::agent_config(p2p_config, config.cache_dir.join("node.key"))?;
@@ -121,6 +119,16 @@ impl Agent {
         let crate::swarm::Parts { client, inbound, tracker_inbound, event_loop: swarm_loop } =
             crate::swarm::new(swarm_config)?;
         let network = Arc::new(SwarmNetwork::new(client.clone()));
+        let access = if config.trust_attestations {
+            tracing::info!(
+                window = ?config.public_attestation_window,
+                "origin outages: serving what swarm peers attest they saw public"
+            );
+            let attestors = Arc::new(p2p::PeerAttestors::new(client.clone()));
+            access.with_attestations(attestors, config.public_attestation_window)
+        } else {
+            access
+        };
         // Plan requests of peers for the digests this node coordinates (no tracker).
         supervisor.spawn(
             "coordinator",
@@ -163,9 +171,17 @@ impl Agent {
         if p2p_config.lie_about_size {
             tracing::warn!("fault injection: every size told to peers is 1 MiB too long");
         }
+        let api = Api::new(fetcher.clone(), origin, config.default_registry.clone(), Arc::new(access));
         supervisor.spawn(
             "serve peers",
-            p2p::serve_peers(fetcher.clone(), client.clone(), inbound, serve, supervisor.clone()),
+            p2p::serve_peers(
+                fetcher.clone(),
+                api.clone(),
+                client.clone(),
+                inbound,
+                serve,
+                supervisor.clone(),
+            ),
         );
         if !p2p_config.trackers.is_empty() {
             let preheater = Arc::new(crate::preheat::Preheater::new(fetcher.clone(), supervisor.clone()));
@@ -185,7 +201,6 @@ impl Agent {
             "stats export",
             p2p::export_stats(client.stats(), std::time::Duration::from_millis(500), supervisor.token()),
         );
-        let api = Api::new(fetcher, origin, config.default_registry.clone(), access);
         Ok(agent(api, Some(swarm_loop)))
     }
 

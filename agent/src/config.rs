@@ -32,6 +32,15 @@ pub enum ConfigError {
     Public { spec: String, why: String },
 }
 
+/// `--public-attestations`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attestations {
+    /// On with `--swarm-key`, off without.
+    Auto,
+    On,
+    Off,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -95,6 +104,19 @@ pub struct RunArgs {
     /// nothing changes.
     #[arg(long = "public", env = "SHOAL_PUBLIC", value_delimiter = ',')]
     pub public: Vec<String>,
+
+    /// Whether, while the origin is unreachable, content and tags a swarm peer attests it saw
+    /// public at the origin are served (header `X-Shoal-Public: attested`): `auto` (on with
+    /// `--swarm-key`, whose peers are members; off without), `on`, `off`. See the README on
+    /// what a peer could lie about.
+    #[arg(long, env = "SHOAL_PUBLIC_ATTESTATIONS", value_enum, default_value = "auto")]
+    pub public_attestations: Attestations,
+
+    /// How recently a peer's own anonymous check must have found an object or tag public for
+    /// its attestation to count, e.g. 1h. `unlimited`: any age, as for this agent's own memory
+    /// of public objects and last known tags, which keeps them while it runs.
+    #[arg(long, env = "SHOAL_PUBLIC_ATTESTATION_WINDOW", default_value = "unlimited", value_parser = parse_window)]
+    pub public_attestation_window: std::time::Duration,
 
     /// How long an access decision (allowed, or "this repository needs credentials") is
     /// reused before the origin is asked again, 1s to 60s. Shorter: a revoked credential
@@ -238,6 +260,11 @@ pub struct Config {
     pub auth_decision_ttl: std::time::Duration,
     /// `--public`.
     pub public: crate::access::PublicList,
+    /// Peers' attestations of public objects and tags are honoured during an outage
+    /// (`--public-attestations`, resolved against `--swarm-key`; false with `--no-p2p`).
+    pub trust_attestations: bool,
+    /// `--public-attestation-window` (`Duration::MAX`: unlimited).
+    pub public_attestation_window: std::time::Duration,
     /// `None` with `--no-p2p`.
     pub p2p: Option<P2pConfig>,
     pub max_download_rate: Option<u64>,
@@ -328,6 +355,12 @@ impl RunArgs {
             lie_about_size,
             max_peers: self.max_peers,
         });
+        let trust_attestations = !self.no_p2p
+            && match self.public_attestations {
+                Attestations::Auto => self.swarm_key.is_some(),
+                Attestations::On => true,
+                Attestations::Off => false,
+            };
         let address = self.containerd_address.trim();
         let containerd = (!address.is_empty() && address != "off").then(|| ContainerdConfig {
             address: PathBuf::from(address),
@@ -355,7 +388,17 @@ impl RunArgs {
             auth_offline_grace: self.auth_offline_grace,
             auth_decision_ttl: self.auth_decision_ttl,
             public,
+            trust_attestations,
+            public_attestation_window: self.public_attestation_window,
         })
+    }
+}
+
+/// Parses `--public-attestation-window`: a duration, or `unlimited` (`Duration::MAX`).
+pub fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim() {
+        "unlimited" => Ok(std::time::Duration::MAX),
+        other => parse_duration(other),
     }
 }
 
@@ -444,6 +487,29 @@ mod tests {
         assert!(Cli::try_parse_from(["x"]).unwrap().run.into_config().unwrap().public.is_empty());
         let args = Cli::try_parse_from(["x", "--public", "quay.io/Upper"]).unwrap().run;
         assert!(matches!(args.into_config(), Err(ConfigError::Public { .. })));
+    }
+
+    /// Attestations are trusted by default only in a private swarm; the window is unlimited
+    /// unless set.
+    #[test]
+    fn attestation_trust_and_window() {
+        use std::time::Duration;
+        let on = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().run.into_config().unwrap()
+        };
+        let open = on(&[]);
+        assert!(!open.trust_attestations, "no swarm key: off by default");
+        assert_eq!(open.public_attestation_window, Duration::MAX);
+        assert!(on(&["--swarm-key", "/k"]).trust_attestations);
+        assert!(!on(&["--swarm-key", "/k", "--public-attestations", "off"]).trust_attestations);
+        assert!(on(&["--public-attestations", "on"]).trust_attestations);
+        assert!(!on(&["--public-attestations", "on", "--no-p2p"]).trust_attestations);
+        let w = on(&["--public-attestation-window", "90s"]).public_attestation_window;
+        assert_eq!(w, Duration::from_secs(90));
+        assert!(Cli::try_parse_from(["x", "--public-attestation-window", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--public-attestations", "maybe"]).is_err());
     }
 
     #[test]

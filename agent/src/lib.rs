@@ -9,8 +9,10 @@
 //! - [`config`]: the `run` flags (each also `SHOAL_<FLAG>`), defaults, validation.
 //! - [`registry`]: the `/v2/` HTTP API: routing, registry selection, tags, `Range`, OCI errors.
 //! - [`access`]: the registry list, and the origin-backed check of each client's right to read
-//!   private content, with its short-lived decision cache, and `--public` (repositories public
-//!   by configuration, served during an origin outage).
+//!   private content, with its short-lived decision cache, `--public` (repositories public
+//!   by configuration, served during an origin outage), and `attest`: what this node and its
+//!   swarm peers saw public at the origin, which serves public objects and tags during an
+//!   outage to nodes that never saw them.
 //! - [`origin`]: the upstream registry client: tag HEADs, content GETs, token and Basic auth.
 //! - [`fetch`]: one download per digest, shared by every request, streamed as it arrives,
 //!   committed after the sha256 matched.
@@ -23,7 +25,8 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //! - [`containerd_config`]: the `containerd-config` subcommand writing `hosts.toml` files.
 //! - [`p2p`]: the P2P adapter, the one module that knows both the swarm and the downloads:
-//!   the download's `Network` over the swarm client, serving peers, heartbeats to trackers,
+//!   the download's `Network` over the swarm client, serving peers (pieces, and what this
+//!   node saw public), asking peers for attestations during an outage, heartbeats to trackers,
 //!   and the coordinator: the planner of the digests this node is XOR-closest to when there
 //!   is no tracker (`shoal-plan`, the tracker's own planner).
 //! - [`supervise`]: the supervisor every long-running task is spawned through, so SIGTERM

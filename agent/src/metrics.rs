@@ -79,7 +79,7 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BasisLabels {
-    /// `seen_public`, `offline_grace` or `configured` (see [`Metrics::outage_served`]).
+    /// `seen_public`, `offline_grace`, `configured` or `attested` (see [`Metrics::outage_served`]).
     pub basis: &'static str,
 }
 
@@ -214,7 +214,8 @@ impl Metrics {
             "outage_served",
             "Requests allowed while the origin was unreachable, by basis: seen_public (this \
              agent saw the object public), offline_grace (the credential was accepted within \
-             --auth-offline-grace), configured (the repository is named by --public)",
+             --auth-offline-grace), configured (the repository is named by --public), attested \
+             (a peer of the swarm saw it public at the origin within --public-attestation-window)",
             outage_served.clone(),
         );
         let tracker_plans = Family::<OutcomeLabels, Counter>::default();

@@ -196,6 +196,7 @@ fn serve(n: &mut Node, piece: Vec<u8>) {
             let response = match r.request {
                 PieceRequest::Have { .. } => PieceResponse::Have(have.clone()),
                 PieceRequest::Piece { index, .. } => PieceResponse::Piece { index, data: piece.clone() },
+                PieceRequest::PublicSeen { .. } | PieceRequest::TagSeen { .. } => PieceResponse::NotSeen,
             };
             if client.respond(r.channel, response).await.is_err() {
                 return;

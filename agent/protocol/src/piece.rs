@@ -9,6 +9,14 @@
 //! wants. The responder answers only from its local store: it never forwards a request, so no
 //! loop can form, and a miss is [`PieceResponse::NotFound`], not a wait.
 //!
+//! Two more requests carry no bytes of content but what a node saw at the origin, for an origin
+//! outage (see the agent's `access::attest`): [`PieceRequest::PublicSeen`] asks how long ago the
+//! responder's own anonymous check found one object of one repository public, and
+//! [`PieceRequest::TagSeen`] asks for the last tag→digest mapping the responder saw at the
+//! origin for a tag it saw public. They were added after the first release as new variants at
+//! the end of each enum, so every older message keeps its bytes (an older node cannot decode
+//! them and closes the stream, which the asker takes as "not seen").
+//!
 //! ## Encoding
 //!
 //! bincode 2 (`config::standard()`: little-endian, variable-length integers) over serde. A
@@ -52,6 +60,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024;
 pub const MAX_RESPONSE_BYTES: usize = MAX_PIECE_BYTES + (1 << 20);
 /// Largest media type string in a `Have` answer (OCI media types are well under 100 bytes).
 pub const MAX_MEDIA_TYPE_BYTES: usize = 255;
+/// Largest reason in a [`PieceResponse::BadRequest`].
+pub const MAX_REASON_BYTES: usize = 255;
 
 /// What one peer asks another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +70,15 @@ pub enum PieceRequest {
     Have { digest: [u8; 32] },
     /// Send me piece `index` of this digest.
     Piece { digest: [u8; 32], index: u32 },
+    /// When did your own anonymous check at the origin last find this object of exactly this
+    /// repository public? Answered [`PieceResponse::PublicSeen`] or [`PieceResponse::NotSeen`].
+    /// The names are checked by the responder (a bad one is [`PieceResponse::BadRequest`]); the
+    /// whole request is at most [`MAX_REQUEST_BYTES`].
+    PublicSeen { registry: String, repo: String, digest: [u8; 32] },
+    /// What did the origin last resolve this tag of this repository to, among the tags your own
+    /// anonymous check found public? Answered [`PieceResponse::TagSeen`] or
+    /// [`PieceResponse::NotSeen`].
+    TagSeen { registry: String, repo: String, tag: String },
 }
 
 impl PieceRequest {
@@ -71,14 +90,26 @@ impl PieceRequest {
         PieceRequest::Piece { digest: *digest.as_bytes(), index }
     }
 
-    /// The content digest the request is about.
-    pub fn digest(&self) -> Digest {
+    /// The content digest the request is about (none for a tag).
+    pub fn digest(&self) -> Option<Digest> {
         match self {
-            PieceRequest::Have { digest } | PieceRequest::Piece { digest, .. } => {
-                Digest::from_sha256(*digest)
-            }
+            PieceRequest::Have { digest }
+            | PieceRequest::Piece { digest, .. }
+            | PieceRequest::PublicSeen { digest, .. } => Some(Digest::from_sha256(*digest)),
+            PieceRequest::TagSeen { .. } => None,
         }
     }
+}
+
+/// The last tag→digest mapping a node saw at the origin ([`PieceResponse::TagSeen`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagSeenInfo {
+    pub digest: [u8; 32],
+    /// The manifest's media type, at most [`MAX_MEDIA_TYPE_BYTES`].
+    pub media_type: String,
+    pub size: u64,
+    /// Milliseconds since the responder saw the mapping at the origin.
+    pub age_ms: u64,
 }
 
 /// What a peer answers.
@@ -95,6 +126,18 @@ pub enum PieceResponse {
     NotFound,
     /// The peer is at its upload concurrency limit; try later or elsewhere.
     Busy,
+    /// Answer to [`PieceRequest::PublicSeen`]: the responder's own anonymous check found the
+    /// object public this many milliseconds ago.
+    PublicSeen {
+        age_ms: u64,
+    },
+    /// Answer to [`PieceRequest::TagSeen`].
+    TagSeen(TagSeenInfo),
+    /// The responder saw no such thing (or does not attest to peers).
+    NotSeen,
+    /// The request names something that cannot exist (a bad registry, repository or tag); the
+    /// reason is at most [`MAX_REASON_BYTES`].
+    BadRequest(String),
 }
 
 impl std::fmt::Debug for PieceResponse {
@@ -107,6 +150,12 @@ impl std::fmt::Debug for PieceResponse {
             }
             PieceResponse::NotFound => f.write_str("NotFound"),
             PieceResponse::Busy => f.write_str("Busy"),
+            PieceResponse::PublicSeen { age_ms } => {
+                f.debug_struct("PublicSeen").field("age_ms", age_ms).finish()
+            }
+            PieceResponse::TagSeen(info) => f.debug_tuple("TagSeen").field(info).finish(),
+            PieceResponse::NotSeen => f.write_str("NotSeen"),
+            PieceResponse::BadRequest(why) => f.debug_tuple("BadRequest").field(why).finish(),
         }
     }
 }
@@ -180,6 +229,12 @@ impl PieceResponse {
             PieceResponse::Have(info) => info.validate(),
             PieceResponse::Piece { data, .. } if data.len() > MAX_PIECE_BYTES => {
                 Err(ProtocolError::TooLarge { len: data.len(), limit: MAX_PIECE_BYTES })
+            }
+            PieceResponse::TagSeen(info) if info.media_type.len() > MAX_MEDIA_TYPE_BYTES => {
+                Err(ProtocolError::Invalid("media type too long".to_string()))
+            }
+            PieceResponse::BadRequest(why) if why.len() > MAX_REASON_BYTES => {
+                Err(ProtocolError::TooLarge { len: why.len(), limit: MAX_REASON_BYTES })
             }
             _ => Ok(()),
         }
@@ -393,6 +448,10 @@ mod tests {
             digest_strategy().prop_map(|digest| PieceRequest::Have { digest }),
             (digest_strategy(), any::<u32>())
                 .prop_map(|(digest, index)| PieceRequest::Piece { digest, index }),
+            ("[a-z0-9.:-]{1,64}", "[a-z0-9/._-]{1,128}", digest_strategy())
+                .prop_map(|(registry, repo, digest)| PieceRequest::PublicSeen { registry, repo, digest }),
+            ("[a-z0-9.:-]{1,64}", "[a-z0-9/._-]{1,128}", "[A-Za-z0-9_.-]{1,128}")
+                .prop_map(|(registry, repo, tag)| PieceRequest::TagSeen { registry, repo, tag }),
         ]
     }
 
@@ -428,6 +487,17 @@ mod tests {
                 .prop_map(|(index, data)| PieceResponse::Piece { index, data }),
             Just(PieceResponse::NotFound),
             Just(PieceResponse::Busy),
+            any::<u64>().prop_map(|age_ms| PieceResponse::PublicSeen { age_ms }),
+            (digest_strategy(), "[a-z0-9./+-]{0,64}", any::<u64>(), any::<u64>()).prop_map(
+                |(digest, media_type, size, age_ms)| PieceResponse::TagSeen(TagSeenInfo {
+                    digest,
+                    media_type,
+                    size,
+                    age_ms
+                })
+            ),
+            Just(PieceResponse::NotSeen),
+            "[ -~]{0,255}".prop_map(PieceResponse::BadRequest),
         ]
     }
 
@@ -435,7 +505,7 @@ mod tests {
         #[test]
         fn requests_round_trip(request in request_strategy()) {
             let bytes = encode_request(&request).unwrap();
-            prop_assert!(bytes.len() <= 40);
+            prop_assert!(bytes.len() <= 400);
             prop_assert_eq!(decode_request(&bytes).unwrap(), request);
         }
 
@@ -594,6 +664,46 @@ mod tests {
         // NotFound and Busy: the variant alone.
         assert_eq!(hex(&encode_response(&PieceResponse::NotFound, 16).unwrap()), "02");
         assert_eq!(hex(&encode_response(&PieceResponse::Busy, 16).unwrap()), "03");
+
+        // PublicSeen { registry "r", repo "a/b", digest }:
+        //   02          variant 2 (PublicSeen), after the two of the first release
+        //   01 72       registry: length 1, "r"
+        //   03 612f62   repo: length 3, "a/b"
+        //   33 × 32     digest
+        let seen = PieceRequest::PublicSeen { registry: "r".into(), repo: "a/b".into(), digest: [0x33; 32] };
+        assert_eq!(hex(&encode_request(&seen).unwrap()), format!("02017203612f62{}", "33".repeat(32)));
+        // TagSeen { registry "r", repo "a", tag "v1" }: 03, then three strings.
+        let tag = PieceRequest::TagSeen { registry: "r".into(), repo: "a".into(), tag: "v1".into() };
+        assert_eq!(hex(&encode_request(&tag).unwrap()), "0301720161027631");
+
+        // PublicSeen { age_ms 300 }: 04, then the varint fb 2c 01.
+        let age = PieceResponse::PublicSeen { age_ms: 300 };
+        assert_eq!(hex(&encode_response(&age, 16).unwrap()), "04fb2c01");
+        // TagSeen { digest, media type "a/b", size 10, age 5 }:
+        //   05  44 × 32  03 612f62  0a  05
+        let info = TagSeenInfo { digest: [0x44; 32], media_type: "a/b".into(), size: 10, age_ms: 5 };
+        let bytes = encode_response(&PieceResponse::TagSeen(info), 100).unwrap();
+        assert_eq!(hex(&bytes), format!("05{}03612f620a05", "44".repeat(32)));
+        // NotSeen: the variant alone; BadRequest: 07 and a string.
+        assert_eq!(hex(&encode_response(&PieceResponse::NotSeen, 16).unwrap()), "06");
+        let bad = PieceResponse::BadRequest("x".into());
+        assert_eq!(hex(&encode_response(&bad, 16).unwrap()), "070178");
+    }
+
+    /// Attestation messages that are too large are refused on both sides, before any work.
+    #[test]
+    fn oversized_attestation_messages_are_refused() {
+        let huge = PieceRequest::PublicSeen { registry: "r".into(), repo: "a".repeat(2000), digest: [0; 32] };
+        assert!(matches!(encode_request(&huge), Err(ProtocolError::TooLarge { .. })));
+        let bytes = bincode::serde::encode_to_vec(&huge, CONFIG).unwrap();
+        assert!(matches!(decode_request(&bytes), Err(ProtocolError::TooLarge { .. })));
+        let why = PieceResponse::BadRequest("y".repeat(MAX_REASON_BYTES + 1));
+        assert!(encode_response(&why, MAX_RESPONSE_BYTES).is_err());
+        let bytes = bincode::serde::encode_to_vec(&why, CONFIG).unwrap();
+        assert!(decode_response(&bytes, MAX_RESPONSE_BYTES).is_err());
+        let info = TagSeenInfo { digest: [0; 32], media_type: "m".repeat(256), size: 1, age_ms: 1 };
+        let bytes = bincode::serde::encode_to_vec(PieceResponse::TagSeen(info), CONFIG).unwrap();
+        assert!(matches!(decode_response(&bytes, MAX_RESPONSE_BYTES), Err(ProtocolError::Invalid(_))));
     }
 
     #[test]
@@ -607,7 +717,8 @@ mod tests {
         assert_eq!(decode_response(&long, 1000), Err(ProtocolError::TrailingBytes(1)));
         // Unknown variant.
         assert!(matches!(decode_response(&[9], 1000), Err(ProtocolError::Decode(_))));
-        assert!(matches!(decode_request(&[2],), Err(ProtocolError::Decode(_))));
+        assert!(matches!(decode_request(&[2],), Err(ProtocolError::Decode(_))), "cut short");
+        assert!(matches!(decode_request(&[4],), Err(ProtocolError::Decode(_))));
         // Empty input.
         assert!(decode_request(&[]).is_err());
         assert!(decode_response(&[], 1000).is_err());

@@ -12,7 +12,8 @@
 //! and the store and the swarm know content by digest alone: with the origin down nothing
 //! says which repository a digest belongs to, so a client that knows the digest of a private
 //! blob held in the swarm can read it through a named repository (the README says so). Peer
-//! attestation per repository and object (issue 27) is what would close that.
+//! attestation ([`super::attest`]) names repository and object, so content served on a
+//! peer's word does not have that gap; `--public` still does, as it asks no one.
 //!
 //! Matching is by whole path components: `registry.example/base` names `base` and
 //! `base/alpine`, not `baseline`. Docker Hub's official images are `docker.io/library/<name>`.

@@ -1,9 +1,10 @@
 //! The agent's P2P adapter, the one module that knows both the swarm (`shoal-swarm`) and the
 //! agent's downloads: [`SwarmNetwork`] implements the download task's [`Network`] trait over
 //! a [`Client`], [`serve_peers`] answers peers' piece requests from this node's store and
-//! downloads, [`coordinator`] plans the digests this node coordinates when there is no
-//! tracker, and [`heartbeat`] keeps the trackers informed. Peer ids become [`NodeId`]s
-//! here, so no libp2p type reaches `fetch`.
+//! downloads (and what this node saw public at the origin, [`Attest`]), [`PeerAttestors`]
+//! asks peers what they saw public during an origin outage, [`coordinator`] plans the digests
+//! this node coordinates when there is no tracker, and [`heartbeat`] keeps the trackers
+//! informed. Peer ids become [`NodeId`]s here, so no libp2p type reaches `fetch`.
 
 pub mod coordinator;
 pub mod heartbeat;
@@ -19,16 +20,19 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+use crate::access::{Attest, Attestors};
 use crate::fetch::net::{Network, NodeId, PeerError, PeerHave, Plan, PlanReport};
 use crate::fetch::Fetcher;
 use crate::metrics::{OutcomeLabels, METRICS};
+use crate::origin::Resolved;
 use crate::pieces::Bitfield;
 use crate::ratelimit::RateLimiter;
 use crate::supervise::{CancellationToken, Supervisor};
 use crate::swarm::{Client, InboundRequest, RequestError};
 use crate::swarm::{SwarmConfig, SwarmError, SwarmStats};
 use crate::types::Digest;
-use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse};
+use crate::types::{Registry, RepoName, Tag};
+use shoal_protocol::piece::{HaveInfo, PieceRequest, PieceResponse, TagSeenInfo, MAX_REASON_BYTES};
 use shoal_protocol::tracker::{
     Plan as TrackerPlan, PlanRequest, TrackerRequest, TrackerResponse, MAX_PLAN_DIGESTS,
 };
@@ -300,6 +304,7 @@ impl Network for SwarmNetwork {
                 PieceResponse::NotFound => Err(PeerError::Lacks),
                 PieceResponse::Busy => Err(PeerError::Busy),
                 PieceResponse::Piece { .. } => Err(PeerError::Protocol("a piece in answer to Have".into())),
+                other => Err(PeerError::Protocol(format!("{other:?} in answer to Have"))),
             }
         })
     }
@@ -326,6 +331,7 @@ impl Network for SwarmNetwork {
                 PieceResponse::Have(_) => {
                     Err(PeerError::Protocol("Have in answer to a piece request".into()))
                 }
+                other => Err(PeerError::Protocol(format!("{other:?} in answer to a piece request"))),
             }
         })
     }
@@ -448,6 +454,7 @@ pub struct ServeOptions {
 /// the peer is told `Busy` and asks another holder.
 pub async fn serve_peers(
     fetcher: Arc<Fetcher>,
+    attest: Arc<dyn Attest>,
     client: Client,
     mut inbound: mpsc::Receiver<InboundRequest>,
     options: ServeOptions,
@@ -491,6 +498,12 @@ pub async fn serve_peers(
                     let _ = client.respond(channel, response).await;
                 });
             }
+            // A lock and a lookup in a bounded map each: answered here, no task.
+            PieceRequest::PublicSeen { .. } | PieceRequest::TagSeen { .. } => {
+                let response = answer_attestation(attest.as_ref(), &request);
+                tracing::debug!(%peer, ?request, ?response, "attestation asked");
+                let _ = client.respond(channel, response).await;
+            }
             PieceRequest::Piece { digest, index } => {
                 if !crate::sync::lock(&shares).try_take(&peer, std::time::Instant::now()) {
                     let _ = client.respond(channel, PieceResponse::Busy).await;
@@ -522,6 +535,164 @@ pub async fn serve_peers(
                 });
             }
         }
+    }
+}
+
+/// The answer to a `PublicSeen` or `TagSeen` request: what this node saw itself, `NotSeen`, or
+/// `BadRequest` for names that cannot exist (the request's size is bounded by the codec).
+fn answer_attestation(attest: &dyn Attest, request: &PieceRequest) -> PieceResponse {
+    match request {
+        PieceRequest::PublicSeen { registry, repo, digest } => match names(registry, repo) {
+            Err(why) => bad_request(why),
+            Ok((registry, repo)) => match attest.public_seen(&registry, &repo, &Digest::from_sha256(*digest))
+            {
+                Some(age) => PieceResponse::PublicSeen { age_ms: millis(age) },
+                None => PieceResponse::NotSeen,
+            },
+        },
+        PieceRequest::TagSeen { registry, repo, tag } => {
+            let parsed = names(registry, repo)
+                .and_then(|(r, n)| Ok((r, n, tag.parse::<Tag>().map_err(|e| format!("tag: {e}"))?)));
+            match parsed {
+                Err(why) => bad_request(why),
+                Ok((registry, repo, tag)) => match attest.tag_seen(&registry, &repo, &tag) {
+                    Some((resolved, age))
+                        if resolved.media_type.len() <= shoal_protocol::piece::MAX_MEDIA_TYPE_BYTES =>
+                    {
+                        PieceResponse::TagSeen(TagSeenInfo {
+                            digest: *resolved.digest.as_bytes(),
+                            media_type: resolved.media_type,
+                            size: resolved.size,
+                            age_ms: millis(age),
+                        })
+                    }
+                    _ => PieceResponse::NotSeen,
+                },
+            }
+        }
+        PieceRequest::Have { .. } | PieceRequest::Piece { .. } => {
+            bad_request("not an attestation request".to_string())
+        }
+    }
+}
+
+/// A registry and repository named in a peer's request, validated as a client's would be.
+fn names(registry: &str, repo: &str) -> Result<(Registry, RepoName), String> {
+    let registry = registry.parse::<Registry>().map_err(|e| format!("registry: {e}"))?;
+    let repo = repo.parse::<RepoName>().map_err(|e| format!("repository: {e}"))?;
+    Ok((registry, repo))
+}
+
+fn bad_request(why: String) -> PieceResponse {
+    PieceResponse::BadRequest(crate::sync::clip(why, MAX_REASON_BYTES))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Peers asked at most about one object or tag.
+const MAX_ATTESTORS: usize = 16;
+/// How long a peer has to answer an attestation question.
+const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The swarm's [`Attestors`]: the connected peers, then (for a digest, if none of them saw
+/// it public) the providers the DHT names, at most [`MAX_ATTESTORS`] in all, asked at once.
+pub struct PeerAttestors {
+    client: Client,
+}
+
+impl PeerAttestors {
+    pub fn new(client: Client) -> Self {
+        PeerAttestors { client }
+    }
+}
+
+/// Asks each of `peers` `request` at once, each within [`ATTESTATION_TIMEOUT`]; the answers
+/// that came.
+async fn ask_all(client: &Client, peers: Vec<PeerId>, request: PieceRequest) -> Vec<(PeerId, PieceResponse)> {
+    let asks = peers.into_iter().map(|peer| {
+        let (client, request) = (client.clone(), request.clone());
+        async move {
+            match tokio::time::timeout(ATTESTATION_TIMEOUT, client.request(peer, request)).await {
+                Ok(Ok(response)) => Some((peer, response)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "no attestation answer");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    futures_util::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+impl Attestors for PeerAttestors {
+    fn public_seen(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> BoxFuture<'static, Vec<Duration>> {
+        let client = self.client.clone();
+        let request = PieceRequest::PublicSeen {
+            registry: registry.to_string(),
+            repo: repo.to_string(),
+            digest: *digest.as_bytes(),
+        };
+        let digest = *digest;
+        Box::pin(async move {
+            let ages = |answers: Vec<(PeerId, PieceResponse)>| -> Vec<Duration> {
+                answers
+                    .into_iter()
+                    .filter_map(|(_, r)| match r {
+                        PieceResponse::PublicSeen { age_ms } => Some(Duration::from_millis(age_ms)),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let connected = client.peers(MAX_ATTESTORS).await;
+            let seen = ages(ask_all(&client, connected.clone(), request.clone()).await);
+            if !seen.is_empty() {
+                return seen;
+            }
+            let providers = client.find_providers(digest, LOOKUP_TIMEOUT).await.unwrap_or_default();
+            let others: Vec<PeerId> =
+                providers.into_iter().filter(|p| !connected.contains(p)).take(MAX_ATTESTORS).collect();
+            ages(ask_all(&client, others, request).await)
+        })
+    }
+
+    fn tag_seen(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> BoxFuture<'static, Vec<(Resolved, Duration)>> {
+        let client = self.client.clone();
+        let request = PieceRequest::TagSeen {
+            registry: registry.to_string(),
+            repo: repo.to_string(),
+            tag: tag.to_string(),
+        };
+        Box::pin(async move {
+            let connected = client.peers(MAX_ATTESTORS).await;
+            ask_all(&client, connected, request)
+                .await
+                .into_iter()
+                .filter_map(|(_, r)| match r {
+                    PieceResponse::TagSeen(info) => Some((
+                        Resolved {
+                            digest: Digest::from_sha256(info.digest),
+                            media_type: info.media_type,
+                            size: info.size,
+                        },
+                        Duration::from_millis(info.age_ms),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 }
 
@@ -576,5 +747,75 @@ pub async fn export_stats(stats: Arc<SwarmStats>, period: Duration, cancel: Canc
             METRICS.dht_requests_sent.inc_by(sent.saturating_sub(sent_seen));
             (received_seen, sent_seen) = (received, sent);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Saw `reg.test/pub/app` public: one digest, and tag `v1`.
+    struct Seen;
+
+    impl Attest for Seen {
+        fn public_seen(&self, registry: &Registry, repo: &RepoName, digest: &Digest) -> Option<Duration> {
+            (registry.as_str() == "reg.test" && repo.as_str() == "pub/app" && *digest == Digest::of(b"x"))
+                .then_some(Duration::from_millis(1500))
+        }
+
+        fn tag_seen(&self, registry: &Registry, repo: &RepoName, tag: &Tag) -> Option<(Resolved, Duration)> {
+            let seen = registry.as_str() == "reg.test" && repo.as_str() == "pub/app" && tag.as_str() == "v1";
+            let resolved = Resolved { digest: Digest::of(b"m"), media_type: "a/b".into(), size: 3 };
+            seen.then_some((resolved, Duration::from_secs(2)))
+        }
+    }
+
+    fn seen(registry: &str, repo: &str, digest: Digest) -> PieceResponse {
+        let request = PieceRequest::PublicSeen {
+            registry: registry.into(),
+            repo: repo.into(),
+            digest: *digest.as_bytes(),
+        };
+        answer_attestation(&Seen, &request)
+    }
+
+    fn tag(registry: &str, repo: &str, tag: &str) -> PieceResponse {
+        let request = PieceRequest::TagSeen { registry: registry.into(), repo: repo.into(), tag: tag.into() };
+        answer_attestation(&Seen, &request)
+    }
+
+    #[test]
+    fn attestations_answer_exactly_what_was_seen() {
+        assert_eq!(seen("reg.test", "pub/app", Digest::of(b"x")), PieceResponse::PublicSeen { age_ms: 1500 });
+        assert_eq!(seen("reg.test", "pub/other", Digest::of(b"x")), PieceResponse::NotSeen);
+        assert_eq!(seen("reg.test", "pub/app", Digest::of(b"y")), PieceResponse::NotSeen);
+        let info = TagSeenInfo {
+            digest: *Digest::of(b"m").as_bytes(),
+            media_type: "a/b".into(),
+            size: 3,
+            age_ms: 2000,
+        };
+        assert_eq!(tag("reg.test", "pub/app", "v1"), PieceResponse::TagSeen(info));
+        assert_eq!(tag("reg.test", "pub/app", "v2"), PieceResponse::NotSeen);
+    }
+
+    /// Names no client could send get a reason, bounded, and touch nothing.
+    #[test]
+    fn malformed_attestation_requests_get_a_clear_error() {
+        let bad = |r: PieceResponse| match r {
+            PieceResponse::BadRequest(why) => {
+                assert!(why.len() <= MAX_REASON_BYTES, "{why}");
+                why
+            }
+            other => panic!("answered {other:?}"),
+        };
+        assert!(bad(seen("reg test", "pub/app", Digest::of(b"x"))).starts_with("registry"));
+        assert!(bad(seen("reg.test", "Pub//app", Digest::of(b"x"))).starts_with("repository"));
+        assert!(bad(seen("", "", Digest::of(b"x"))).starts_with("registry"));
+        assert!(bad(tag("reg.test", "pub/app", "bad tag!")).starts_with("tag"));
+        assert!(bad(tag("reg.test", "pub/app", &"t".repeat(900))).starts_with("tag"));
+        let long = "a".repeat(900);
+        bad(seen("reg.test", &long, Digest::of(b"x")));
+        bad(answer_attestation(&Seen, &PieceRequest::Have { digest: [0; 32] }));
     }
 }

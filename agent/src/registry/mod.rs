@@ -7,7 +7,11 @@
 //! CRI-O and podman address a mirror with a path), else `--default-registry`.
 //!
 //! Tags are resolved at the origin on every request ([`Origin::resolve_tag`]); the last known
-//! answer is used only while the origin is unreachable, marked by the [`STALE_HEADER`].
+//! answer is used only while the origin is unreachable, marked by the [`STALE_HEADER`]. A tag
+//! this agent never resolved is then answered from the newest mapping a swarm peer saw at the
+//! origin within `--public-attestation-window` (see `access::attest`), marked the same way and
+//! with [`PUBLIC_HEADER`] `attested`. [`Api`] is also what this agent attests to peers
+//! ([`Attest`]).
 //! Digests are served by [`Fetcher`]: the store, or the one download in flight.
 //!
 //! Before any content is served, [`Access`] decides whether this client may read it (see
@@ -33,7 +37,7 @@ use futures_util::StreamExt;
 use lru::LruCache;
 use tokio::net::TcpListener;
 
-use crate::access::{Access, Grant, Identity, PublicBasis, Refusal};
+use crate::access::{Access, Attest, Grant, Identity, PublicBasis, Refusal};
 use crate::fetch::{BlobStream, FetchError, Fetcher, Lookup, Source};
 use crate::metrics::{RequestLabels, METRICS};
 use crate::origin::{Kind, Origin, OriginError, Resolved, MANIFEST_MEDIA_TYPES};
@@ -45,10 +49,14 @@ pub use limit::RequestLimit;
 /// Response header on a tag answered from the last known digest (origin unreachable).
 pub const STALE_HEADER: &str = "x-shoal-stale";
 /// Response header on content served, while the origin is unreachable, as public on a basis
-/// other than the agent's own check: `configured` (`--public`).
+/// other than the agent's own check: `configured` (`--public`) or `attested` (a swarm peer saw
+/// it public).
 pub const PUBLIC_HEADER: &str = "x-shoal-public";
 /// How many tag→digest answers are remembered for when the origin is unreachable.
 const TAG_MEMORY: usize = 16_384;
+
+/// A tag of a repository of a registry.
+type TagKey = (Registry, RepoName, Tag);
 
 /// Shared state of the registry API.
 pub struct Api {
@@ -56,7 +64,31 @@ pub struct Api {
     origin: Arc<Origin>,
     default_registry: Registry,
     access: Arc<Access>,
-    last_known_tags: Mutex<LruCache<(Registry, RepoName, Tag), Resolved>>,
+    /// The origin's last answer for each tag, and when it was given.
+    last_known_tags: Mutex<LruCache<TagKey, (Resolved, std::time::Instant)>>,
+}
+
+impl Attest for Api {
+    fn public_seen(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<std::time::Duration> {
+        self.access.public_age(registry, repo, &digest.to_string())
+    }
+
+    fn tag_seen(
+        &self,
+        registry: &Registry,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Option<(Resolved, std::time::Duration)> {
+        self.access.public_age(registry, repo, tag.as_str())?;
+        let key = (registry.clone(), repo.clone(), tag.clone());
+        let (resolved, at) = crate::sync::lock(&self.last_known_tags).peek(&key).cloned()?;
+        Some((resolved, at.elapsed()))
+    }
 }
 
 impl Api {
@@ -256,7 +288,7 @@ impl Api {
                     self.authorize(&registry, &repo, Kind::Manifest, &digest.to_string(), &all, who).await?;
                 let source = Source { registry, repo, kind: Kind::Manifest, accept: all };
                 if method == Method::GET {
-                    self.grant_references(&digest, &source, who, grant.until).await;
+                    self.grant_references(&digest, &source, who, &grant).await;
                 }
                 let resp = self.content(method, headers, digest, source, None).await?;
                 return Ok(mark_public(resp, grant.public));
@@ -272,36 +304,16 @@ impl Api {
         let key = (registry.clone(), repo.clone(), tag.clone());
         let grant =
             self.authorize(&registry, &repo, Kind::Manifest, tag.as_str(), &forward_accept, who).await?;
-        // The access check's HEAD usually resolved the tag already.
-        let checked = match grant.resolved {
-            Some(resolved) => Ok((resolved, None)),
-            None => self.origin.resolve_tag(&registry, &repo, &tag, &forward_accept).await,
-        };
-        let (resolved, stale) = match checked {
-            Ok((resolved, body)) => {
-                if let Some(body) = body {
-                    if let Err(e) =
-                        self.fetcher.store_verified(&resolved.digest, &body, &resolved.media_type).await
-                    {
-                        tracing::warn!(digest = %resolved.digest, error = %e, "could not store manifest");
-                    }
-                }
-                crate::sync::lock(&self.last_known_tags).put(key, resolved.clone());
-                (resolved, false)
+        // The access check's HEAD usually resolved the tag already; during an outage, a swarm
+        // peer's last observation may have (never remembered here as the origin's answer).
+        let (resolved, stale) = match (grant.resolved.clone(), grant.public) {
+            (Some(resolved), Some(PublicBasis::Attested)) => {
+                tracing::warn!(%registry, %repo, %tag, digest = %resolved.digest,
+                    "origin unreachable: answering the tag with the newest digest a swarm peer saw");
+                METRICS.stale_tags_served.inc();
+                (resolved, true)
             }
-            Err(OriginError::Unreachable(why)) => {
-                let known = crate::sync::lock(&self.last_known_tags).get(&key).cloned();
-                match known {
-                    Some(resolved) => {
-                        tracing::warn!(%registry, %repo, %tag, digest = %resolved.digest, %why,
-                            "origin unreachable: answering the tag with its last known digest");
-                        METRICS.stale_tags_served.inc();
-                        (resolved, true)
-                    }
-                    None => return Err(origin_error(Code::ManifestUnknown, &OriginError::Unreachable(why))),
-                }
-            }
-            Err(e) => return Err(origin_error(Code::ManifestUnknown, &e)),
+            (resolved, _) => self.resolve_tag(&key, resolved, &forward_accept).await?,
         };
         let mut resp = if method == Method::HEAD {
             content_headers(
@@ -315,20 +327,56 @@ impl Api {
         } else {
             let source =
                 Source { registry, repo, kind: Kind::Manifest, accept: with_manifest_types(&accept) };
-            self.access.grant(
-                &source.registry,
-                &source.repo,
-                who,
-                [resolved.digest.to_string()],
-                grant.until,
-            );
-            self.grant_references(&resolved.digest, &source, who, grant.until).await;
+            self.access.grant(&source.registry, &source.repo, who, [resolved.digest.to_string()], &grant);
+            self.grant_references(&resolved.digest, &source, who, &grant).await;
             self.content(method, headers, resolved.digest, source, Some(&resolved.media_type)).await?
         };
         if stale {
             resp.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("origin unreachable"));
         }
         Ok(mark_public(resp, grant.public))
+    }
+
+    /// A tag's digest: what the access check resolved, else the origin's answer now, else
+    /// (origin unreachable) the last known one, marked stale (`true`).
+    async fn resolve_tag(
+        &self,
+        key: &TagKey,
+        resolved: Option<Resolved>,
+        accept: &str,
+    ) -> Result<(Resolved, bool), ApiError> {
+        let (registry, repo, tag) = key;
+        let checked = match resolved {
+            Some(resolved) => Ok((resolved, None)),
+            None => self.origin.resolve_tag(registry, repo, tag, accept).await,
+        };
+        match checked {
+            Ok((resolved, body)) => {
+                if let Some(body) = body {
+                    if let Err(e) =
+                        self.fetcher.store_verified(&resolved.digest, &body, &resolved.media_type).await
+                    {
+                        tracing::warn!(digest = %resolved.digest, error = %e, "could not store manifest");
+                    }
+                }
+                let now = std::time::Instant::now();
+                crate::sync::lock(&self.last_known_tags).put(key.clone(), (resolved.clone(), now));
+                Ok((resolved, false))
+            }
+            Err(OriginError::Unreachable(why)) => {
+                let known = crate::sync::lock(&self.last_known_tags).get(key).cloned();
+                match known {
+                    Some((resolved, _)) => {
+                        tracing::warn!(%registry, %repo, %tag, digest = %resolved.digest, %why,
+                            "origin unreachable: answering the tag with its last known digest");
+                        METRICS.stale_tags_served.inc();
+                        Ok((resolved, true))
+                    }
+                    None => Err(origin_error(Code::ManifestUnknown, &OriginError::Unreachable(why))),
+                }
+            }
+            Err(e) => Err(origin_error(Code::ManifestUnknown, &e)),
+        }
     }
 
     /// Whether `who` may read `reference` of `repo` (see `access`), as an API error if not.
@@ -372,20 +420,17 @@ impl Api {
 
     /// Lets `who` read what the manifest `digest` references, for as long as it may read the
     /// manifest. Waits for the manifest (small) to be stored; failures are left to serving.
-    async fn grant_references(
-        &self,
-        digest: &Digest,
-        source: &Source,
-        who: &Identity,
-        until: std::time::Instant,
-    ) {
+    async fn grant_references(&self, digest: &Digest, source: &Source, who: &Identity, grant: &Grant) {
+        if grant.checked.is_none() {
+            return;
+        }
         for _ in 0..2 {
             match self.fetcher.lookup(digest, source) {
                 Lookup::Cached(entry, guard) => {
                     let size = entry.size.min(crate::origin::MAX_MANIFEST_BYTES);
                     if let Ok(bytes) = self.fetcher.store().read_verified(guard, size).await {
                         let refs = crate::access::referenced_digests(&bytes);
-                        self.access.grant(&source.registry, &source.repo, who, refs, until);
+                        self.access.grant(&source.registry, &source.repo, who, refs, grant);
                     }
                     return;
                 }

@@ -108,6 +108,11 @@ pub(crate) enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<usize>,
     },
+    /// Up to `limit` connected peers.
+    Peers {
+        limit: usize,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     AddAddress {
         peer: PeerId,
         addr: Multiaddr,
@@ -200,6 +205,12 @@ impl Client {
     /// Peers with an open connection; 0 once the loop has stopped.
     pub async fn connected_peers(&self) -> usize {
         self.call(|reply| Command::ConnectedPeers { reply }).await.unwrap_or(0)
+    }
+
+    /// Up to `limit` of the peers with an open connection (trackers included); none once the
+    /// loop has stopped.
+    pub async fn peers(&self, limit: usize) -> Vec<PeerId> {
+        self.call(|reply| Command::Peers { limit, reply }).await.unwrap_or_default()
     }
 
     /// Records an address of a peer (for the DHT routing table and for dialing it).

@@ -289,6 +289,9 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().count());
             }
+            Command::Peers { limit, reply } => {
+                let _ = reply.send(self.swarm.connected_peers().take(limit).copied().collect());
+            }
             Command::AddAddress { peer, addr } => {
                 let addr = without_peer(addr);
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());

@@ -90,7 +90,7 @@ impl Node {
         let client = self.client.clone();
         tokio::spawn(async move {
             while let Some(InboundRequest { request, channel, .. }) = inbound.recv().await {
-                let response = match blobs.get(&request.digest()) {
+                let response = match request.digest().and_then(|d| blobs.get(&d)) {
                     None => PieceResponse::NotFound,
                     Some((data, piece_size)) => answer(&request, data, *piece_size),
                 };
@@ -133,6 +133,7 @@ fn answer(request: &PieceRequest, data: &[u8], piece_size: u32) -> PieceResponse
             Some(chunk) => PieceResponse::Piece { index: *index, data: chunk.to_vec() },
             None => PieceResponse::NotFound,
         },
+        PieceRequest::PublicSeen { .. } | PieceRequest::TagSeen { .. } => PieceResponse::NotSeen,
     }
 }
 
