@@ -140,5 +140,11 @@ async fn a_killed_coordinator_is_replaced_and_the_others_complete() {
         killed_at.elapsed().as_secs_f64()
     );
     assert!(took_over > 0.0, "no other agent answered plan requests after the coordinator died");
-    assert!(ratio <= 1.15, "origin sent {ratio:.3}x the image's blob bytes");
+    // What the origin had sent the coordinator for its own origin pieces in flight died with
+    // it: at most a batch of them (the planner's per-node cap), sent again to others. That
+    // waste is the node's death, not the handover, which gets issue 25's 5 %.
+    let piece = u64::from(shoal_protocol::pieces::piece_size_for(image.total_blob_bytes()));
+    let died_in_flight = (shoal_plan::state::BATCH as u64 * piece) as f64 / image.total_blob_bytes() as f64;
+    let bound = 1.05 + died_in_flight;
+    assert!(ratio <= bound, "origin sent {ratio:.3}x the image's blob bytes (bound {bound:.3})");
 }
