@@ -95,18 +95,26 @@ impl Behaviour {
         );
 
         // Agents serve and fetch pieces, ask trackers, and ask and answer plan requests as
-        // coordinators; a tracker only answers the tracker protocol. identify lists the
-        // inbound protocols, which is how agents recognise a tracker among their peers. A
-        // request offers both names: a tracker takes the first, an agent the second.
+        // coordinators; a tracker answers plan requests under both names (the messages are
+        // the same). identify lists the inbound protocols, and the tracker protocol's name
+        // among them is how agents recognise a tracker among their peers. A request offers the
+        // coordinator's name first, which agents and trackers both take at once; a tracker
+        // older than that refuses it and takes the second (one more negotiation round trip).
         let (piece_support, planning) = match config.role {
             Role::Agent => (
                 ProtocolSupport::Full,
                 vec![
-                    (TRACKER_PROTOCOL, ProtocolSupport::Outbound),
                     (COORDINATOR_PROTOCOL, ProtocolSupport::Full),
+                    (TRACKER_PROTOCOL, ProtocolSupport::Outbound),
                 ],
             ),
-            Role::Tracker => (ProtocolSupport::Outbound, vec![(TRACKER_PROTOCOL, ProtocolSupport::Inbound)]),
+            Role::Tracker => (
+                ProtocolSupport::Outbound,
+                vec![
+                    (TRACKER_PROTOCOL, ProtocolSupport::Inbound),
+                    (COORDINATOR_PROTOCOL, ProtocolSupport::Inbound),
+                ],
+            ),
         };
         let pieces = request_response::Behaviour::with_codec(
             PieceCodec { max_response_bytes: config.max_message_bytes },
