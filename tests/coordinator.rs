@@ -62,23 +62,13 @@ async fn downloads_follow_the_coordinators_plans() {
     assert!(ratio <= 1.02, "origin sent {ratio:.3}x the image's blob bytes");
 }
 
-/// The index of the agent that coordinates `digest` (`sha256:<hex>`): the one whose peer id
-/// is XOR-closest to the digest's DHT key, as Kademlia measures it (sha256 of the peer id's
-/// bytes against sha256 of the key, the digest's 32 raw bytes).
+/// The index of the agent that coordinates `digest` (`sha256:<hex>`).
 async fn coordinator_of(agents: &[Agent], digest: &str) -> usize {
-    use sha2::{Digest as _, Sha256};
-    let raw = hex::decode(digest.trim_start_matches("sha256:")).expect("hex digest");
-    let target: [u8; 32] = Sha256::digest(&raw).into();
-    let mut best = (None, 0);
-    for (i, a) in agents.iter().enumerate() {
-        let id: libp2p::PeerId = a.peer_id().await.unwrap().parse().unwrap();
-        let key: [u8; 32] = Sha256::digest(id.to_bytes()).into();
-        let distance: Vec<u8> = key.iter().zip(&target).map(|(a, b)| a ^ b).collect();
-        if best.0.as_ref().is_none_or(|d| distance < *d) {
-            best = (Some(distance), i);
-        }
+    let mut ids = Vec::new();
+    for a in agents {
+        ids.push(a.peer_id().await.unwrap().parse().unwrap());
     }
-    best.1
+    shoal_tests::util::coordinator_index(&ids, digest).expect("a coordinator among the agents")
 }
 
 /// 2. The coordinator of the image's layer is SIGKILLed mid-pull: every other agent asks

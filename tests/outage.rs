@@ -116,6 +116,15 @@ async fn origin_down_serves_configured_public_repositories_from_a_peer() {
 }
 
 /// A swarm key file in `dir` (every agent of these tests shares it).
+/// An agent of the test's private swarm (`--swarm-key key`) in front of `origin`.
+fn swarm_member(origin: &Origin, key: &str) -> AgentOptions {
+    AgentOptions::new()
+        .upstream(&origin.host(), &origin.url())
+        .env("SHOAL_LOG", "debug")
+        .arg("--swarm-key")
+        .arg(key)
+}
+
 fn swarm_key(dir: &std::path::Path) -> String {
     let path = dir.join("swarm.key");
     std::fs::write(&path, format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", hex::encode([7u8; 32]))).unwrap();
@@ -158,13 +167,7 @@ async fn origin_down_serves_what_a_swarm_peer_attests_public_within_the_window()
     let mut origin = storage.token_view(&tokens).await.expect("start the token-auth origin");
     let dir = tempfile::tempdir().unwrap();
     let key = swarm_key(dir.path());
-    let opts = || {
-        AgentOptions::new()
-            .upstream(&origin.host(), &origin.url())
-            .env("SHOAL_LOG", "debug")
-            .arg("--swarm-key")
-            .arg(&key)
-    };
+    let opts = || swarm_member(&origin, &key);
     let c = Agent::start(opts()).await.expect("start agent C");
     let seed = c.p2p_addr().await.expect("C's p2p address");
     let window = format!("{}s", WINDOW.as_secs());
@@ -265,13 +268,7 @@ async fn ctr_fetches_a_public_image_by_tag_through_a_new_node_during_an_outage()
         .expect("push outage/tagged");
     let dir = tempfile::tempdir().unwrap();
     let key = swarm_key(dir.path());
-    let opts = || {
-        AgentOptions::new()
-            .upstream(&origin.host(), &origin.url())
-            .env("SHOAL_LOG", "debug")
-            .arg("--swarm-key")
-            .arg(&key)
-    };
+    let opts = || swarm_member(&origin, &key);
     let c = Agent::start(opts()).await.expect("start agent C");
     let seed = c.p2p_addr().await.expect("C's p2p address");
     let d = Agent::start(opts().arg("--bootstrap").arg(&seed)).await.expect("start agent D");

@@ -15,8 +15,12 @@
 //!
 //! Each line ends with `cost:<key>=<value>` so a script can read the figures.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+
+use common::random_bytes;
 
 use shoal_agent::pieces::Layout;
 use shoal_agent::types::Digest;
@@ -84,18 +88,6 @@ fn per_call(mut f: impl FnMut()) -> f64 {
         .collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn peer(i: u64) -> libp2p::PeerId {

@@ -8,8 +8,12 @@
 //! Each case warms up, sizes its batch to ~50 ms, times 21 batches and prints the median and
 //! the spread (min–max) as MiB/s.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+
+use common::random_bytes;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
@@ -53,19 +57,6 @@ fn bench(filter: Option<&str>, name: &str, bytes: usize, mut f: impl FnMut()) {
         rates[0],
         rates[SAMPLES - 1]
     );
-}
-
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    // xorshift: incompressible enough for hashing and codec benchmarks, no rand dependency.
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn main() {

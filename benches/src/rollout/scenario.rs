@@ -161,28 +161,6 @@ fn random_nodes(n: usize, k: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
-/// The index of the peer id (base58, as in `/p2p/<id>`) XOR-closest to `digest`'s DHT key,
-/// as Kademlia measures it: sha256 of the peer id's bytes against sha256 of the digest's 32
-/// raw bytes (the agent's provider key).
-fn closest_peer(peer_ids: &[&str], digest: &str) -> Result<usize> {
-    use sha2::{Digest as _, Sha256};
-    let raw = hex::decode(digest.trim_start_matches("sha256:")).context("layer digest is not hex")?;
-    let target: [u8; 32] = Sha256::digest(&raw).into();
-    let mut best: Option<([u8; 32], usize)> = None;
-    for (i, id) in peer_ids.iter().enumerate() {
-        let id: libp2p::PeerId = id.parse().with_context(|| format!("peer id {id:?}"))?;
-        let key: [u8; 32] = Sha256::digest(id.to_bytes()).into();
-        let mut distance = [0u8; 32];
-        for (d, (a, b)) in distance.iter_mut().zip(key.iter().zip(&target)) {
-            *d = a ^ b;
-        }
-        if best.is_none_or(|(d, _)| distance < d) {
-            best = Some((distance, i));
-        }
-    }
-    best.map(|(_, i)| i).context("no agents")
-}
-
 /// GETs `url` at `place` until it answers 200 (at most `timeout`); returns the body. In a
 /// namespace this runs `shoal-benches probe` there, since the controller cannot reach it.
 async fn probe(bins: &Binaries, place: &Place, url: &str, timeout: Duration) -> Result<String> {
@@ -386,10 +364,9 @@ impl Fleet {
         // Nodes `--kill` chose; a node's wait ends (dropping, so killing, its `ctr`) when
         // its index shows up here.
         let (killed_tx, killed_rx) = tokio::sync::watch::channel(Vec::<usize>::new());
+        let killed_so_far = &killed_rx;
         let waits = children.into_iter().enumerate().map(|(i, child)| {
             let mut killed = killed_rx.clone();
-            let now = killed_rx.clone();
-            let killed_rx_now = move |i: &usize| now.borrow().contains(i);
             async move {
                 let pull = tokio::time::timeout_at((t0 + s.timeout).into(), child.wait_with_output());
                 tokio::select! {
@@ -398,7 +375,7 @@ impl Fleet {
                         Ok(Err(e)) => NodeOutcome::Failed(format!("node {i}: waiting for ctr: {e}")),
                         Ok(Ok(out)) if out.status.success() => NodeOutcome::Done(t0.elapsed().as_secs_f64()),
                         // ctr died of its node's agent being killed a moment earlier.
-                        Ok(Ok(_)) if killed_rx_now(&i) => NodeOutcome::Killed,
+                        Ok(Ok(_)) if killed_so_far.borrow().contains(&i) => NodeOutcome::Killed,
                         Ok(Ok(out)) => NodeOutcome::Failed(format!(
                             "node {i}: ctr content fetch {}: {}",
                             out.status,
@@ -435,12 +412,18 @@ impl Fleet {
                     out.push(Killed { node: None, what: "the tracker".into(), at_s });
                     return Ok(out);
                 }
-                let ids: Vec<&str> =
-                    self.agents.iter().map(|a| a.p2p_addr.rsplit('/').next().unwrap_or_default()).collect();
-                if ids.is_empty() {
-                    bail!("--kill coordinator: this scenario has no agents");
-                }
-                vec![(closest_peer(&ids, &kill.digest)?, format!(" (coordinator of {})", kill.digest))]
+                let ids = self
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        let id = a.p2p_addr.rsplit('/').next().unwrap_or_default();
+                        id.parse().with_context(|| format!("peer id {id:?}"))
+                    })
+                    .collect::<Result<Vec<libp2p::PeerId>>>()?;
+                let Some(coordinator) = shoal_tests::util::coordinator_index(&ids, &kill.digest) else {
+                    bail!("--kill coordinator: no agents, or the layer digest {} is not hex", kill.digest);
+                };
+                vec![(coordinator, format!(" (coordinator of {})", kill.digest))]
             }
             KillWhat::Nodes(k) => {
                 random_nodes(n, k, kill.round as u64).into_iter().map(|i| (i, String::new())).collect()
@@ -570,23 +553,5 @@ mod tests {
         assert_eq!(a, random_nodes(20, 5, 1));
         assert_ne!(a, random_nodes(20, 5, 2));
         assert_eq!(random_nodes(3, 9, 0).len(), 3);
-    }
-
-    #[test]
-    fn the_coordinator_is_the_peer_kademlia_puts_closest() {
-        let raw = [0xab_u8; 32];
-        let digest = format!("sha256:{}", hex::encode(raw));
-        let target = libp2p::kad::KBucketKey::new(raw.to_vec());
-        for _ in 0..20 {
-            let peers: Vec<libp2p::PeerId> = (0..8).map(|_| libp2p::PeerId::random()).collect();
-            let expected = (0..peers.len())
-                .min_by_key(|&i| libp2p::kad::KBucketKey::from(peers[i]).distance(&target))
-                .unwrap();
-            let ids: Vec<String> = peers.iter().map(|p| p.to_base58()).collect();
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            assert_eq!(closest_peer(&ids, &digest).unwrap(), expected);
-        }
-        assert!(closest_peer(&[], &digest).is_err());
-        assert!(closest_peer(&["x"], "sha256:zz").is_err());
     }
 }
