@@ -205,6 +205,7 @@ fn serve(n: &mut Node, piece: Vec<u8>) {
                     .collect(),
                 assigned: vec![1, 2],
                 piece_digests: Vec::new(),
+                next_ask_ms: 500,
             };
             if client.respond_tracker(r.channel, TrackerResponse::Plan(plan)).await.is_err() {
                 return;
@@ -368,6 +369,7 @@ fn main() {
             peers: (0..20u64).map(|i| PlanPeer { peer_id: peer(i).to_bytes(), addrs: Vec::new() }).collect(),
             assigned: vec![1, 2],
             piece_digests: (0..8u32).map(|i| (i, digest)).collect(),
+            next_ask_ms: 500,
         });
         let us = per_call(|| {
             let b = encode_tracker_request(black_box(&req)).expect("encode");

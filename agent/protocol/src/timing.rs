@@ -11,8 +11,15 @@ use std::time::Duration;
 
 /// How often each tracker hears from an agent.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-/// How often a download reports to its tracker and asks for a plan.
+/// How often a download reports to its planner (a tracker or the digest's coordinator) and
+/// asks for a plan, unless the planner's answer paces it more slowly (`Plan::next_ask_ms`):
+/// a planner with many downloaders and no origin work for a requester tells it to wait up
+/// to [`PLAN_POLL_MAX`], so its load stays bounded as the cluster grows.
 pub const PLAN_POLL: Duration = Duration::from_millis(500);
+/// The longest a planner may tell a download to wait before its next plan request. Every
+/// live download is heard from at least this often, which is what [`NODE_DEAD`] and
+/// [`PLAN_STALE`] count on.
+pub const PLAN_POLL_MAX: Duration = Duration::from_secs(3);
 /// With no tracker answer for this long, an agent's downloads stop asking trackers for plans.
 pub const TRACKER_OFFLINE_AFTER: Duration = Duration::from_secs(6);
 /// A node a tracker has not heard from (no heartbeat, no plan) for this long is dead: its
@@ -30,8 +37,11 @@ pub const PLAN_STALE: Duration = Duration::from_secs(10);
 const _: () = {
     // A live node heartbeats several times before the tracker calls it dead.
     assert!(NODE_DEAD.as_millis() >= 3 * HEARTBEAT_INTERVAL.as_millis());
-    // ... and plans many times while it downloads.
+    // ... and plans many times while it downloads: often while it fetches from the origin,
     assert!(NODE_DEAD.as_millis() >= 10 * PLAN_POLL.as_millis());
+    // and at least three times even when the planner paces it as slowly as it may.
+    assert!(NODE_DEAD.as_millis() >= 3 * PLAN_POLL_MAX.as_millis());
+    assert!(PLAN_POLL_MAX.as_millis() >= PLAN_POLL.as_millis());
     // An agent follows a plan until the tracker could have given its pieces away.
     assert!(PLAN_STALE.as_millis() >= NODE_DEAD.as_millis());
     // An agent calls a tracker offline before the tracker would call the agent dead.

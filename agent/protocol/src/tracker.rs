@@ -8,11 +8,13 @@
 //!   when the tracker asks for a resync: a tracker keeps soft state only), the digests it is
 //!   downloading, and the progress of preheat jobs. The answer may ask for a resync and
 //!   carries the preheat jobs this node should run.
-//! - [`TrackerRequest::Plan`], about every half second per download, to the one tracker that
+//! - [`TrackerRequest::Plan`], every half second to three seconds per download (the answer
+//!   says when), to the one tracker that
 //!   owns the digest (rendezvous hashing over the trackers): which pieces this node holds,
 //!   the digests of pieces it fetched from the origin itself (first-hand), whether it is
 //!   complete. The answer names the best peers to fetch from, the pieces this node alone
-//!   should fetch from the origin now, and first-hand digests of pieces it still lacks.
+//!   should fetch from the origin now, first-hand digests of pieces it still lacks, and when
+//!   to ask again.
 //!
 //! Agents answer [`TrackerRequest::Plan`] too, under [`COORDINATOR_PROTOCOL`], for the digests
 //! they coordinate when the cluster has no tracker (the DHT picks the coordinator: the agent
@@ -165,6 +167,11 @@ pub struct Plan {
     pub assigned: Vec<u32>,
     /// First-hand digests of pieces the requester lacks.
     pub piece_digests: Vec<(u32, [u8; 32])>,
+    /// When to ask again, in milliseconds after the request: the planner paces downloaders
+    /// it has no origin work for, so that its own plan load stays bounded however many
+    /// download the digest. 0 means [`crate::timing::PLAN_POLL`]; an agent clamps any value to
+    /// [`crate::timing::PLAN_POLL`]..=[`crate::timing::PLAN_POLL_MAX`].
+    pub next_ask_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,12 +60,14 @@ fn response_strategy() -> impl Strategy<Value = TrackerResponse> {
         ".{0,300}".prop_map(TrackerResponse::Refused),
         (
             proptest::collection::vec(any::<u32>(), 0..16),
-            proptest::collection::vec((any::<u32>(), proptest::array::uniform32(any::<u8>())), 0..8)
+            proptest::collection::vec((any::<u32>(), proptest::array::uniform32(any::<u8>())), 0..8),
+            any::<u32>()
         )
-            .prop_map(|(assigned, piece_digests)| TrackerResponse::Plan(Plan {
+            .prop_map(|(assigned, piece_digests, next_ask_ms)| TrackerResponse::Plan(Plan {
                 peers: Vec::new(),
                 assigned,
-                piece_digests
+                piece_digests,
+                next_ask_ms
             })),
     ]
 }

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -97,6 +98,9 @@ pub struct Plan {
     pub assigned: Vec<u32>,
     /// First-hand digests (from the node that fetched the piece from the origin).
     pub piece_digests: Vec<(u32, [u8; 32])>,
+    /// When the planner wants the next request, after the one this answers (zero: the
+    /// default, `PLAN_POLL`; the scheduler clamps it to `PLAN_POLL..=PLAN_POLL_MAX`).
+    pub next_ask: Duration,
 }
 
 pub trait Network: Send + Sync + 'static {

@@ -76,8 +76,9 @@
 //!    `peer_concurrency` known pieces wait for capacity, only owners of pieces nobody holds are
 //!    polled. Providers are looked up every [`PROVIDER_POLL`] (every
 //!    [`PROVIDER_POLL_PLANNED`] while a plan is live: it names the peers), the planner asked every
-//!    [`PLAN_POLL`] (sooner once every assigned piece is done or on its way, never closer than
-//!    [`PLAN_MIN_GAP`]). With a planner no origin piece is fetched before its first answer,
+//!    [`PLAN_POLL`], or as much later as its last answer said, at most [`PLAN_POLL_MAX`] (a
+//!    planner with many downloaders paces those it has no origin work for); sooner once every
+//!    assigned piece is done or on its way, never closer than [`PLAN_MIN_GAP`]. With a planner no origin piece is fetched before its first answer,
 //!    so the first request already follows its assignment.
 //! 3. A failed or timed-out origin read is retried, resuming from the verified pieces, after
 //!    a back-off that doubles from 250 ms to [`ORIGIN_BACKOFF_MAX`]. Only a definitive
@@ -146,7 +147,7 @@ pub const SAVE_EVERY: u32 = 8;
 pub const BUSY_BACKOFF: Duration = Duration::from_millis(200);
 /// How often a download reports to its tracker and asks for a plan (the timing contract
 /// with trackers: [`shoal_protocol::timing`]).
-pub use shoal_protocol::timing::PLAN_POLL;
+pub use shoal_protocol::timing::{PLAN_POLL, PLAN_POLL_MAX};
 /// Shortest gap between two plan requests.
 pub const PLAN_MIN_GAP: Duration = Duration::from_millis(50);
 /// A plan older than this no longer decides origin fetches: the tracker is gone, and the
@@ -316,7 +317,12 @@ struct Coordination {
     planned_at: Option<Instant>,
     /// A plan request is in flight, with these attestations.
     asking: Option<Vec<(u32, [u8; 32])>>,
+    /// When the last plan request was sent.
+    asked_at: Option<Instant>,
     next_ask: Option<Instant>,
+    /// How long after a request to send the next one, as the planner's last answer paced us
+    /// ([`PLAN_POLL`]..=[`PLAN_POLL_MAX`]).
+    interval: Duration,
     /// A plan arrived, or none did for [`PLAN_STALE`] since the download started: origin
     /// fetches may start. (A failed first request is no answer: under load a planner's
     /// answers come late, and fetching by our own rules meanwhile duplicates what it assigns.)
@@ -509,7 +515,7 @@ impl Scheduler {
             owner_of: vec![NO_OWNER; n as usize],
             owners_dirty: true,
             rotate,
-            coord: Coordination::default(),
+            coord: Coordination { interval: PLAN_POLL, ..Coordination::default() },
             phase: Phase::Filling,
             repair: HashMap::new(),
             repaired: false,
@@ -666,6 +672,13 @@ impl Scheduler {
                     Some(plan) => {
                         self.coord.answered = true;
                         self.coord.planned_at = Some(now);
+                        // The planner's pace (zero: it did not say), never faster than
+                        // PLAN_POLL nor slower than the contract lets a live node be silent.
+                        let pace = if plan.next_ask.is_zero() { PLAN_POLL } else { plan.next_ask };
+                        self.coord.interval = pace.clamp(PLAN_POLL, PLAN_POLL_MAX);
+                        if let Some(t) = self.coord.asked_at {
+                            self.coord.next_ask = Some(t + self.coord.interval);
+                        }
                         let n = self.layout.pieces();
                         self.coord.assigned = plan.assigned.into_iter().filter(|&i| i < n).collect();
                         for (i, d) in plan.piece_digests {
@@ -677,8 +690,15 @@ impl Scheduler {
                             self.add_peer(p, now, true);
                         }
                     }
-                    // Not delivered: report them with the next plan request.
-                    None => self.coord.unreported.extend(attest),
+                    // Not delivered: report them with the next plan request, at the
+                    // default pace (the planner may be gone; the next one may be new).
+                    None => {
+                        self.coord.unreported.extend(attest);
+                        self.coord.interval = PLAN_POLL;
+                        if let Some(t) = self.coord.asked_at {
+                            self.coord.next_ask = Some(t + PLAN_POLL);
+                        }
+                    }
                 }
             }
             Event::WholeDigest { matched } => {
@@ -1330,9 +1350,10 @@ impl Scheduler {
                     .iter()
                     .all(|&k| self.map.verified.get(k) || self.in_flight[k as usize]);
             let due = self.coord.next_ask.is_none_or(|t| now >= t);
-            let early = self.coord.next_ask.map(|t| t - (PLAN_POLL - PLAN_MIN_GAP));
+            let early = self.coord.asked_at.map(|t| t + PLAN_MIN_GAP);
             if due || (drained && early.is_some_and(|t| now >= t)) {
-                self.coord.next_ask = Some(now + PLAN_POLL);
+                self.coord.asked_at = Some(now);
+                self.coord.next_ask = Some(now + self.coord.interval);
                 let attest = std::mem::take(&mut self.coord.unreported);
                 self.actions.push_back(Action::AskPlan(self.report(attest.clone())));
                 self.coord.asking = Some(attest);

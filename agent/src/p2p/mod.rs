@@ -442,7 +442,12 @@ async fn plan_from(
         }
         peers.push(NodeId::new(&peer.to_bytes()));
     }
-    Plan { peers, assigned: plan.assigned, piece_digests: plan.piece_digests }
+    Plan {
+        peers,
+        assigned: plan.assigned,
+        piece_digests: plan.piece_digests,
+        next_ask: Duration::from_millis(plan.next_ask_ms.into()),
+    }
 }
 
 /// How this node answers peers.

@@ -1331,6 +1331,7 @@ impl World {
                 peers: plan.peers.iter().map(|p| NodeId::new(&p.peer_id)).collect(),
                 assigned: plan.assigned,
                 piece_digests: plan.piece_digests,
+                next_ask: Duration::from_millis(plan.next_ask_ms.into()),
             })),
             _ => None,
         }

@@ -72,6 +72,7 @@ use shoal_protocol::types::Digest;
 /// When a silent node is dead and a stalled assignee loses its pieces: the timing contract
 /// with agents ([`shoal_protocol::timing`]), one definition for both sides.
 pub use shoal_protocol::timing::{NODE_DEAD, STALL};
+use shoal_protocol::timing::{PLAN_POLL, PLAN_POLL_MAX};
 /// Dead nodes stay listed (as not alive) for this long, then are forgotten.
 pub const NODE_FORGET: Duration = Duration::from_secs(120);
 /// Origin pieces assigned to one node at a time.
@@ -89,6 +90,9 @@ const MAX_LOAD_ENTRIES: usize = 4096;
 /// what the previous planner assigned is learned, not handed out a second time. Several
 /// plan polls ([`shoal_protocol::timing::PLAN_POLL`]).
 pub const ADOPT_GRACE: Duration = Duration::from_millis(1500);
+/// Plan requests per second a planner aims at from one digest's downloaders that it has no
+/// origin work for (see [`pace`]).
+pub const PLAN_RATE: u32 = 400;
 /// Digest states nobody planned for in this long are forgotten.
 pub const DIGEST_FORGET: Duration = Duration::from_secs(600);
 /// Nodes the tracker keeps at once; beyond that, unknown nodes are refused. A node costs
@@ -365,6 +369,17 @@ impl Default for State {
 
 fn bit(bits: &[u8], i: u32) -> bool {
     bits.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1)
+}
+
+/// How long a downloader with no origin work should wait before its next plan request, when
+/// `downloaders` live downloaders report for the digest: [`PLAN_POLL`] while they are few,
+/// then as long as keeps their requests near [`PLAN_RATE`] per second, at most
+/// [`PLAN_POLL_MAX`]. At 40 downloaders nothing changes (0.5 s); from 1,200 on each waits
+/// 3 s, so 10,000 downloaders of one layer send ~3,300 plans per second instead of 20,000.
+/// Downloaders with origin work keep [`PLAN_POLL`]: their reports decide stalls and takeovers.
+pub fn pace(downloaders: usize) -> Duration {
+    let even = Duration::from_millis(downloaders as u64 * 1000 / u64::from(PLAN_RATE));
+    even.clamp(PLAN_POLL, PLAN_POLL_MAX)
 }
 
 fn count_bits(bits: &[u8]) -> u32 {
@@ -684,6 +699,13 @@ impl State {
         }
         let assigned: Vec<u32> =
             state.assigned.iter().filter(|(_, (a, _))| *a == peer).map(|(piece, _)| *piece).collect();
+        // Pacing: a requester with origin work (pieces assigned to it, or pieces that are
+        // still nobody's, or a takeover under way) asks again after PLAN_POLL; one without
+        // waits longer the more download the digest, see `pace`.
+        let held = held_any.iter().filter(|h| **h).count();
+        let origin_work =
+            complete || adopting || !assigned.is_empty() || held + state.assigned.len() < pieces as usize;
+        let next_ask = if origin_work { PLAN_POLL } else { pace(state.by_last_plan.len()) };
 
         // Peers: live nodes holding pieces the requester lacks.
         let lacking: u32 = pieces - count;
@@ -771,7 +793,8 @@ impl State {
             .take(MAX_PLAN_DIGESTS)
             .map(|(piece, sha)| (*piece, *sha))
             .collect();
-        TrackerResponse::Plan(Plan { peers, assigned, piece_digests })
+        let next_ask_ms = next_ask.as_millis() as u32;
+        TrackerResponse::Plan(Plan { peers, assigned, piece_digests, next_ask_ms })
     }
 
     /// Housekeeping, once a second: forgets long-dead nodes and idle digests, finishes the

@@ -336,7 +336,7 @@ fn plan_stale_falls_back_to_dht_rules() {
     let acts = t.actions();
     assert!(matches!(acts.first(), Some(Action::AskPlan(_))));
     assert!(origin(&acts).is_empty(), "waits for the first plan");
-    let plan = Plan { peers: vec![], assigned: vec![0, 1], piece_digests: vec![] };
+    let plan = Plan { peers: vec![], assigned: vec![0, 1], ..Plan::default() };
     let acts = t.event(Event::Plan(Some(plan)));
     assert_eq!(origin_pieces(&acts), vec![0, 1]);
     assert!(acts.iter().all(|a| !matches!(a, Action::FetchOrigin { unplanned: true, .. })));
@@ -543,7 +543,7 @@ fn polls_follow_their_intervals() {
 #[test]
 fn a_live_plan_spares_provider_lookups() {
     let mut t = Timeline::new(64 * MIB, PLANNED, node(1), &[]);
-    let plan = || Event::Plan(Some(Plan { peers: vec![node(2)], assigned: vec![], piece_digests: vec![] }));
+    let plan = || Event::Plan(Some(Plan { peers: vec![node(2)], ..Plan::default() }));
     let first = t.actions();
     assert!(first.iter().any(|a| matches!(a, Action::AskPlan(_))));
     t.event(plan());
@@ -650,4 +650,39 @@ fn a_peer_with_nothing_new_is_polled_less_often() {
     let at = t.now - t.t0;
     let acts = t.until(at + HAVE_POLL + Duration::from_millis(1));
     assert!(acts.contains(&Action::AskHave(node(2))), "{acts:?}");
+}
+
+/// The planner's pace decides when the next plan request goes out: its `next_ask` (zero
+/// meaning PLAN_POLL), clamped to PLAN_POLL..=PLAN_POLL_MAX, counted from the request.
+#[test]
+fn plan_requests_follow_the_planners_pace() {
+    // The instants (from the start, in 100 ms steps) of the plan requests in `window` when
+    // every answer says `pace`.
+    let asks = |pace: Duration, window: Duration| -> Vec<u128> {
+        let mut t = Timeline::new(64 * MIB, PLANNED, node(1), &[]);
+        let plan = || Event::Plan(Some(Plan { peers: vec![node(2)], next_ask: pace, ..Plan::default() }));
+        let mut at = Duration::ZERO;
+        let mut asked = Vec::new();
+        let mut acts = t.actions();
+        loop {
+            if acts.iter().any(|a| matches!(a, Action::AskPlan(_))) {
+                asked.push(at.as_millis());
+                t.event(plan());
+            }
+            if acts.iter().any(|a| *a == Action::FindProviders) {
+                t.event(Event::Providers(vec![]));
+            }
+            if at >= window {
+                return asked;
+            }
+            at += Duration::from_millis(100);
+            acts = t.until(at);
+        }
+    };
+    let window = Duration::from_millis(6_000);
+    assert_eq!(asks(Duration::ZERO, window).len(), 13, "every PLAN_POLL: 0, 0.5, ..., 6.0 s");
+    assert_eq!(asks(PLAN_POLL, window).len(), 13);
+    assert_eq!(asks(Duration::from_millis(2_000), window), vec![0, 2_000, 4_000, 6_000]);
+    assert_eq!(asks(Duration::from_secs(60), window), vec![0, 3_000, 6_000], "at most PLAN_POLL_MAX");
+    assert_eq!(asks(Duration::from_millis(1), window).len(), 13, "never faster than PLAN_POLL");
 }

@@ -527,3 +527,44 @@ fn a_node_that_lost_its_copy_is_no_holder() {
     let p = plan(&mut s, b, &request(8, &[]), later);
     assert_eq!(p.assigned, vec![4, 5, 6, 7], "nor for others");
 }
+
+/// Downloaders with origin work ask every PLAN_POLL; once every piece is held or assigned,
+/// the others are paced by how many download the digest, up to PLAN_POLL_MAX, and an
+/// assignee keeps the short poll.
+#[test]
+fn downloaders_without_origin_work_are_paced_by_their_number() {
+    let t = Instant::now();
+    let ms = |d: Duration| d.as_millis() as u32;
+    assert_eq!(pace(1), PLAN_POLL);
+    assert_eq!(pace(40), PLAN_POLL);
+    assert_eq!(pace(PLAN_RATE as usize), Duration::from_secs(1));
+    assert_eq!(pace(10_000), PLAN_POLL_MAX);
+
+    let pieces = 8;
+    let mut state = State::new();
+    let (a, b) = (peer(), peer());
+    // a and b take every origin piece between them: both have origin work.
+    let pa = plan(&mut state, a, &request(pieces, &[]), t);
+    let pb = plan(&mut state, b, &request(pieces, &[]), t);
+    assert_eq!((pa.assigned.len(), pb.assigned.len()), (4, 4));
+    assert_eq!((pa.next_ask_ms, pb.next_ask_ms), (ms(PLAN_POLL), ms(PLAN_POLL)));
+    // 2,000 more downloaders: nothing is left to assign, so they wait longer, the more of
+    // them there are.
+    let crowd: Vec<PeerId> = (0..2000).map(|_| peer()).collect();
+    let mut paces = Vec::new();
+    for (k, who) in crowd.iter().enumerate() {
+        let p = plan(&mut state, *who, &request(pieces, &[]), t);
+        assert!(p.assigned.is_empty());
+        if k == 0 || k == 399 || k == 1999 {
+            paces.push(p.next_ask_ms);
+        }
+    }
+    assert_eq!(paces, vec![ms(PLAN_POLL), ms(Duration::from_millis(1005)), ms(PLAN_POLL_MAX)]);
+    // The assignees still poll fast: their reports decide stalls and takeovers.
+    assert_eq!(plan(&mut state, a, &request(pieces, &[]), t).next_ask_ms, ms(PLAN_POLL));
+    // A piece released by a dead assignee is origin work again for whoever asks next.
+    let later = t + NODE_DEAD + Duration::from_secs(1);
+    let p = plan(&mut state, crowd[0], &request(pieces, &[]), later);
+    assert_eq!(p.assigned.len(), 4);
+    assert_eq!(p.next_ask_ms, ms(PLAN_POLL));
+}
