@@ -105,7 +105,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use super::PieceMap;
-use crate::pieces::{origin_owner, Bitfield, Layout};
+use crate::pieces::{self, Bitfield, Layout};
 use crate::types::Digest;
 
 /// How often peers' piece maps are polled during a download.
@@ -412,10 +412,13 @@ pub struct Scheduler {
     backlog: usize,
     /// Origin owners of the window's pieces nobody holds, as of the last step.
     wanted: Vec<NodeId>,
-    /// Owners by rendezvous and each piece's owner (an index into it), recomputed when the
-    /// set changes.
+    /// Owners by rendezvous and each piece's owner (an index into it) with its weight,
+    /// recomputed when a downloader leaves; a downloader that joins is only compared with
+    /// each cached owner (`owners_added`), which picks the same owner as recomputing.
     owners: Vec<NodeId>,
     owner_of: Vec<u32>,
+    owner_weight: Vec<[u8; 32]>,
+    owners_added: Vec<NodeId>,
     owners_dirty: bool,
     rotate: u32,
     coord: Coordination,
@@ -507,6 +510,8 @@ impl Scheduler {
             wanted: Vec::new(),
             owners: Vec::new(),
             owner_of: vec![NO_OWNER; n as usize],
+            owner_weight: Vec::new(),
+            owners_added: Vec::new(),
             owners_dirty: true,
             rotate,
             coord: Coordination::default(),
@@ -871,13 +876,16 @@ impl Scheduler {
             return false;
         }
         self.downloaders.insert(peer.clone());
-        self.owners_dirty = true;
+        if !self.owners_dirty {
+            self.owners_added.push(peer.clone());
+        }
         true
     }
 
     fn forget_downloader(&mut self, peer: &NodeId) {
         if self.downloaders.remove(peer) {
             self.owners_dirty = true;
+            self.owners_added.clear();
         }
     }
 
@@ -1053,25 +1061,58 @@ impl Scheduler {
     }
 
     fn refresh_owners(&mut self) {
-        if !self.owners_dirty {
+        if self.owners_dirty {
+            self.owners_dirty = false;
+            self.owners_added.clear();
+            self.owners = self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect();
+            self.owner_of.fill(NO_OWNER);
             return;
         }
-        self.owners_dirty = false;
-        self.owners = self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect();
-        self.owner_of.fill(NO_OWNER);
+        // Joiners only: a cached owner stays unless a joiner weighs more (rendezvous hashing;
+        // weights are sha256 of distinct inputs, so no two tie). Owners of verified pieces
+        // are dropped instead of updated: computed again if ever asked.
+        for added in std::mem::take(&mut self.owners_added) {
+            let k = self.owners.len() as u32;
+            for i in 0..self.owner_of.len() {
+                if self.owner_of[i] == NO_OWNER {
+                    continue;
+                }
+                if self.map.verified.get(i as u32) {
+                    self.owner_of[i] = NO_OWNER;
+                    continue;
+                }
+                let w = pieces::weight(&self.digest, i as u32, added.as_ref());
+                if w > self.owner_weight[i] {
+                    self.owner_of[i] = k;
+                    self.owner_weight[i] = w;
+                }
+            }
+            self.owners.push(added);
+        }
     }
 
-    /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece).
+    /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece): what
+    /// `pieces::origin_owner` picks, with its weight kept.
     fn owner(&mut self, i: u32) -> Option<&NodeId> {
         if self.owners.is_empty() {
             return None;
         }
-        let slot = &mut self.owner_of[i as usize];
-        if *slot == NO_OWNER {
-            let owner = origin_owner(&self.digest, i, &self.owners).expect("not empty");
-            *slot = self.owners.iter().position(|o| std::ptr::eq(o, owner)).expect("an owner") as u32;
+        if self.owner_weight.is_empty() {
+            self.owner_weight = vec![[0; 32]; self.owner_of.len()];
         }
-        self.owners.get(*slot as usize)
+        let i = i as usize;
+        if self.owner_of[i] == NO_OWNER {
+            let mut best = (0, [0; 32]);
+            for (k, o) in self.owners.iter().enumerate() {
+                let w = pieces::weight(&self.digest, i as u32, o.as_ref());
+                // `max_by_key` keeps the last of equal maxima.
+                if k == 0 || w >= best.1 {
+                    best = (k as u32, w);
+                }
+            }
+            (self.owner_of[i], self.owner_weight[i]) = best;
+        }
+        self.owners.get(self.owner_of[i] as usize)
     }
 
     fn mine(&mut self, i: u32, coordinated: bool) -> bool {
