@@ -412,12 +412,15 @@ pub struct Scheduler {
     backlog: usize,
     /// Origin owners of the window's pieces nobody holds, as of the last step.
     wanted: Vec<NodeId>,
-    /// Owners by rendezvous and each piece's owner (an index into it) with its weight,
-    /// recomputed when a downloader leaves; a downloader that joins is only compared with
-    /// each cached owner (`owners_added`), which picks the same owner as recomputing.
+    /// Owners by rendezvous and each piece's owner (an index into it) with its weight and
+    /// how many of `owners` it was weighed against. All are recomputed when a downloader
+    /// leaves; downloaders that join (`owners_added`, until the next step) are appended, and
+    /// a piece's cached owner is only weighed against them when next asked, which picks the
+    /// same owner as weighing everyone again.
     owners: Vec<NodeId>,
     owner_of: Vec<u32>,
     owner_weight: Vec<[u8; 32]>,
+    owner_upto: Vec<u32>,
     owners_added: Vec<NodeId>,
     owners_dirty: bool,
     rotate: u32,
@@ -511,6 +514,7 @@ impl Scheduler {
             owners: Vec::new(),
             owner_of: vec![NO_OWNER; n as usize],
             owner_weight: Vec::new(),
+            owner_upto: Vec::new(),
             owners_added: Vec::new(),
             owners_dirty: true,
             rotate,
@@ -1068,27 +1072,8 @@ impl Scheduler {
             self.owner_of.fill(NO_OWNER);
             return;
         }
-        // Joiners only: a cached owner stays unless a joiner weighs more (rendezvous hashing;
-        // weights are sha256 of distinct inputs, so no two tie). Owners of verified pieces
-        // are dropped instead of updated: computed again if ever asked.
-        for added in std::mem::take(&mut self.owners_added) {
-            let k = self.owners.len() as u32;
-            for i in 0..self.owner_of.len() {
-                if self.owner_of[i] == NO_OWNER {
-                    continue;
-                }
-                if self.map.verified.get(i as u32) {
-                    self.owner_of[i] = NO_OWNER;
-                    continue;
-                }
-                let w = pieces::weight(&self.digest, i as u32, added.as_ref());
-                if w > self.owner_weight[i] {
-                    self.owner_of[i] = k;
-                    self.owner_weight[i] = w;
-                }
-            }
-            self.owners.push(added);
-        }
+        // Joiners only: appended; `owner` weighs a cached owner against them when asked.
+        self.owners.append(&mut self.owners_added);
     }
 
     /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece): what
@@ -1099,20 +1084,23 @@ impl Scheduler {
         }
         if self.owner_weight.is_empty() {
             self.owner_weight = vec![[0; 32]; self.owner_of.len()];
+            self.owner_upto = vec![0; self.owner_of.len()];
         }
         let i = i as usize;
-        if self.owner_of[i] == NO_OWNER {
-            let mut best = (0, [0; 32]);
-            for (k, o) in self.owners.iter().enumerate() {
-                let w = pieces::weight(&self.digest, i as u32, o.as_ref());
-                // `max_by_key` keeps the last of equal maxima.
-                if k == 0 || w >= best.1 {
-                    best = (k as u32, w);
-                }
+        let (from, mut best) = match self.owner_of[i] {
+            NO_OWNER => (0, None),
+            k => (self.owner_upto[i] as usize, Some((k, self.owner_weight[i]))),
+        };
+        for (k, o) in self.owners.iter().enumerate().skip(from) {
+            let w = pieces::weight(&self.digest, i as u32, o.as_ref());
+            // `max_by_key` keeps the last of equal maxima (sha256 of distinct inputs: no ties).
+            if best.is_none_or(|(_, b)| w >= b) {
+                best = Some((k as u32, w));
             }
-            (self.owner_of[i], self.owner_weight[i]) = best;
         }
-        self.owners.get(self.owner_of[i] as usize)
+        let (k, w) = best.expect("not empty");
+        (self.owner_of[i], self.owner_weight[i], self.owner_upto[i]) = (k, w, self.owners.len() as u32);
+        self.owners.get(k as usize)
     }
 
     fn mine(&mut self, i: u32, coordinated: bool) -> bool {
