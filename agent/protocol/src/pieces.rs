@@ -150,8 +150,9 @@ impl Bitfield {
     }
 }
 
-/// Rendezvous weight of `node` for piece `index` of `digest`.
-fn weight(digest: &Digest, index: u32, node: &[u8]) -> [u8; 32] {
+/// Rendezvous weight of `node` for piece `index` of `digest` (the owner is the node with the
+/// highest; exposed so a caller can keep the best weight and compare only a new node's).
+pub fn weight(digest: &Digest, index: u32, node: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(digest.as_bytes());
     h.update(index.to_be_bytes());

@@ -106,7 +106,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::net::{NodeId, PeerError, PeerHave, Plan, PlanReport};
 use super::PieceMap;
-use crate::pieces::{origin_owner, Bitfield, Layout};
+use crate::pieces::{self, Bitfield, Layout};
 use crate::types::Digest;
 
 /// How often peers' piece maps are polled during a download.
@@ -418,10 +418,16 @@ pub struct Scheduler {
     backlog: usize,
     /// Origin owners of the window's pieces nobody holds, as of the last step.
     wanted: Vec<NodeId>,
-    /// Owners by rendezvous and each piece's owner (an index into it), recomputed when the
-    /// set changes.
+    /// Owners by rendezvous and each piece's owner (an index into it) with its weight and
+    /// how many of `owners` it was weighed against. All are recomputed when a downloader
+    /// leaves; downloaders that join (`owners_added`, until the next step) are appended, and
+    /// a piece's cached owner is only weighed against them when next asked, which picks the
+    /// same owner as weighing everyone again.
     owners: Vec<NodeId>,
     owner_of: Vec<u32>,
+    owner_weight: Vec<[u8; 32]>,
+    owner_upto: Vec<u32>,
+    owners_added: Vec<NodeId>,
     owners_dirty: bool,
     rotate: u32,
     coord: Coordination,
@@ -513,6 +519,9 @@ impl Scheduler {
             wanted: Vec::new(),
             owners: Vec::new(),
             owner_of: vec![NO_OWNER; n as usize],
+            owner_weight: Vec::new(),
+            owner_upto: Vec::new(),
+            owners_added: Vec::new(),
             owners_dirty: true,
             rotate,
             coord: Coordination { interval: PLAN_POLL, ..Coordination::default() },
@@ -891,13 +900,16 @@ impl Scheduler {
             return false;
         }
         self.downloaders.insert(peer.clone());
-        self.owners_dirty = true;
+        if !self.owners_dirty {
+            self.owners_added.push(peer.clone());
+        }
         true
     }
 
     fn forget_downloader(&mut self, peer: &NodeId) {
         if self.downloaders.remove(peer) {
             self.owners_dirty = true;
+            self.owners_added.clear();
         }
     }
 
@@ -1073,25 +1085,42 @@ impl Scheduler {
     }
 
     fn refresh_owners(&mut self) {
-        if !self.owners_dirty {
+        if self.owners_dirty {
+            self.owners_dirty = false;
+            self.owners_added.clear();
+            self.owners = self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect();
+            self.owner_of.fill(NO_OWNER);
             return;
         }
-        self.owners_dirty = false;
-        self.owners = self.downloaders.iter().cloned().chain(std::iter::once(self.me.clone())).collect();
-        self.owner_of.fill(NO_OWNER);
+        // Joiners only: appended; `owner` weighs a cached owner against them when asked.
+        self.owners.append(&mut self.owners_added);
     }
 
-    /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece).
+    /// The origin owner of piece `i` (rendezvous over `owners`, cached per piece): what
+    /// `pieces::origin_owner` picks, with its weight kept.
     fn owner(&mut self, i: u32) -> Option<&NodeId> {
         if self.owners.is_empty() {
             return None;
         }
-        let slot = &mut self.owner_of[i as usize];
-        if *slot == NO_OWNER {
-            let owner = origin_owner(&self.digest, i, &self.owners).expect("not empty");
-            *slot = self.owners.iter().position(|o| std::ptr::eq(o, owner)).expect("an owner") as u32;
+        if self.owner_weight.is_empty() {
+            self.owner_weight = vec![[0; 32]; self.owner_of.len()];
+            self.owner_upto = vec![0; self.owner_of.len()];
         }
-        self.owners.get(*slot as usize)
+        let i = i as usize;
+        let (from, mut best) = match self.owner_of[i] {
+            NO_OWNER => (0, None),
+            k => (self.owner_upto[i] as usize, Some((k, self.owner_weight[i]))),
+        };
+        for (k, o) in self.owners.iter().enumerate().skip(from) {
+            let w = pieces::weight(&self.digest, i as u32, o.as_ref());
+            // `max_by_key` keeps the last of equal maxima (sha256 of distinct inputs: no ties).
+            if best.is_none_or(|(_, b)| w >= b) {
+                best = Some((k as u32, w));
+            }
+        }
+        let (k, w) = best.expect("not empty");
+        (self.owner_of[i], self.owner_weight[i], self.owner_upto[i]) = (k, w, self.owners.len() as u32);
+        self.owners.get(k as usize)
     }
 
     fn mine(&mut self, i: u32, coordinated: bool) -> bool {
@@ -1113,6 +1142,7 @@ impl Scheduler {
         // known pieces wait: what lies beyond could not be acted on now.
         let origin_room = self.origin_jobs < self.cfg.origin_concurrency;
         let mut backlog = 0;
+        let mut busy_woken = false;
         for k in 0..n - first {
             let i = if k < wlen { first + (k + self.rotate) % wlen } else { first + k };
             if i >= window_end
@@ -1135,6 +1165,9 @@ impl Scheduler {
             }
             // One pass over the peers: is there a holder whose digest we can check against,
             // and the least loaded one free to ask (ties broken per peer and piece).
+            // The digest to check against is looked up only where it can change the answer
+            // (a holder that would be the best so far, or the first holder at all): the
+            // same choice as checking every holder, at a fraction of the lookups.
             let coord = &self.coord;
             let cfg = &self.cfg;
             let mut has_holder = false;
@@ -1143,14 +1176,16 @@ impl Scheduler {
                 if !st.have.get(i) {
                     continue;
                 }
-                let Some(expected) = coord.expected(i, st) else { continue };
-                has_holder = true;
                 if st.in_flight >= cfg.per_peer_concurrency || st.busy_until.is_some_and(|t| t > now) {
+                    has_holder = has_holder || coord.expected(i, st).is_some();
                     continue;
                 }
                 let key = (st.in_flight, mix(st.salt ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
                 if best.as_ref().is_none_or(|(_, k, _)| key < *k) {
-                    best = Some((p, key, expected));
+                    if let Some(expected) = coord.expected(i, st) {
+                        has_holder = true;
+                        best = Some((p, key, expected));
+                    }
                 }
             }
             if !has_holder {
@@ -1158,11 +1193,15 @@ impl Scheduler {
                 continue;
             }
             let Some((peer, _, expected)) = best.map(|(p, k, e)| (p.clone(), k, e)) else {
-                // Every holder is busy or full: wake when a backoff ends.
+                // Every holder is busy or full: wake when a backoff ends (the same for every
+                // such piece of this step: busy peers do not change during it).
                 backlog += 1;
-                let t = self.peers.values().filter_map(|s| s.busy_until).filter(|t| *t > now).min();
-                if let Some(t) = t {
-                    self.wake = earliest(self.wake, t);
+                if !busy_woken {
+                    busy_woken = true;
+                    let t = self.peers.values().filter_map(|s| s.busy_until).filter(|t| *t > now).min();
+                    if let Some(t) = t {
+                        self.wake = earliest(self.wake, t);
+                    }
                 }
                 continue;
             };

@@ -238,8 +238,11 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         };
         eprintln!("sim: {}: {} nodes", scenario.name(), args.nodes);
         let wall = Instant::now();
+        let cpu0 = world::thread_cpu_ns();
         let o = World::new(cfg).run();
         let wall_s = wall.elapsed().as_secs_f64();
+        // This thread's CPU time: what the run cost, whatever else shares the machine.
+        let cpu_s = world::thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
         let run = RunResult::new(
             o.nodes.iter().cloned().map(Into::into).collect(),
             None,
@@ -250,14 +253,15 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         }
         eprintln!("sim: {}: origin piece requests: {:?}", scenario.name(), o.origin_why);
         eprintln!(
-            "sim: {}: {}/{} done, p99 {:.1} s, origin egress {:.3}× image, {} events, {:.1} s wall",
+            "sim: {}: {}/{} done, p99 {:.1} s, origin egress {:.3}× image, {} events, {:.1} s wall, {:.1} s CPU",
             scenario.name(),
             run.completed(),
             args.nodes,
             run.p99_s.unwrap_or(f64::NAN),
             o.origin_bytes / image_bytes as f64,
             o.events,
-            wall_s
+            wall_s,
+            cpu_s
         );
         let busy = cpu_busy(&o);
         let m = messages(&o);
@@ -310,6 +314,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
             },
             "measured": {
                 "wall_s": wall_s,
+                "cpu_s": cpu_s,
                 "tracker_cpu": cpu,
             },
         }));
@@ -339,15 +344,15 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
         args.seed, args.rtt_ms, args.start_spread_ms, args.churn, args.cores_per_node, args.costs.name()
     ));
     table.push_str(
-        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (all) | plans /s of the busiest coordinator | planner CPU µs/plan | planner cores | up busy p50 | CPU busy (busiest, median) | timeouts | wall s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | killed | DHT req recv /node/s (mean, max) | Have recv /node/s (mean, max) | plan req /s (all) | plans /s of the busiest coordinator | planner CPU µs/plan | planner cores | up busy p50 | CPU busy (busiest, median) | timeouts | wall s | sim CPU s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (s, x) in scenarios.iter().zip(&extras) {
         let m = &x["messages"]["per_node_per_s"];
         let f = |v: &Value| v.as_f64().map_or("–".to_string(), |v| format!("{v:.1}"));
         let cpu = &x["measured"]["tracker_cpu"];
         table.push_str(&format!(
-            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} | {:.3}, {:.3} | {} | {} |\n",
+            "| {} | {} | {}, {} | {}, {} | {} | {} | {} | {} | {} | {:.3}, {:.3} | {} | {} | {} |\n",
             s.name(),
             x["killed"],
             f(&m["dht_received"]["mean"]),
@@ -368,6 +373,7 @@ pub fn simulate(args: &Args) -> Result<(Value, String)> {
                 ["have", "piece", "plan", "dht"].iter().map(|k| t[k].as_u64().unwrap_or(0)).sum::<u64>()
             },
             f(&x["measured"]["wall_s"]),
+            f(&x["measured"]["cpu_s"]),
         ));
     }
 

@@ -303,7 +303,7 @@ pub struct Outcome {
     pub timeouts: Timeouts,
 }
 
-fn thread_cpu_ns() -> u64 {
+pub fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
@@ -1234,6 +1234,17 @@ impl World {
             Ev::Kill { node } => self.kill(node),
             Ev::Sample => {
                 self.sample();
+                if now % (10_000 * MS) < self.cfg.sample {
+                    // Progress of a long run (stderr only; the wall clock decides nothing).
+                    eprintln!(
+                        "sim: {:.0} s virtual: {}/{} nodes done, {} events, {:.0} s wall",
+                        now as f64 / NS,
+                        self.cfg.nodes - self.remaining - self.killed,
+                        self.cfg.nodes,
+                        self.events,
+                        self.base.elapsed().as_secs_f64()
+                    );
+                }
                 self.push(now + self.cfg.sample, Ev::Sample);
             }
         }

@@ -2,6 +2,7 @@
 //! no tasks, no sockets, no clock.
 
 use super::*;
+use crate::pieces::origin_owner;
 
 const MIB: u64 = 1 << 20;
 
