@@ -328,7 +328,9 @@ impl Network for SwarmNetwork {
                 .await
                 .map_err(request_error)?
             {
-                PieceResponse::Piece { index: got, data } if got == index => Ok(Bytes::from(data)),
+                PieceResponse::Piece { index: got, data } if got == index => {
+                    Ok(Bytes::from_owner(Recycled(data)))
+                }
                 PieceResponse::Piece { index: got, .. } => {
                     Err(PeerError::Protocol(format!("asked for piece {index}, got {got}")))
                 }
@@ -340,6 +342,22 @@ impl Network for SwarmNetwork {
                 other => Err(PeerError::Protocol(format!("{other:?} in answer to a piece request"))),
             }
         })
+    }
+}
+
+/// A received piece's buffer, given back to the codec for the next piece
+/// ([`shoal_protocol::piece::recycle`]) once the download has written and dropped the bytes.
+struct Recycled(Vec<u8>);
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        shoal_protocol::piece::recycle(std::mem::take(&mut self.0));
     }
 }
 
