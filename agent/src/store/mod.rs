@@ -263,7 +263,7 @@ impl Partial {
         let file = self.file.clone();
         flatten(
             tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
+                let mut buf = shoal_protocol::piece::piece_buffer(len);
                 file.read_exact_at(&mut buf, offset).map(|_| buf)
             })
             .await,

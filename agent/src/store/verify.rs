@@ -58,7 +58,8 @@ fn read_and_check(
     expected: &[u8; 32],
 ) -> io::Result<(Vec<u8>, bool)> {
     let (start, end) = layout.range(index);
-    let mut buf = vec![0u8; (end - start) as usize];
+    // Served pieces go back to the pool once sent (see `shoal_protocol::piece::recycle`).
+    let mut buf = shoal_protocol::piece::piece_buffer((end - start) as usize);
     file.read_exact_at(&mut buf, start)?;
     let ok = <[u8; 32]>::from(Sha256::digest(&buf)) == *expected;
     Ok((buf, ok))

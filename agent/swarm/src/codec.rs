@@ -73,7 +73,12 @@ impl libp2p::request_response::Codec for PieceCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_response(io, &response, self.max_response_bytes).await
+        let written = write_response(io, &response, self.max_response_bytes).await;
+        // The store read the piece into a buffer of the codec's pool; the next read reuses it.
+        if let PieceResponse::Piece { data, .. } = response {
+            shoal_protocol::piece::recycle(data);
+        }
+        written
     }
 }
 
