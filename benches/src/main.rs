@@ -188,14 +188,14 @@ async fn peer_path(
     let image =
         origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/blob", "v1").layers(&[size])).await?;
     let max_peers = peer_counts.iter().copied().max().unwrap_or(1);
-    // Seeds: one pulls from the origin, the others from it, until all hold the blob.
-    let first = Agent::start(agent_options(&origin, min_piece).quic()).await?;
-    fetch(&first, &origin, &image).await.context("seeding the first peer")?;
-    let seed_addr = first.p2p_addr().await?;
-    let mut seeds = vec![first];
-    for _ in 1..max_peers {
-        let a =
-            Agent::start(agent_options(&origin, min_piece).quic().arg("--bootstrap").arg(&seed_addr)).await?;
+    // Seeds: each pulls the blob from the origin on its own, bootstrapped to no one, so a
+    // case's fresh agent can only learn of the seeds it is bootstrapped to. (Seeds that
+    // pulled from one another knew one another, and a "1 peer" download found and used all
+    // of them through the DHT: measured 2026-12-08, each seed's sent bytes during a "1 peer"
+    // download of a run with 4 seeds were about equal.) Each case checks it anyway.
+    let mut seeds = Vec::new();
+    for _ in 0..max_peers {
+        let a = Agent::start(agent_options(&origin, min_piece).quic()).await?;
         fetch(&a, &origin, &image).await.context("seeding a peer")?;
         seeds.push(a);
     }
@@ -242,15 +242,26 @@ async fn peer_path(
             }
             settle(settle_secs).await;
             let mark = origin.access_log().len();
+            // Every seed's CPU counts, not only the case's: any seed that works during the
+            // download works for it.
             let seeds_cpu = |seeds: &[Agent]| seeds.iter().map(|s| cpu_secs(s.pid())).sum::<f64>();
-            let (cpu, cpu_seeds) = (cpu_secs(fresh.pid()), seeds_cpu(&seeds[..count]));
+            let others_sent = || async {
+                let mut sent = 0.0;
+                for s in &seeds[count..] {
+                    sent += s.metric_value("shoal_peer_sent_bytes_total", &[]).await?.unwrap_or(0.0);
+                }
+                anyhow::Ok(sent)
+            };
+            let others_before = others_sent().await?;
+            let (cpu, cpu_seeds) = (cpu_secs(fresh.pid()), seeds_cpu(&seeds));
             let t = fetch(&fresh, &origin, &image).await?;
             let gib = size as f64 / 1073741824.0;
             let (cpu, cpu_seeds) =
-                ((cpu_secs(fresh.pid()) - cpu) / gib, (seeds_cpu(&seeds[..count]) - cpu_seeds) / gib);
+                ((cpu_secs(fresh.pid()) - cpu) / gib, (seeds_cpu(&seeds) - cpu_seeds) / gib);
             let origin_bytes = origin.access_log_since(mark).blob_get_bytes();
+            let others = others_sent().await? - others_before;
             println!(
-                "round {round}: {transport:7} {count} peer(s) {:8.1} MiB/s (agent {cpu:.2}, seeds {cpu_seeds:.2} CPU-s/GiB; origin bytes during it: {origin_bytes})",
+                "round {round}: {transport:7} {count} peer(s) {:8.1} MiB/s (agent {cpu:.2}, seeds {cpu_seeds:.2} CPU-s/GiB; origin bytes during it: {origin_bytes}, other seeds' bytes: {others})",
                 mib / t
             );
             peer_times[k].push(t);
