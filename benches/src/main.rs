@@ -188,11 +188,11 @@ async fn peer_path(
     let image =
         origin.push(&ImageSpec::new(ImageKind::OciManifest, "bench/blob", "v1").layers(&[size])).await?;
     let max_peers = peer_counts.iter().copied().max().unwrap_or(1);
-    // Seeds: each pulls the blob from the origin on its own, bootstrapped to no one, so a
-    // case's fresh agent can only learn of the seeds it is bootstrapped to. (Seeds that
-    // pulled from one another knew one another, and a "1 peer" download found and used all
-    // of them through the DHT: measured 2026-12-08, each seed's sent bytes during a "1 peer"
-    // download of a run with 4 seeds were about equal.) Each case checks it anyway.
+    // Seeds: each pulls the blob from the origin on its own, bootstrapped to no one, and all
+    // restart before each case (forgetting the peers the last case showed them), so a
+    // case's fresh agent can only learn of the seeds it is bootstrapped to. Seeds that knew
+    // one another served a "1 peer" download together, found through the DHT (2026-12-08:
+    // 0.6-0.7 GiB of 1 GiB from seeds outside the case); each case prints those bytes.
     let mut seeds = Vec::new();
     for _ in 0..max_peers {
         let a = Agent::start(agent_options(&origin, min_piece).quic()).await?;
@@ -227,6 +227,7 @@ async fn peer_path(
                 "noise" | "tls" => opts = opts.arg("--p2p-security").arg(transport),
                 _ => {}
             }
+            join_all(seeds.iter_mut().map(|s| s.restart())).await.into_iter().collect::<Result<Vec<_>>>()?;
             for s in &seeds[..count] {
                 let addr = if transport == "quic" { s.quic_addr().await? } else { s.p2p_addr().await? };
                 opts = opts.arg("--bootstrap").arg(&addr);
