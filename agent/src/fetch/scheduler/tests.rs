@@ -670,7 +670,7 @@ fn plan_requests_follow_the_planners_pace() {
                 asked.push(at.as_millis());
                 t.event(plan());
             }
-            if acts.iter().any(|a| *a == Action::FindProviders) {
+            if acts.contains(&Action::FindProviders) {
                 t.event(Event::Providers(vec![]));
             }
             if at >= window {
