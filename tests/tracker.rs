@@ -41,6 +41,7 @@ fn plan_request(digest: [u8; 32], pieces: u32, held: u32) -> PlanRequest {
         attest: Vec::new(),
         complete: held == pieces,
         fetching: Vec::new(),
+        planned: false,
     }
 }
 

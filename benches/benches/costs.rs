@@ -111,6 +111,7 @@ fn plan_request(digest: [u8; 32], size: u64, piece_size: u32, held: u32) -> Plan
         attest: Vec::new(),
         complete: held >= pieces,
         fetching: Vec::new(),
+        planned: true,
     }
 }
 

@@ -141,6 +141,11 @@ pub struct PlanRequest {
     /// a planner that has just taken over the digest (a restarted tracker, the next
     /// coordinator) learns them as this node's assignments, so it gives them to nobody else.
     pub fetching: Vec<u32>,
+    /// This download followed a plan before (from this planner or another). A planner whose
+    /// first request for a digest says so is taking the digest over, even when the
+    /// requester itself holds and fetches nothing yet: others may be fetching what a
+    /// previous planner assigned them.
+    pub planned: bool,
 }
 
 /// What a tracker answers.
@@ -331,6 +336,7 @@ mod tests {
             attest: vec![(0, [1; 32])],
             complete: false,
             fetching: vec![2],
+            planned: true,
         }
     }
 

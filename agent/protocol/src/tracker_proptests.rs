@@ -15,6 +15,7 @@ fn plan_request(size: u64, piece_size: u32, have: Vec<u8>, attest: Vec<(u32, [u8
         attest,
         complete: false,
         fetching: Vec::new(),
+        planned: false,
     })
 }
 

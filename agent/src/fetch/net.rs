@@ -86,6 +86,8 @@ pub struct PlanReport {
     pub complete: bool,
     /// Pieces being fetched from the origin now (at most the protocol's `MAX_ASSIGNED`).
     pub fetching: Vec<u32>,
+    /// A planner answered this download before.
+    pub planned: bool,
 }
 
 /// The coordinator's answer: whom to fetch from, and which origin pieces are ours alone.

@@ -1081,6 +1081,7 @@ impl Scheduler {
             attest,
             complete: false,
             fetching: self.from_origin.iter().copied().take(shoal_protocol::tracker::MAX_ASSIGNED).collect(),
+            planned: self.coord.planned_at.is_some(),
         }
     }
 

@@ -239,6 +239,7 @@ impl Fetcher {
                         attest: Vec::new(),
                         complete: true,
                         fetching: Vec::new(),
+                        planned: true,
                     };
                     tokio::spawn(self.net.plan(digest, report));
                 }

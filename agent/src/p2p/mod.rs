@@ -234,6 +234,7 @@ impl Network for SwarmNetwork {
             attest,
             complete: report.complete,
             fetching: report.fetching,
+            planned: report.planned,
         };
         let addressed = self.addressed.clone();
         let slot = self.plans.clone().try_acquire_owned();

@@ -846,6 +846,7 @@ impl World {
                                 attest: Vec::new(),
                                 complete: true,
                                 fetching: Vec::new(),
+                                planned: true,
                             }
                         });
                     if let Some(report) = report {
@@ -1312,6 +1313,7 @@ impl World {
             attest: report.attest.clone(),
             complete: report.complete,
             fetching: report.fetching.clone(),
+            planned: report.planned,
         };
         let peer = self.peer_ids[node as usize];
         let at = self.instant(self.now);

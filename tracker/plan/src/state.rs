@@ -29,8 +29,10 @@
 //! - Pieces a request says it is fetching from the origin (`fetching`) are its assignments
 //!   unless held or assigned to another: a planner that takes a digest over (after a
 //!   restart, or as the next coordinator) learns what its predecessor assigned. When the
-//!   first request it sees for a digest comes from a download under way, it assigns nothing
-//!   new for [`ADOPT_GRACE`], while the other downloaders report.
+//!   first request it sees for a digest comes from a download under way (pieces held,
+//!   fetched or attested, or a plan followed before: a download that holds nothing yet may
+//!   still be one of many another planner was planning), it assigns nothing new for
+//!   [`ADOPT_GRACE`], while the other downloaders report.
 //! - An assignment is released when its assignee is dead (not seen for [`NODE_DEAD`]) or
 //!   stalled (assigned for more than [`STALL`] while its piece count has not grown for
 //!   [`STALL`]). The next plan from anyone picks the piece up again.
@@ -587,7 +589,8 @@ impl State {
             holder_pos: HashMap::new(),
             ring_cursor: 0,
             seed_cursor: None,
-            adopting_until: (req.have.iter().any(|b| *b != 0)
+            adopting_until: (req.planned
+                || req.have.iter().any(|b| *b != 0)
                 || !req.fetching.is_empty()
                 || !req.attest.is_empty())
             .then(|| now + ADOPT_GRACE),

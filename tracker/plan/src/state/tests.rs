@@ -35,6 +35,7 @@ fn request(pieces: u32, have: &[u32]) -> PlanRequest {
         attest: Vec::new(),
         complete: have.len() as u32 == pieces,
         fetching: Vec::new(),
+        planned: false,
     }
 }
 
@@ -567,4 +568,32 @@ fn downloaders_without_origin_work_are_paced_by_their_number() {
     let p = plan(&mut state, crowd[0], &request(pieces, &[]), later);
     assert_eq!(p.assigned.len(), 4);
     assert_eq!(p.next_ask_ms, ms(PLAN_POLL));
+}
+
+/// The takeover seen in `tests/tracker_rollout.rs` (2026-12-08: a 6-piece layer fetched twice
+/// after the tracker died): the first request the next planner saw came from a download that
+/// held and fetched nothing, but had followed the dead tracker's plans. It now counts as a
+/// takeover: nothing is assigned before the fetchers reported, so the pieces they fetch stay
+/// theirs.
+#[test]
+fn a_planned_download_holding_nothing_still_starts_a_takeover() {
+    let t0 = Instant::now();
+    let (idle, fetcher) = (peer(), peer());
+    let mut s = State::new();
+    let mut first = request(6, &[]);
+    first.planned = true;
+    let p = plan(&mut s, idle, &first, t0);
+    assert!(p.assigned.is_empty(), "a takeover: nothing new yet, {:?}", p.assigned);
+    assert_eq!(p.next_ask_ms, PLAN_POLL.as_millis() as u32, "and ask again soon");
+    let mut report = request(6, &[]);
+    report.planned = true;
+    report.fetching = vec![0, 1, 2, 3];
+    let p = plan(&mut s, fetcher, &report, t0 + Duration::from_millis(500));
+    assert_eq!(p.assigned, vec![0, 1, 2, 3], "what it fetches stays its own");
+    let p = plan(&mut s, idle, &first, t0 + ADOPT_GRACE);
+    assert_eq!(p.assigned, vec![4, 5], "only what nobody fetches");
+    // Before the change the same first request assigned at once what the fetcher fetched.
+    let mut cold = State::new();
+    let p = plan(&mut cold, idle, &request(6, &[]), t0);
+    assert_eq!(p.assigned, vec![0, 1, 2, 3], "an unplanned first request is a cold start");
 }
