@@ -317,9 +317,8 @@ struct Coordination {
     planned_at: Option<Instant>,
     /// A plan request is in flight, with these attestations.
     asking: Option<Vec<(u32, [u8; 32])>>,
-    /// When the last plan request was sent.
+    /// When the last plan request was sent (`None`: ask at once).
     asked_at: Option<Instant>,
-    next_ask: Option<Instant>,
     /// How long after a request to send the next one, as the planner's last answer paced us
     /// ([`PLAN_POLL`]..=[`PLAN_POLL_MAX`]).
     interval: Duration,
@@ -577,7 +576,7 @@ impl Scheduler {
             self.cfg.tracker = present;
             self.clock = now;
             if present {
-                self.coord.next_ask = None;
+                self.coord.asked_at = None;
             } else {
                 self.coord.answered = true;
             }
@@ -681,13 +680,10 @@ impl Scheduler {
                     Some(plan) => {
                         self.coord.answered = true;
                         self.coord.planned_at = Some(now);
-                        // The planner's pace (zero: it did not say), never faster than
-                        // PLAN_POLL nor slower than the contract lets a live node be silent.
-                        let pace = if plan.next_ask.is_zero() { PLAN_POLL } else { plan.next_ask };
-                        self.coord.interval = pace.clamp(PLAN_POLL, PLAN_POLL_MAX);
-                        if let Some(t) = self.coord.asked_at {
-                            self.coord.next_ask = Some(t + self.coord.interval);
-                        }
+                        // The planner's pace, never faster than PLAN_POLL (so zero, "not
+                        // said", is PLAN_POLL) nor slower than the contract lets a live node
+                        // be silent.
+                        self.coord.interval = plan.next_ask.clamp(PLAN_POLL, PLAN_POLL_MAX);
                         let n = self.layout.pieces();
                         self.coord.assigned = plan.assigned.into_iter().filter(|&i| i < n).collect();
                         for (i, d) in plan.piece_digests {
@@ -704,9 +700,6 @@ impl Scheduler {
                     None => {
                         self.coord.unreported.extend(attest);
                         self.coord.interval = PLAN_POLL;
-                        if let Some(t) = self.coord.asked_at {
-                            self.coord.next_ask = Some(t + PLAN_POLL);
-                        }
                     }
                 }
             }
@@ -1389,16 +1382,16 @@ impl Scheduler {
                     .assigned
                     .iter()
                     .all(|&k| self.map.verified.get(k) || self.in_flight[k as usize]);
-            let due = self.coord.next_ask.is_none_or(|t| now >= t);
+            let next_ask = self.coord.asked_at.map(|t| t + self.coord.interval);
+            let due = next_ask.is_none_or(|t| now >= t);
             let early = self.coord.asked_at.map(|t| t + PLAN_MIN_GAP);
             if due || (drained && early.is_some_and(|t| now >= t)) {
                 self.coord.asked_at = Some(now);
-                self.coord.next_ask = Some(now + self.coord.interval);
                 let attest = std::mem::take(&mut self.coord.unreported);
                 self.actions.push_back(Action::AskPlan(self.report(attest.clone())));
                 self.coord.asking = Some(attest);
                 self.stats.plan_requests += 1;
-            } else if let Some(t) = self.coord.next_ask {
+            } else if let Some(t) = next_ask {
                 self.wake = earliest(self.wake, if drained { early.expect("some") } else { t });
             }
         }
